@@ -1,0 +1,226 @@
+"""Pure-torch twins of ``sage_extend_attention`` (same signature, same semantics).
+
+- ``sage_extend_attention_ref``: the exact op in fp32 (torch SDPA with a
+  bottom-right causal mask). What the kernel's accuracy is measured against.
+- ``sage_extend_attention_quant_ref``: replays the kernel's arithmetic step by
+  step -- smoothing, INT8 Q (per row) and K (per 64 keys), exact integer Q·Kᵀ, the tiled online
+  softmax in exp2, FP16 or FP8 P and V. Kernel vs this twin should agree to
+  rounding; a larger gap is a kernel bug, not quantization error.
+
+Both loop over requests on the host: they are references, not fast paths.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from sglang.srt.layers.attention.sage_attention.extend_attention import tile_config
+from sglang.srt.layers.attention.sage_attention.quantize import (
+    FP8_E4M3_MAX,
+    INT8_MAX,
+    K_QUANT_BLOCK,
+    SCALE_EPS,
+    PackedKV,
+    packed_len,
+)
+
+_M_INIT = -1.0e30
+
+
+def _requests(q_extend, k_extend, v_extend, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices):
+    """Yield (query rows, q [Hq, E, D], k [Hkv, L, D], v [Hkv, L, Dv], prefix_len) in fp32."""
+    qo = qo_indptr.tolist()
+    kv = kv_indptr.tolist()
+    for b in range(len(qo) - 1):
+        rows = slice(qo[b], qo[b + 1])
+        slots = kv_indices[kv[b] : kv[b + 1]].long()
+        k = torch.cat([k_buffer[slots], k_extend[rows]]).float().transpose(0, 1)
+        v = torch.cat([v_buffer[slots], v_extend[rows]]).float().transpose(0, 1)
+        yield rows, q_extend[rows].float().transpose(0, 1), k, v, kv[b + 1] - kv[b]
+
+
+def _visible(num_queries: int, kv_len: int, prefix_len: int, causal: bool, device) -> torch.Tensor:
+    """[E, L] bool: bottom-right causal (query i sees keys <= prefix_len + i)."""
+    keys = torch.arange(kv_len, device=device)[None, :]
+    if not causal:
+        return keys < kv_len
+    return keys <= prefix_len + torch.arange(num_queries, device=device)[:, None]
+
+
+def sage_extend_attention_ref(
+    q_extend,
+    k_extend,
+    v_extend,
+    o_extend,
+    k_buffer,
+    v_buffer,
+    qo_indptr,
+    kv_indptr,
+    kv_indices,
+    max_len_extend,
+    sm_scale: float | None = None,
+    causal: bool = True,
+    pv: str = "fp16",
+) -> None:
+    """Exact attention in fp32 (``pv`` is accepted for signature parity and ignored)."""
+    del max_len_extend, pv
+    sm_scale = q_extend.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    group = q_extend.shape[1] // k_extend.shape[1]
+    for rows, q, k, v, prefix_len in _requests(
+        q_extend, k_extend, v_extend, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices
+    ):
+        if q.shape[1] == 0:
+            continue
+        mask = _visible(q.shape[1], k.shape[1], prefix_len, causal, q.device)
+        out = F.scaled_dot_product_attention(
+            q,
+            k.repeat_interleave(group, 0),
+            v.repeat_interleave(group, 0),
+            attn_mask=mask,
+            scale=sm_scale,
+        )
+        o_extend[rows] = out.transpose(0, 1).to(o_extend.dtype)
+
+
+def _quantize_int8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [H, L, D] -> (integer-valued fp64 [H, L, D], scale [H, L, 1]) per block of rows."""
+    heads, length, dim = x.shape
+    padded = F.pad(x, (0, 0, 0, -length % block)).view(heads, -1, block, dim)
+    scale = padded.abs().amax(dim=(2, 3), keepdim=True).clamp_min(SCALE_EPS) / INT8_MAX
+    q = padded / scale
+    q = torch.trunc(q + torch.where(q >= 0, 0.5, -0.5))  # half away from zero, as the kernel
+    q = q.reshape(heads, -1, dim)[:, :length].double()
+    return q, scale.expand(-1, -1, block, 1).reshape(heads, -1, 1)[:, :length]
+
+
+def _smoothed_int8_keys(k: torch.Tensor, smooth_k: bool = True):
+    """One request's keys [Hkv, L, D] -> INT8 values and per-key scales, as the pre-pass."""
+    if smooth_k:
+        k = k - k.mean(dim=1, keepdim=True)  # one mean per (request, KV head)
+    return _quantize_int8_blocks(k, K_QUANT_BLOCK)
+
+
+def _lowp_values(v: torch.Tensor, pv: str):
+    """One request's values [Hkv, L, Dv] -> (fp16 or e4m3 values, per-channel scale or None)."""
+    if pv == "fp8":
+        scale = v.abs().amax(dim=1, keepdim=True).clamp_min(SCALE_EPS) / FP8_E4M3_MAX
+        return (v / scale).to(torch.float8_e4m3fn), scale
+    return v.half(), None
+
+
+def quantize_kv_ref(
+    k_extend,
+    v_extend,
+    k_buffer,
+    v_buffer,
+    qo_indptr,
+    kv_indptr,
+    kv_indices,
+    pv_fp8: bool,
+    smooth_k: bool = True,
+) -> PackedKV:
+    """Twin of ``quantize_kv``: the same packed layout; rows no request owns stay 0."""
+    batch_size = qo_indptr.shape[0] - 1
+    num_kv_heads, head_dim, head_dim_v = k_extend.shape[1], k_extend.shape[2], v_extend.shape[2]
+    t_pad = packed_len(kv_indices.shape[0], k_extend.shape[0], batch_size)
+    device = k_extend.device
+    k_int8 = torch.zeros((num_kv_heads, t_pad, head_dim), dtype=torch.int8, device=device)
+    k_scale = torch.zeros((num_kv_heads, t_pad // K_QUANT_BLOCK), device=device)
+    v_packed = torch.zeros(
+        (num_kv_heads, t_pad, head_dim_v),
+        dtype=torch.float8_e4m3fn if pv_fp8 else torch.float16,
+        device=device,
+    )
+    v_scale = torch.zeros((batch_size, num_kv_heads, head_dim_v), device=device) if pv_fp8 else None
+    qo, kv = qo_indptr.tolist(), kv_indptr.tolist()
+    for b, (_, _, k, v, _) in enumerate(
+        _requests(
+            k_extend, k_extend, v_extend, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices
+        )
+    ):
+        start = K_QUANT_BLOCK * ((kv[b] + qo[b]) // K_QUANT_BLOCK + b)
+        rows = slice(start, start + k.shape[1])
+        k_int, k_row_scale = _smoothed_int8_keys(k, smooth_k)
+        k_int8[:, rows] = k_int.to(torch.int8)
+        block_scales = k_row_scale[:, ::K_QUANT_BLOCK, 0]  # one per block of keys
+        first_block = start // K_QUANT_BLOCK
+        k_scale[:, first_block : first_block + block_scales.shape[1]] = block_scales
+        v_lowp, v_chan_scale = _lowp_values(v, "fp8" if pv_fp8 else "fp16")
+        v_packed[:, rows] = v_lowp
+        if pv_fp8:
+            v_scale[b] = v_chan_scale[:, 0]
+    if pv_fp8:  # token-contiguous, as the kernel's pre-pass writes it
+        v_packed = v_packed.transpose(1, 2).contiguous()
+    return PackedKV(k_int8=k_int8, k_scale=k_scale, v=v_packed, v_scale=v_scale)
+
+
+def sage_extend_attention_quant_ref(
+    q_extend,
+    k_extend,
+    v_extend,
+    o_extend,
+    k_buffer,
+    v_buffer,
+    qo_indptr,
+    kv_indptr,
+    kv_indices,
+    max_len_extend,
+    sm_scale: float | None = None,
+    causal: bool = True,
+    pv: str = "fp16",
+) -> None:
+    """The kernel's quantized arithmetic, replayed in torch with the kernel's tile shape."""
+    del max_len_extend
+    head_dim = q_extend.shape[-1]
+    sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
+    config = tile_config(head_dim, causal, pv, q_extend.device)
+    group = q_extend.shape[1] // k_extend.shape[1]
+    for rows, q, k, v, prefix_len in _requests(
+        q_extend, k_extend, v_extend, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices
+    ):
+        num_queries, kv_len = q.shape[1], k.shape[1]
+        if num_queries == 0:
+            continue
+        k_int, k_scale = _smoothed_int8_keys(k)
+        q_int, q_scale = _quantize_int8_blocks(q * (sm_scale * math.log2(math.e)), 1)
+        k_int = k_int.repeat_interleave(group, 0)
+        k_scale = k_scale.repeat_interleave(group, 0)
+        v_lowp, v_chan_scale = _lowp_values(v, pv)
+        v_lowp = v_lowp.float().repeat_interleave(group, 0)
+
+        # [Hq, E, L] exact integer dot times the K scales; the Q (row) scale is
+        # applied inside the softmax, in the kernel's order of operations.
+        s = (q_int @ k_int.transpose(1, 2)).float() * k_scale.transpose(1, 2)
+        s = s.masked_fill(
+            ~_visible(num_queries, kv_len, prefix_len, causal, q.device), float("-inf")
+        )
+        m = torch.full((q.shape[0], num_queries, 1), _M_INIT, device=q.device)
+        l = torch.zeros_like(m)
+        acc = torch.zeros((q.shape[0], num_queries, v.shape[2]), device=q.device)
+        for start in range(0, kv_len, config.block_n):
+            tile = slice(start, start + config.block_n)
+            m_new = torch.maximum(m, s[:, :, tile].amax(dim=2, keepdim=True) * q_scale)
+            alpha = torch.exp2(m - m_new)
+            p = torch.exp2(s[:, :, tile] * q_scale - m_new)
+            l = l * alpha + p.sum(dim=2, keepdim=True)
+            if pv == "fp8":
+                p_lowp = (p * FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
+            else:
+                p_lowp = p.half().float()
+            acc = acc * alpha + p_lowp @ v_lowp[:, tile]
+            m = m_new
+        out = acc / l
+        if pv == "fp8":
+            out = out * (v_chan_scale.repeat_interleave(group, 0) / FP8_E4M3_MAX)
+        o_extend[rows] = out.transpose(0, 1).to(o_extend.dtype)
+
+
+def attention_error(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(cosine similarity, relative L1) of ``out`` against ``ref``, both flattened in fp64."""
+    out, ref = out.double().flatten(), ref.double().flatten()
+    cos = F.cosine_similarity(out, ref, dim=0).item()
+    rel_l1 = ((out - ref).abs().sum() / ref.abs().sum().clamp_min(1e-30)).item()
+    return cos, rel_l1

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Everything this project runs on a GPU, in one device call; logs under $OUT,
+# a short summary last. Run from the checkout root on the GPU machine:
+#   bash scripts/gpu_suite.sh [tests] [bench] [kit] [serve]   (default: all)
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+steps=${*:-tests bench kit serve}
+bash .gpu-bundle/install.sh && export PYTHONPATH=/tmp/site
+export PYTHONUNBUFFERED=1
+summary="$OUT/summary.txt"; : > "$summary"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$summary"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$summary"
+
+for step in $steps; do
+  case $step in
+  tests)
+    python3 -m pytest test/srt -q -s -p no:cacheprovider > "$OUT/tests.log" 2>&1
+    echo "tests rc=$?: $(tail -1 "$OUT/tests.log")" | tee -a "$summary"
+    python3 - "$OUT/tests.log" <<'PY' | tee -a "$summary"
+import re, sys
+worst = {}
+for line in open(sys.argv[1]):
+    m = re.search(r"ACCURACY (\S+) causal=(\S+) pv=(\S+) (\S+) cos=(\S+) rel_l1=(\S+)", line)
+    if m:
+        name, causal, pv, dtype, cos, l1 = m.groups()
+        group = ("outlier" if name.startswith(("k_bias", "sink")) else "random", pv)
+        c, r = worst.get(group, (1.0, 0.0))
+        worst[group] = (min(c, float(cos)), max(r, float(l1)))
+for (kind, pv), (c, r) in sorted(worst.items()):
+    print(f"worst {kind:7} pv={pv}: cos {c:.6f} rel-L1 {r:.4f}")
+PY
+    ;;
+  bench)
+    python3 benchmark/kernels/sage_attention/bench_sage_attention.py ${BENCH_ARGS:---quick} \
+      --out "$OUT" > "$OUT/bench.log" 2>&1
+    echo "bench rc=$?" | tee -a "$summary"; sed -n '/^impl/,$p' "$OUT/bench.log" | tee -a "$summary"
+    ;;
+  esac
+done
+echo "==== summary"; cat "$summary"

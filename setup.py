@@ -1,0 +1,22 @@
+"""sage_attn: 8-bit SageAttention as an SGLang attention backend plugin.
+
+Installs only this project's modules into the installed ``sglang`` tree (never an
+``__init__.py`` of ``sglang``, ``sglang.srt``, ``sglang.srt.layers`` or
+``sglang.srt.layers.attention``) and registers the ``sage_attn`` plugin.
+"""
+
+from setuptools import setup
+
+setup(
+    name="sage-attn",
+    version="0.1.0",
+    description="8-bit SageAttention (INT8 QK, FP16/FP8 PV) attention backend for SGLang",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    package_dir={"": "python"},
+    packages=["sglang.srt.layers.attention.sage_attention"],
+    install_requires=["sglang==0.5.23"],
+    extras_require={"test": ["pytest", "ruff"]},
+)

@@ -1,0 +1,108 @@
+"""The kernels compile for Hopper (sm_90) without a GPU, and use its tensor-core path.
+
+The CPU interpreter runs kernel *semantics*; it does not run Triton's compiler,
+so a kernel can pass every CPU test and still fail to compile on a GPU (a
+non-constexpr global, a dot shape wgmma rejects). Here every launch that
+``sage_extend_attention`` makes is captured on the CPU and compiled ahead of
+time for ``GPUTarget("cuda", 90, 32)`` down to a cubin (Triton ships ptxas).
+Under ``TRITON_INTERPRET=1`` (the CPU test command) kernels are interpreter
+objects that cannot be compiled, so this module then re-runs itself in a child
+process without the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+import triton
+from sage_attention_inputs import ExtendCase, make_extend_inputs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction, mangle_type
+
+from sglang.srt.layers.attention.sage_attention import sage_extend_attention
+
+HOPPER = GPUTarget("cuda", 90, 32)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+compiled_kernels = pytest.mark.skipif(INTERPRET, reason="run by the child process below")
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the tests below run in this process")
+def test_compile_suite_without_interpreter():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(__file__),
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def captured_launches(launch) -> list[tuple[JITFunction, dict, dict]]:
+    """Run ``launch`` with kernel launches recorded instead of executed."""
+    calls = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        bound = dict(zip(self.arg_names, args, strict=False), **kwargs)
+        calls.append((self, bound, options))
+
+    with mock.patch.object(JITFunction, "run", record):
+        launch()
+    return calls
+
+
+def compile_for(fn: JITFunction, bound: dict, options: dict, target=HOPPER):
+    signature, constexprs = {}, {}
+    for index, param in enumerate(fn.params):
+        value = bound[param.name]
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[(index,)] = value
+        else:
+            signature[param.name] = mangle_type(value)
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=target, options=options)
+
+
+CONFIGS = [
+    (dtype, head_dim, causal, pv)
+    for dtype in (torch.bfloat16, torch.float16)
+    for head_dim in (64, 128)
+    for causal in (True, False)
+    for pv in ("fp16", "fp8")
+]
+
+
+@compiled_kernels
+@pytest.mark.parametrize(
+    "dtype,head_dim,causal,pv",
+    CONFIGS,
+    ids=[f"{str(d)[6:]}-hd{h}-{'causal' if c else 'full'}-{p}" for d, h, c, p in CONFIGS],
+)
+def test_every_launch_compiles_for_sm90(dtype, head_dim, causal, pv):
+    case = ExtendCase("compile", (70,), (40,), num_q_heads=8, num_kv_heads=2, head_dim=head_dim)
+    inputs = make_extend_inputs(case, dtype=dtype, device="cpu")
+    launches = captured_launches(lambda: sage_extend_attention(**inputs, causal=causal, pv=pv))
+    assert [fn.__name__ for fn, _, _ in launches] == [
+        "_kv_stats_kernel",
+        "_kv_pack_kernel",
+        "_sage_extend_kernel",
+    ]
+    for fn, bound, options in launches:
+        kernel = compile_for(fn, bound, options)
+        assert kernel.asm["cubin"], fn.__name__
+        if fn.__name__ == "_sage_extend_kernel":
+            ptx = kernel.asm["ptx"]
+            # Both products on Hopper's warpgroup MMA: INT8 Q·Kᵀ, and FP16 or FP8 P·V.
+            assert "wgmma.mma_async.sync.aligned" in ptx and ".s8.s8" in ptx
+            pv_type = ".e4m3.e4m3" if pv == "fp8" else ".f16.f16"
+            assert pv_type in ptx, f"P·V is not a {pv_type} wgmma"
+            assert kernel.metadata.shared <= 227 * 1024

@@ -1,0 +1,283 @@
+"""sage_extend_attention against its fp32 twin and its quantization twin.
+
+Thresholds (cosine similarity / relative L1 of the whole output):
+- pv="fp16" vs exact fp32: random inputs cos >= 0.9999, rel-L1 <= 0.02; outlier
+  inputs (10-sigma per-channel K bias with 8x Q channels; a large attention-sink
+  key) cos >= 0.999, rel-L1 <= 0.05. Measured on the CPU interpreter: random
+  0.99995 / 0.010, outliers >= 0.9996 / <= 0.026.
+- pv="fp8" vs exact fp32: random cos >= 0.999, rel-L1 <= 0.05; outliers
+  cos >= 0.998, rel-L1 <= 0.06. Why that loose: e4m3 keeps 3 mantissa bits, so P
+  and V each carry up to 2^-4 relative rounding (mean ~1.6%); measured random
+  0.99939 / 0.035, outliers >= 0.99914 / <= 0.040 (SageAttention2's own sm90
+  kernel: 0.9993 / 0.037 on random inputs).
+- vs the quantization twin (same arithmetic in torch): cos >= 0.99999,
+  rel-L1 <= 2e-3 -- only summation order and exp2 rounding may differ.
+The small cases run on the GPU when there is one, else on the CPU interpreter
+(fp16: bf16 is broken there); the realistic cases need a GPU and add bf16.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from sage_attention_inputs import (
+    DEVICE,
+    HAS_GPU,
+    ExtendCase,
+    make_extend_inputs,
+    requires_kernels,
+    run_op,
+)
+
+from sglang.srt.layers.attention.sage_attention import sage_extend_attention
+from sglang.srt.layers.attention.sage_attention.extend_attention import (
+    sage_attention_from_packed,
+    tile_config,
+)
+from sglang.srt.layers.attention.sage_attention.quantize import quantize_kv
+from sglang.srt.layers.attention.sage_attention.reference import (
+    attention_error,
+    sage_extend_attention_quant_ref,
+    sage_extend_attention_ref,
+)
+
+# (min cos, max rel-L1) against the exact fp32 op, by P·V precision and input kind.
+VS_EXACT = {
+    ("fp16", "randn"): (0.9999, 0.02),
+    ("fp16", "outlier"): (0.999, 0.05),
+    ("fp8", "randn"): (0.999, 0.05),
+    ("fp8", "outlier"): (0.998, 0.06),
+}
+VS_TWIN = (0.99999, 2e-3)
+
+SMALL_CASES = [
+    ExtendCase("ragged_gqa4", (0, 70, 5), (33, 1, 90), num_q_heads=8, num_kv_heads=2),
+    ExtendCase("no_prefix_two_q_blocks", (0,), (150,)),
+    ExtendCase("prefix_off_tile_paged", (77,), (50,), page_size=16),
+    ExtendCase("long_prefix_one_token_mqa8", (300,), (1,), num_q_heads=8, num_kv_heads=1),
+    ExtendCase("zero_length_chunks", (10, 20, 0), (0, 16, 5)),
+    ExtendCase("hd128_gqa8", (40,), (70,), num_q_heads=8, num_kv_heads=1, head_dim=128),
+    ExtendCase("hd128_v64", (20,), (30,), head_dim=128, head_dim_v=64),
+    ExtendCase("paged_ragged", (33, 64), (31, 17), num_kv_heads=2, page_size=16),
+]
+OUTLIER_CASES = [
+    ExtendCase(
+        f"{values}_hd{d}",
+        (100, 37),
+        (60, 150),
+        num_q_heads=8,
+        num_kv_heads=2,
+        head_dim=d,
+        values=values,
+    )
+    for values in ("k_bias", "sink")
+    for d in (64, 128)
+]
+GPU_CASES = [
+    ExtendCase("prefill_2k", (0,), (2048,), num_q_heads=32, num_kv_heads=8, head_dim=128),
+    ExtendCase(
+        "chunked_prefill_paged",
+        (3000, 1000),
+        (1024, 500),
+        num_q_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        page_size=16,
+    ),
+    ExtendCase(
+        "long_prefix_short_chunks",
+        (8000, 4097),
+        (1, 7),
+        num_q_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        page_size=64,
+    ),
+    ExtendCase(
+        "hd64_ragged", (0, 513, 2000), (1000, 129, 64), num_q_heads=16, num_kv_heads=2, head_dim=64
+    ),
+    ExtendCase("mha_hd128", (1024,), (1024,), num_q_heads=8, num_kv_heads=8, head_dim=128),
+    ExtendCase(
+        "k_bias_hd128",
+        (1500,),
+        (700,),
+        num_q_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        values="k_bias",
+    ),
+    ExtendCase(
+        "sink_hd128", (1500,), (700,), num_q_heads=32, num_kv_heads=8, head_dim=128, values="sink"
+    ),
+]
+
+
+def _ids(cases):
+    return [c.name for c in cases]
+
+
+def check_against_twins(
+    case: ExtendCase, causal: bool, pv: str, dtype=torch.float16, device=DEVICE
+):
+    inputs = make_extend_inputs(case, dtype=dtype, device=device)
+    out = run_op(sage_extend_attention, inputs, causal=causal, pv=pv)
+    rows = slice(0, inputs["q_extend"].shape[0])
+    assert torch.isfinite(out[rows]).all(), "an output row was left unwritten or is not finite"
+
+    exact = run_op(sage_extend_attention_ref, inputs, causal=causal)
+    twin = run_op(sage_extend_attention_quant_ref, inputs, causal=causal, pv=pv)
+    min_cos, max_l1 = VS_EXACT[(pv, "randn" if case.values == "randn" else "outlier")]
+    cos, rel_l1 = attention_error(out, exact)
+    assert cos >= min_cos and rel_l1 <= max_l1, f"vs fp32: cos {cos:.6f}, rel-L1 {rel_l1:.4f}"
+    twin_cos, twin_l1 = attention_error(out, twin)
+    assert twin_cos >= VS_TWIN[0] and twin_l1 <= VS_TWIN[1], (
+        f"vs quantization twin: cos {twin_cos:.7f}, rel-L1 {twin_l1:.2e}"
+    )
+    # Collected by the GPU run script (pytest -s) for the per-group worst case.
+    tag = f"{case.name} causal={causal} pv={pv} {dtype}"
+    print(f"\nACCURACY {tag} cos={cos:.6f} rel_l1={rel_l1:.4f}")
+    return cos, rel_l1
+
+
+@pytest.mark.skipif(**requires_kernels)
+@pytest.mark.parametrize("pv", ["fp16", "fp8"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", SMALL_CASES, ids=_ids(SMALL_CASES))
+def test_small_batches(case, causal, pv):
+    check_against_twins(case, causal, pv)
+
+
+@pytest.mark.skipif(**requires_kernels)
+@pytest.mark.parametrize("pv", ["fp16", "fp8"])
+@pytest.mark.parametrize("case", OUTLIER_CASES, ids=_ids(OUTLIER_CASES))
+def test_outlier_inputs(case, pv):
+    check_against_twins(case, causal=True, pv=pv)
+
+
+@pytest.mark.skipif(**requires_kernels)
+def test_smoothing_is_what_handles_k_outliers():
+    """The same kernel without the K mean subtraction falls below the outlier bar."""
+    case = OUTLIER_CASES[0]
+    inputs = make_extend_inputs(case)
+    exact = run_op(sage_extend_attention_ref, inputs)
+    errors = {}
+    for smooth in (True, False):
+        packed = quantize_kv(
+            inputs["k_extend"],
+            inputs["v_extend"],
+            inputs["k_buffer"],
+            inputs["v_buffer"],
+            inputs["qo_indptr"],
+            inputs["kv_indptr"],
+            inputs["kv_indices"],
+            pv_fp8=False,
+            smooth_k=smooth,
+        )
+        out = inputs["o_extend"].clone()
+        sage_attention_from_packed(
+            inputs["q_extend"],
+            out,
+            packed,
+            inputs["qo_indptr"],
+            inputs["kv_indptr"],
+            inputs["max_len_extend"],
+            case.head_dim**-0.5,
+            True,
+            tile_config(case.head_dim, True, "fp16", out.device),
+        )
+        errors[smooth] = attention_error(out, exact)
+    assert errors[True][0] >= 0.999, errors
+    assert errors[False][0] < 0.999, errors
+    assert errors[False][1] > 2 * errors[True][1], errors
+
+
+@pytest.mark.skipif(**requires_kernels)
+@pytest.mark.parametrize("pv", ["fp16", "fp8"])
+def test_bitwise_deterministic_and_inputs_untouched(pv):
+    inputs = make_extend_inputs(SMALL_CASES[0])
+    before = {k: v.clone() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    first = run_op(sage_extend_attention, inputs, pv=pv)
+    second = run_op(sage_extend_attention, inputs, pv=pv)
+    assert torch.equal(first, second)
+    for name, tensor in before.items():
+        # Bytes, not values: the unused cache slots hold NaN, and NaN != NaN.
+        assert torch.equal(tensor.view(torch.uint8), inputs[name].view(torch.uint8)), name
+
+
+@pytest.mark.skipif(**requires_kernels)
+def test_smoothing_is_per_request():
+    """A request's output does not depend on its batch neighbours' keys."""
+    case = ExtendCase("pair", (40, 40), (30, 30), num_kv_heads=2)
+    inputs = make_extend_inputs(case)
+    alone = run_op(sage_extend_attention, inputs)
+    shifted = dict(inputs, k_extend=inputs["k_extend"].clone())
+    shifted["k_extend"][30:] += 25.0  # only request 1's chunk keys move
+    together = run_op(sage_extend_attention, shifted)
+    assert torch.equal(alone[:30], together[:30])
+
+
+@pytest.mark.skipif(**requires_kernels)
+def test_empty_batch_writes_nothing():
+    inputs = make_extend_inputs(ExtendCase("empty", (5, 0), (0, 0)))
+    sage_extend_attention(**inputs)  # zero tokens, max_len_extend == 0: a no-op
+    assert inputs["o_extend"].numel() == 0
+
+
+BAD_INPUTS = [
+    (
+        "head_dim",
+        lambda a: a.update(
+            q_extend=a["q_extend"][..., :48],
+            k_extend=a["k_extend"][..., :48],
+            k_buffer=a["k_buffer"][..., :48],
+        ),
+        "head dims",
+    ),
+    (
+        "dtype_fp32",
+        lambda a: a.update(
+            {
+                k: a[k].float()
+                for k in ("q_extend", "k_extend", "v_extend", "o_extend", "k_buffer", "v_buffer")
+            }
+        ),
+        "dtype",
+    ),
+    (
+        "fp8_kv_cache",
+        lambda a: a.update(k_buffer=a["k_buffer"].to(torch.float8_e4m3fn)),
+        "fp8/fp4 KV",
+    ),
+    ("pv_mode", lambda a: a.update(pv="int4"), "pv must be one of"),
+    (
+        "heads_not_multiple",
+        lambda a: a.update(q_extend=a["q_extend"][:, :3], o_extend=a["o_extend"][:, :3]),
+        "not a multiple",
+    ),
+    ("o_shape", lambda a: a.update(o_extend=a["o_extend"][:-1]), "o_extend has shape"),
+    ("indptr_dtype", lambda a: a.update(qo_indptr=a["qo_indptr"].float()), "qo_indptr must be"),
+    ("indptr_length", lambda a: a.update(kv_indptr=a["kv_indptr"][:-1]), "batch + 1"),
+    ("max_len_negative", lambda a: a.update(max_len_extend=-1), "max_len_extend"),
+    ("rank", lambda a: a.update(k_buffer=a["k_buffer"][0]), "[tokens, heads, dim]"),
+]
+
+
+@pytest.mark.parametrize(
+    "mutate,message", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS]
+)
+def test_bad_input_raises_value_error(mutate, message):
+    args = make_extend_inputs(ExtendCase("bad", (8,), (16,), num_kv_heads=2), device="cpu")
+    mutate(args)
+    with pytest.raises(ValueError, match="sage_attn: .*" + re.escape(message)):
+        sage_extend_attention(**args)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="realistic shapes and bf16 need a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("pv", ["fp16", "fp8"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=_ids(GPU_CASES))
+def test_gpu_realistic(case, causal, pv, dtype):
+    check_against_twins(case, causal, pv, dtype=dtype, device="cuda")
