@@ -17,6 +17,14 @@ setup(
     python_requires=">=3.10",
     package_dir={"": "python"},
     packages=["sglang.srt.layers.attention.sage_attention"],
+    # A module directly in sglang/srt/layers/attention/, beside SGLang's backends.
+    py_modules=["sglang.srt.layers.attention.sage_attention_backend"],
     install_requires=["sglang==0.5.23"],
-    extras_require={"test": ["pytest", "ruff"]},
+    # ruff pinned: its formatter changes between releases and CI checks formatting.
+    extras_require={"test": ["pytest", "ruff==0.17.6"]},
+    entry_points={
+        "sglang.srt.plugins": [
+            "sage_attn = sglang.srt.layers.attention.sage_attention.plugin:register",
+        ],
+    },
 )

@@ -35,6 +35,19 @@ PY
       --out "$OUT" > "$OUT/bench.log" 2>&1
     echo "bench rc=$?" | tee -a "$summary"; sed -n '/^impl/,$p' "$OUT/bench.log" | tee -a "$summary"
     ;;
+  serve)
+    # Same prompts through a real server, Triton vs sage_attn; every extend batch on
+    # the sage kernel (crossover 0), chunked prefill over a cached prefix.
+    serve="python3 benchmark/sage_attention/serve_logprobs.py"
+    for backend in triton sage_attn; do
+      SGLANG_SAGE_ATTN_MIN_EXTEND_LEN=0 $serve run --backend $backend \
+        --out "$OUT/serve_$backend.json" --extra "${SERVE_EXTRA:---chunked-prefill-size 256 --disable-cuda-graph}" \
+        2>&1 | tail -3 | tee -a "$summary"
+    done
+    $serve compare "$OUT/serve_triton.json" "$OUT/serve_sage_attn.json" | tee -a "$summary"
+    grep -E "SageAttentionBackend|sage_attn:|Prefill batch|Decode batch" "$OUT/serve_sage_attn.server.log" \
+      | cut -c1-220 | head -12 | tee -a "$summary"
+    ;;
   esac
 done
 echo "==== summary"; cat "$summary"

@@ -1,0 +1,147 @@
+"""Serve a model with one attention backend, record log-probs; compare two such runs.
+
+    python benchmark/sage_attention/serve_logprobs.py run --backend triton --out a.json \
+        --model examples/tiny-granite --extra "--chunked-prefill-size 256"
+    python benchmark/sage_attention/serve_logprobs.py compare a.json b.json
+
+``run`` starts ``python -m sglang.launch_server`` (the flags that make SGLang run on
+the GPU image here: see ../shared/gpu/serve-smoke.sh), sends the same greedy
+requests with ``return_logprob`` (input and output log-probs, top-5), saves the
+responses, and keeps the server log beside them. ``compare`` reports per-token
+agreement of the generated ids and the largest log-prob gaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shlex
+import subprocess
+import sys
+import time
+import urllib.request
+
+
+def _post(url: str, payload: dict, timeout: float = 300.0) -> dict | list:
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def _wait_healthy(port: int, server: subprocess.Popen, log_path: str, timeout: float = 600.0):
+    start = time.time()
+    while time.time() - start < timeout:
+        if server.poll() is not None:
+            raise RuntimeError(f"server exited with {server.returncode}; see {log_path}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return time.time() - start
+        except OSError:
+            time.sleep(2)
+    raise TimeoutError(f"server not healthy after {timeout:.0f} s; see {log_path}")
+
+
+def prompts(seed: int, lengths: list[int], vocab: tuple[int, int]) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(*vocab) for _ in range(n)] for n in lengths]
+
+
+def run(args) -> None:
+    env = dict(
+        os.environ,
+        SGLANG_FORCE_FUSED_OP_BACKEND="torch",
+        SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK="1",
+        PYTHONUNBUFFERED="1",
+    )
+    command = [
+        sys.executable, "-m", "sglang.launch_server", "--model-path", args.model,
+        "--load-format", args.load_format, "--skip-tokenizer-init",
+        "--attention-backend", args.backend, "--sampling-backend", "pytorch",
+        "--grammar-backend", "none", "--disable-radix-cache", "--port", str(args.port),
+        "--host", "127.0.0.1", "--mem-fraction-static", "0.3", *shlex.split(args.extra),
+    ]  # fmt: skip
+    log_path = args.out.removesuffix(".json") + ".server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        startup_s = _wait_healthy(args.port, server, log_path)
+        batch = prompts(args.seed, args.lengths, (3, args.vocab_max))
+        response = _post(
+            f"http://127.0.0.1:{args.port}/generate",
+            {
+                "input_ids": batch,
+                "sampling_params": {"max_new_tokens": args.max_new_tokens, "temperature": 0},
+                "return_logprob": True,
+                "logprob_start_len": 0,
+                "top_logprobs_num": 5,
+            },
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    with open(args.out, "w") as f:
+        json.dump(
+            {"backend": args.backend, "command": command, "startup_s": startup_s,
+             "prompts": batch, "responses": response},
+            f,
+        )  # fmt: skip
+    print(f"{args.backend}: {len(response)} responses in {args.out}; server log {log_path}")
+
+
+def _logprobs(entries) -> list[float]:
+    return [entry[0] for entry in entries if entry[0] is not None]
+
+
+def compare(args) -> None:
+    runs = [json.load(open(path)) for path in (args.baseline, args.candidate)]
+    base, cand = (r["responses"] for r in runs)
+    same_tokens = total_tokens = 0
+    first_divergence, output_gap, input_gap = [], 0.0, 0.0
+    for b, c in zip(base, cand, strict=True):
+        b_ids, c_ids = b["output_ids"], c["output_ids"]
+        agree = [x == y for x, y in zip(b_ids, c_ids, strict=False)]
+        same_tokens += sum(agree)
+        total_tokens += len(b_ids)
+        first_divergence.append(agree.index(False) if False in agree else len(agree))
+        # Log-probs of the same positions; after a divergence the contexts differ.
+        stop = first_divergence[-1]
+        b_out = _logprobs(b["meta_info"]["output_token_logprobs"][:stop])
+        c_out = _logprobs(c["meta_info"]["output_token_logprobs"][:stop])
+        output_gap = max([output_gap] + [abs(x - y) for x, y in zip(b_out, c_out, strict=True)])
+        b_in = _logprobs(b["meta_info"]["input_token_logprobs"])
+        c_in = _logprobs(c["meta_info"]["input_token_logprobs"])
+        input_gap = max([input_gap] + [abs(x - y) for x, y in zip(b_in, c_in, strict=True)])
+    print(f"baseline {runs[0]['backend']} vs candidate {runs[1]['backend']}")
+    print(f"generated-token agreement: {same_tokens}/{total_tokens}")
+    print(f"tokens before first divergence, per request: {first_divergence}")
+    print(f"largest output log-prob gap (before divergence): {output_gap:.4g}")
+    print(f"largest input (prompt) log-prob gap: {input_gap:.4g}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--backend", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--model", default="examples/tiny-granite")
+    r.add_argument("--load-format", default="dummy")
+    r.add_argument("--extra", default="--chunked-prefill-size 256 --disable-cuda-graph")
+    r.add_argument("--port", type=int, default=30000)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--lengths", type=int, nargs="+", default=[600, 1000, 300, 2000])
+    r.add_argument("--vocab-max", type=int, default=1000)
+    r.add_argument("--max-new-tokens", type=int, default=32)
+    c = sub.add_parser("compare")
+    c.add_argument("baseline")
+    c.add_argument("candidate")
+    args = parser.parse_args()
+    run(args) if args.cmd == "run" else compare(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""SGLang plugin entry point (group ``sglang.srt.plugins``): registers ``sage_attn``.
+
+SGLang calls ``register`` in every process it starts (launcher, scheduler, TP
+workers) before parsing arguments, so ``--attention-backend``,
+``--prefill-attention-backend`` and ``--decode-attention-backend`` all accept
+``sage_attn``. Calling it again changes nothing.
+"""
+
+from __future__ import annotations
+
+BACKEND_NAME = "sage_attn"
+
+
+def create_sage_attn_backend(runner):
+    from sglang.srt.layers.attention.sage_attention_backend import SageAttentionBackend
+
+    return SageAttentionBackend(runner)
+
+
+def register() -> None:
+    from sglang.srt.arg_groups.choices import (
+        ATTENTION_BACKEND_CHOICES,
+        add_attention_backend_choices,
+    )
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+
+    if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices([BACKEND_NAME])
+    register_attention_backend(BACKEND_NAME)(create_sage_attn_backend)

@@ -1,0 +1,39 @@
+"""User settings of the sage_attn backend, read once from the environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from sglang.srt.layers.attention.sage_attention.extend_attention import SUPPORTED_PV
+
+PV_ENV = "SGLANG_SAGE_ATTN_PV"
+MIN_EXTEND_LEN_ENV = "SGLANG_SAGE_ATTN_MIN_EXTEND_LEN"
+# Measured crossover (benchmark/kernels/sage_attention/RESULTS.md): below this
+# many new tokens per request the bf16 Triton extend kernel is as fast.
+DEFAULT_MIN_EXTEND_LEN = 256
+
+
+@dataclass(frozen=True)
+class SageAttnSettings:
+    # P·V precision: "fp16" (accurate everywhere) or "fp8" (e4m3 P and V).
+    pv: str = "fp16"
+    # Batches whose longest chunk is shorter run on SGLang's Triton extend kernel.
+    min_extend_len: int = DEFAULT_MIN_EXTEND_LEN
+
+    def __post_init__(self):
+        if self.pv not in SUPPORTED_PV:
+            raise ValueError(f"{PV_ENV}={self.pv!r}: must be one of {SUPPORTED_PV}")
+        if self.min_extend_len < 0:
+            raise ValueError(f"{MIN_EXTEND_LEN_ENV}={self.min_extend_len}: must be >= 0")
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> SageAttnSettings:
+        raw_min_len = environ.get(MIN_EXTEND_LEN_ENV, str(DEFAULT_MIN_EXTEND_LEN))
+        try:
+            min_extend_len = int(raw_min_len)
+        except ValueError:
+            raise ValueError(
+                f"{MIN_EXTEND_LEN_ENV}={raw_min_len!r}: must be an integer token count"
+            ) from None
+        return cls(pv=environ.get(PV_ENV, "fp16").lower(), min_extend_len=min_extend_len)

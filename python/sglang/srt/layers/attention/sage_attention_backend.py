@@ -1,0 +1,272 @@
+"""SageAttentionBackend: 8-bit SageAttention prefill for SGLang (``--attention-backend sage_attn``).
+
+Extend batches (prefill, radix-prefix hits, chunked prefill, mixed batches) run
+``sage_extend_attention`` over the paged KV cache. Everything else is delegated,
+whole, to an internal ``TritonAttnBackend``:
+
+- decode, IDLE and decode CUDA graphs: SGLang's split-KV ``decode_attention_fwd``
+  reads a bf16 cache and is bandwidth-bound; 8-bit Q·Kᵀ saves nothing there;
+- what the sage kernel does not compute (custom masks of speculative modes,
+  sliding windows, soft-capping, sinks, non-causal layers, fp8 KV caches, other
+  head dims), with one INFO line per reason;
+- batches whose chunks are too short for 8 bits to pay off (a setting).
+
+The Triton backend also builds the per-batch index metadata (``qo_indptr``,
+``kv_indptr``, ``kv_indices`` through the runner's KV index translator), so
+there is one copy of that logic and the delegated layers of a batch see the
+same metadata as the native ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from sglang.srt.configs.model_config import AttentionArch
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.layers.attention.sage_attention import (
+    SUPPORTED_DTYPES,
+    SUPPORTED_HEAD_DIMS,
+    sage_extend_attention,
+)
+from sglang.srt.layers.attention.sage_attention.settings import SageAttnSettings
+from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+from sglang.srt.layers.radix_attention import AttentionType
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+from sglang.srt.runtime_context import get_parallel
+
+if TYPE_CHECKING:
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.model_executor.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+# Modes whose attention is a plain causal extend over prefix + chunk.
+NATIVE_MODES = (ForwardMode.EXTEND, ForwardMode.MIXED)
+
+
+def heads_per_rank(model_config, attn_tp_size: int) -> tuple[int, int]:
+    """(query heads, KV heads) one attention-TP rank holds; KV heads are replicated
+    when there are fewer of them than ranks."""
+    num_q_heads = model_config.get_max_num_attention_heads() // attn_tp_size
+    return num_q_heads, model_config.get_num_kv_heads(attn_tp_size)
+
+
+def refuse_unsupported_model(model_runner: ModelRunner) -> None:
+    """Raise for models neither the sage kernel nor the Triton fallback can serve."""
+    config = model_runner.model_config
+    if config.attention_arch == AttentionArch.MLA:
+        raise ValueError(
+            "sage_attn does not support MLA attention (DeepSeek-style latent KV); "
+            "use --attention-backend flashinfer, fa3 or triton for this model"
+        )
+    if config.is_encoder_decoder:
+        raise ValueError(
+            "sage_attn does not support encoder-decoder models (cross attention), and "
+            "neither does its Triton fallback; use --attention-backend flashinfer"
+        )
+
+
+@dataclass
+class SageForwardMetadata:
+    """Per-batch state of the sage path; the index tensors are the Triton backend's."""
+
+    qo_indptr: torch.Tensor | None
+    kv_indptr: torch.Tensor | None
+    kv_indices: torch.Tensor | None
+    max_extend_len: int | None
+    # Why this whole batch runs on the Triton backend, or None for the sage path.
+    delegate_reason: str | None
+
+
+class SageAttentionBackend(AttentionBackend):
+    # Decode and its CUDA graphs are the Triton backend's, which never reads them.
+    needs_cpu_seq_lens: bool = False
+    # The Triton backend preallocates qo_indptr/kv_indptr at req-pool size.
+    extend_dummy_seqs_capped_by_req_pool: bool = True
+
+    def __init__(self, model_runner: ModelRunner, settings: SageAttnSettings | None = None):
+        super().__init__()
+        refuse_unsupported_model(model_runner)
+        self.settings = settings or SageAttnSettings.from_env()
+        self.device = model_runner.device
+        self.req_to_token_pool = model_runner.req_to_token_pool
+        self.token_to_kv_pool = model_runner.token_to_kv_pool
+        self.kv_index_translator = model_runner.kv_index_translator
+        parallel = get_parallel()
+        self.num_q_heads, self.num_kv_heads = heads_per_rank(
+            model_runner.model_config, parallel.attn_tp_size
+        )
+        self.decode_context_parallel = parallel.attn_dcp_size > 1
+        self.triton_backend = TritonAttnBackend(model_runner)
+        # Snapshot/restore code (metadata glue graph) walks these for forward_metadata.
+        self.attn_backend_list = [self.triton_backend]
+        self.forward_metadata: SageForwardMetadata | None = None
+        self._logged_reasons: set[str] = set()
+        self._announced_sage_path = False
+        logger.info(
+            "SageAttentionBackend: %d query / %d KV heads per rank, P·V %s, "
+            "chunks shorter than %d tokens on the Triton extend kernel",
+            self.num_q_heads,
+            self.num_kv_heads,
+            self.settings.pv,
+            self.settings.min_extend_len,
+        )
+
+    # ---- metadata -------------------------------------------------------------
+
+    def init_forward_metadata(self, forward_batch: ForwardBatch):
+        self.triton_backend.init_forward_metadata(forward_batch)
+        self.forward_metadata = self._plan(forward_batch.forward_mode)
+
+    def _plan(self, mode: ForwardMode) -> SageForwardMetadata:
+        triton_metadata = self.triton_backend.forward_metadata
+        if mode.is_decode_or_idle():
+            reason = None  # decode always runs on the Triton kernel; nothing to log
+        elif mode not in NATIVE_MODES:
+            reason = f"forward mode {mode.name} (speculative or custom-mask attention)"
+        elif self.decode_context_parallel:
+            reason = "decode context parallelism (DCP) shards the KV cache"
+        elif triton_metadata.max_extend_len < self.settings.min_extend_len:
+            reason = (
+                f"chunks shorter than {self.settings.min_extend_len} tokens "
+                "(SGLANG_SAGE_ATTN_MIN_EXTEND_LEN)"
+            )
+        else:
+            reason = None
+        return SageForwardMetadata(
+            qo_indptr=triton_metadata.qo_indptr,
+            kv_indptr=triton_metadata.kv_indptr,
+            kv_indices=triton_metadata.kv_indices,
+            max_extend_len=triton_metadata.max_extend_len,
+            delegate_reason=reason,
+        )
+
+    # Decode CUDA graphs: static buffers live in (and are refilled by) the Triton backend.
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        self.triton_backend.init_cuda_graph_state(max_bs, max_num_tokens)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        self.triton_backend.init_forward_metadata_out_graph(forward_batch, in_capture)
+        self.forward_metadata = None  # graphs run decode only: the Triton path
+
+    def init_forward_metadata_in_graph(self, forward_batch):
+        self.triton_backend.init_forward_metadata_in_graph(forward_batch)
+
+    def on_after_cuda_graph_warmup(self):
+        self.triton_backend.on_after_cuda_graph_warmup()
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        return 1
+
+    # ---- forward ----------------------------------------------------------------
+
+    def _layer_delegate_reason(self, q, k, layer: RadixAttention, kwargs) -> str | None:
+        """Why this layer cannot run on the sage kernel, or None."""
+        extra = sorted(name for name, value in kwargs.items() if value is not None)
+        if extra:
+            return f"attention extras {', '.join(extra)}"
+        if layer.sliding_window_size is not None and layer.sliding_window_size > -1:
+            return "sliding-window layers"
+        if layer.logit_cap is not None and layer.logit_cap > 0:
+            return "logit soft-capping"
+        if layer.is_cross_attention:
+            return "cross attention"
+        if layer.attn_type != AttentionType.DECODER:
+            return f"{layer.attn_type.value} attention (not causal)"
+        if layer.xai_temperature_len > 0:
+            return "xai temperature scaling"
+        if k is None:
+            return "K/V read back from the cache (k is None)"
+        if q.dtype not in SUPPORTED_DTYPES:
+            return f"model dtype {q.dtype} (sage_attn: fp16, bf16)"
+        cache_dtype = self.token_to_kv_pool.get_key_buffer(layer.layer_id).dtype
+        if cache_dtype != q.dtype:
+            return f"KV cache dtype {cache_dtype} (sage_attn reads a {q.dtype} cache)"
+        if (
+            layer.qk_head_dim not in SUPPORTED_HEAD_DIMS
+            or layer.v_head_dim not in SUPPORTED_HEAD_DIMS
+        ):
+            return (
+                f"head dim qk={layer.qk_head_dim}, v={layer.v_head_dim} "
+                f"(sage_attn kernels: {SUPPORTED_HEAD_DIMS})"
+            )
+        return None
+
+    def _log_delegation(self, reason: str) -> None:
+        if reason not in self._logged_reasons:
+            self._logged_reasons.add(reason)
+            logger.info("sage_attn: running on the Triton backend: %s", reason)
+
+    def forward_extend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        forward_batch: ForwardBatch,
+        save_kv_cache: bool = True,
+        **kwargs,
+    ):
+        reason = self.forward_metadata.delegate_reason or self._layer_delegate_reason(
+            q, k, layer, kwargs
+        )
+        if reason is not None:
+            self._log_delegation(reason)
+            return self.triton_backend.forward_extend(
+                q, k, v, layer, forward_batch, save_kv_cache, **kwargs
+            )
+
+        if save_kv_cache:
+            # Same dtype as the cache and no scales: the pool copies, it never
+            # rescales the caller's k/v in place.
+            write_loc = KVWriteLoc.for_batch(
+                forward_batch, swa_loc=self.triton_backend.forward_metadata.swa_out_cache_loc
+            )
+            self.token_to_kv_pool.set_kv_buffer(layer, write_loc, k, v)
+        num_q_heads, num_kv_heads = layer.tp_q_head_num, layer.tp_k_head_num
+        o = q.new_empty((q.shape[0], num_q_heads * layer.v_head_dim))
+        metadata = self.forward_metadata
+        if not self._announced_sage_path:
+            self._announced_sage_path = True
+            logger.info(
+                "sage_attn: extend batches run on the 8-bit kernel (first: %d requests, "
+                "longest chunk %d tokens, P·V %s)",
+                metadata.qo_indptr.shape[0] - 1,
+                metadata.max_extend_len,
+                self.settings.pv,
+            )
+        sage_extend_attention(
+            q.view(-1, num_q_heads, layer.qk_head_dim),
+            k.view(-1, num_kv_heads, layer.qk_head_dim),
+            v.view(-1, num_kv_heads, layer.v_head_dim),
+            o.view(-1, num_q_heads, layer.v_head_dim),
+            self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+            metadata.qo_indptr,
+            metadata.kv_indptr,
+            metadata.kv_indices,
+            metadata.max_extend_len,
+            sm_scale=layer.scaling,
+            causal=True,
+            pv=self.settings.pv,
+        )
+        return o
+
+    def forward_decode(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        forward_batch: ForwardBatch,
+        save_kv_cache: bool = True,
+        **kwargs,
+    ):
+        return self.triton_backend.forward_decode(
+            q, k, v, layer, forward_batch, save_kv_cache, **kwargs
+        )
