@@ -94,8 +94,9 @@ from sglang.test.kits.attention_unittest.attention_methods import dense_attentio
 case = kit.make_dense_input_config_cases("sage_attn")[0]
 class T:
     def skipTest(self, reason): raise SystemExit("skipped: " + reason)
+device = "cuda" if torch.cuda.is_available() else "cpu"
 with torch.no_grad():
-    fixture = kit.build_dense_attention_fixture(T(), case, head_dim=64, device="cpu")
+    fixture = kit.build_dense_attention_fixture(T(), case, head_dim=64, device=device)
 print("factory", type(ATTENTION_BACKENDS["sage_attn"](fixture.runner)).__name__)
 """
     )

@@ -138,6 +138,7 @@ def implementations(inputs, causal, batch, seq_len):
 
 def reference_slice(inputs, causal, seq_len, rows=256):
     """fp32 reference for the last ``rows`` queries of request 0, every head."""
+    rows = min(rows, seq_len)
     q = inputs["q_extend"][seq_len - rows : seq_len].float()
     k = inputs["k_extend"][:seq_len].float()
     v = inputs["v_extend"][:seq_len].float()
