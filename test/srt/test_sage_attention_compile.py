@@ -21,9 +21,9 @@ import pytest
 import torch
 import triton
 from sage_attention_inputs import ExtendCase, make_extend_inputs
-from triton.backends.compiler import GPUTarget
+from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction, mangle_type
+from triton.runtime.jit import JITFunction, native_specialize_impl
 
 from sglang.srt.layers.attention.sage_attention import sage_extend_attention
 
@@ -60,15 +60,21 @@ def captured_launches(launch) -> list[tuple[JITFunction, dict, dict]]:
 
 
 def compile_for(fn: JITFunction, bound: dict, options: dict, target=HOPPER):
-    signature, constexprs = {}, {}
+    """Compile as a real launch would: the same specialisation of arguments (16-byte
+    divisibility of pointers and ints, ints equal to 1 as constants)."""
+    signature, constexprs, attrs = {}, {}, {}
     for index, param in enumerate(fn.params):
         value = bound[param.name]
         if param.is_constexpr:
-            signature[param.name] = "constexpr"
-            constexprs[(index,)] = value
+            kind, key = "constexpr", None
         else:
-            signature[param.name] = mangle_type(value)
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+            kind, key = native_specialize_impl(BaseBackend, value, False, True, True)
+        signature[param.name] = kind
+        if kind == "constexpr":
+            constexprs[(index,)] = value
+        elif isinstance(key, str):
+            attrs[(index,)] = BaseBackend.parse_attr(key)
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=target, options=options)
 
 

@@ -1,214 +1,686 @@
-"""sage_attn kernel benchmark: side by side with torch SDPA (flash, cuDNN) and SGLang's Triton.
+"""sage_attn kernel benchmark, side by side with cuDNN, FlashAttention, SGLang's Triton kernels.
 
 One process, the same inputs for every implementation, medians of
-``triton.testing.do_bench``. TOPS count only the visible (query, key) pairs:
+``triton.testing.do_bench`` after warm-up; inputs are larger than L2 (decode
+rotates through several KV sets). TOPS count only visible (query, key) pairs:
 4 * H * D * pairs, pairs = Lq*Lk (full) or the bottom-right causal triangle.
 
-    python benchmark/kernels/sage_attention/bench_sage_attention.py --quick
+Suites (``--suites``):
+- dense:  prefill without cached prefix, L = 1K..32K, hd 64/128, causal and not;
+          sage fp16/fp8 (with quantization, and kernel-only), SDPA flash/cuDNN,
+          SGLang's Triton extend kernel, sageattention 1.0.6, FlashInfer.
+- extend: prefill over a paged, scrambled cache with 0/50/90% of each request cached.
+- decode: batch 1..64 x KV 1K..128K, the decode kernel sage_attn uses (SGLang's
+          Triton split-KV), GB/s against the card's measured copy bandwidth.
+- sweep:  sage kernel-only time for each tile config of ``--tiles`` (tuning).
+
+    python bench_sage_attention.py --quick            # ~2 min: hd128 8K dense
+    python bench_sage_attention.py --out results/     # everything, JSON + CSV
+    python bench_sage_attention.py --plot results/bench_sage_attention.json
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import itertools
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import triton
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.functional import scaled_dot_product_attention
 
-from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
-from sglang.srt.layers.attention.sage_attention import sage_extend_attention
-from sglang.srt.layers.attention.sage_attention.extend_attention import (
-    sage_attention_from_packed,
-    tile_config,
-)
-from sglang.srt.layers.attention.sage_attention.quantize import quantize_kv
-from sglang.srt.layers.attention.sage_attention.reference import attention_error
+MAX_ROWS_CHECKED = 256  # rows of the fp32 reference slice per shape
 
 
 @dataclass
 class Row:
-    kind: str  # "dense" (no cached prefix)
+    suite: str
     impl: str
     batch: int
     q_heads: int
     kv_heads: int
     head_dim: int
-    q_len: int
-    kv_len: int
+    q_len: int  # new tokens per request (1 for decode)
+    kv_len: int  # keys per request (cached + new)
     causal: bool
     ms: float
-    tops: float
+    tops: float  # dense/extend; 0 for decode
+    gbps: float  # decode: KV bytes read per second; 0 otherwise
     cos: float
     rel_l1: float
+    note: str = ""
 
 
 def visible_pairs(q_len: int, kv_len: int, causal: bool) -> int:
     if not causal:
         return q_len * kv_len
-    prefix = kv_len - q_len
-    return q_len * prefix + q_len * (q_len + 1) // 2
+    return q_len * (kv_len - q_len) + q_len * (q_len + 1) // 2
 
 
-def dense_inputs(batch, q_heads, kv_heads, head_dim, seq_len, dtype=torch.bfloat16):
-    """One ragged-extend batch of ``batch`` requests with no cached prefix."""
-    tokens = batch * seq_len
-    q = torch.randn(tokens, q_heads, head_dim, dtype=dtype, device="cuda")
-    k = torch.randn(tokens, kv_heads, head_dim, dtype=dtype, device="cuda")
-    v = torch.randn(tokens, kv_heads, head_dim, dtype=dtype, device="cuda")
-    qo_indptr = torch.arange(0, tokens + 1, seq_len, dtype=torch.int32, device="cuda")
+def median_ms(fn, args) -> float:
+    return triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median")
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def paged_batch(batch, prefix_len, chunk_len, q_heads, kv_heads, head_dim, dtype, page=64):
+    """A batch of equal requests: ``prefix_len`` cached keys in scrambled pages + a chunk."""
+    dev = "cuda"
+    pages_per_req = -(-prefix_len // page)
+    num_pages = batch * pages_per_req + 1
+    order = torch.randperm(batch * pages_per_req, device=dev) + 1  # page 0 unused
+    offsets = torch.arange(pages_per_req * page, device=dev) % page
+    slots = [
+        (
+            order[b * pages_per_req : (b + 1) * pages_per_req].repeat_interleave(page) * page
+            + offsets
+        )[:prefix_len]
+        for b in range(batch)
+    ]
+    tokens = batch * chunk_len
+
+    def randn(*shape):
+        return torch.randn(*shape, dtype=dtype, device=dev)
+
+    def indptr(n):
+        return torch.arange(batch + 1, dtype=torch.int32, device=dev) * n
+
+    q = randn(tokens, q_heads, head_dim)
     return dict(
         q_extend=q,
-        k_extend=k,
-        v_extend=v,
+        k_extend=randn(tokens, kv_heads, head_dim),
+        v_extend=randn(tokens, kv_heads, head_dim),
         o_extend=torch.empty_like(q),
-        k_buffer=torch.empty((1, kv_heads, head_dim), dtype=dtype, device="cuda"),
-        v_buffer=torch.empty((1, kv_heads, head_dim), dtype=dtype, device="cuda"),
-        qo_indptr=qo_indptr,
-        kv_indptr=torch.zeros(batch + 1, dtype=torch.int32, device="cuda"),
-        kv_indices=torch.empty(0, dtype=torch.int64, device="cuda"),
-        max_len_extend=seq_len,
+        k_buffer=randn(num_pages * page, kv_heads, head_dim),
+        v_buffer=randn(num_pages * page, kv_heads, head_dim),
+        qo_indptr=indptr(chunk_len),
+        kv_indptr=indptr(prefix_len),
+        kv_indices=torch.cat(slots).long()
+        if prefix_len
+        else torch.empty(0, dtype=torch.long, device=dev),
+        max_len_extend=chunk_len,
     )
 
 
-def implementations(inputs, causal, batch, seq_len):
-    """name -> zero-argument callable returning the output as [tokens, Hq, D]."""
-    q, k, v = inputs["q_extend"], inputs["k_extend"], inputs["v_extend"]
+def gathered_kv(inputs, b, prefix_len, chunk_len):
+    """Request b's keys and values in order (prefix then chunk), [L, Hkv, D]."""
+    slots = inputs["kv_indices"][b * prefix_len : (b + 1) * prefix_len]
+    rows = slice(b * chunk_len, (b + 1) * chunk_len)
+    k = torch.cat([inputs["k_buffer"][slots], inputs["k_extend"][rows]])
+    v = torch.cat([inputs["v_buffer"][slots], inputs["v_extend"][rows]])
+    return k, v
+
+
+def reference_rows(inputs, prefix_len, chunk_len, causal):
+    """fp32 attention for the last rows of request 0's chunk, every head: (rows, out)."""
+    rows = min(MAX_ROWS_CHECKED, chunk_len)
+    q = inputs["q_extend"][chunk_len - rows : chunk_len].float()
+    k, v = (t.float() for t in gathered_kv(inputs, 0, prefix_len, chunk_len))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[2])
+    if causal:
+        query_pos = prefix_len + torch.arange(chunk_len - rows, chunk_len, device="cuda")
+        visible = torch.arange(k.shape[0], device="cuda")[None, :] <= query_pos[:, None]
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return slice(chunk_len - rows, chunk_len), torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+
+# ---------------------------------------------------------------- implementations
+
+
+def prefill_impls(inputs, batch, prefix_len, chunk_len, causal, with_baselines=True):
+    """name -> callable returning the output [tokens, Hq, D]."""
+    from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
+    from sglang.srt.layers.attention.sage_attention import sage_extend_attention
+    from sglang.srt.layers.attention.sage_attention.extend_attention import (
+        sage_attention_from_packed,
+        tile_config,
+    )
+    from sglang.srt.layers.attention.sage_attention.quantize import quantize_kv
+
+    q, o = inputs["q_extend"], inputs["o_extend"]
     q_heads, head_dim = q.shape[1], q.shape[2]
-    group = q_heads // k.shape[1]
-
-    def bhld(x):
-        return x.view(batch, seq_len, x.shape[1], head_dim).transpose(1, 2)
-
-    def sdpa(backend):
-        def run():
-            with sdpa_kernel(backend):
-                out = scaled_dot_product_attention(
-                    bhld(q), bhld(k), bhld(v), is_causal=causal, enable_gqa=group > 1
-                )
-            return out.transpose(1, 2).reshape(q.shape)
-
-        return run
+    kv_len = prefix_len + chunk_len
 
     def sage(pv):
         def run():
             sage_extend_attention(**inputs, causal=causal, pv=pv)
-            return inputs["o_extend"]
+            return o
 
         return run
 
     def sage_kernel_only(pv):
         packed = quantize_kv(
-            k, v, inputs["k_buffer"], inputs["v_buffer"], inputs["qo_indptr"],
-            inputs["kv_indptr"], inputs["kv_indices"], pv_fp8=pv == "fp8",
-        )  # fmt: skip
+            inputs["k_extend"],
+            inputs["v_extend"],
+            inputs["k_buffer"],
+            inputs["v_buffer"],
+            inputs["qo_indptr"],
+            inputs["kv_indptr"],
+            inputs["kv_indices"],
+            pv_fp8=pv == "fp8",
+        )
         config = tile_config(head_dim, causal, pv, q.device)
 
         def run():
             sage_attention_from_packed(
-                q, inputs["o_extend"], packed, inputs["qo_indptr"], inputs["kv_indptr"],
-                seq_len, head_dim**-0.5, causal, config,
-            )  # fmt: skip
-            return inputs["o_extend"]
+                q,
+                o,
+                packed,
+                inputs["qo_indptr"],
+                inputs["kv_indptr"],
+                chunk_len,
+                head_dim**-0.5,
+                causal,
+                config,
+            )
+            return o
 
         return run
 
-    def sglang_triton():
-        extend_attention_fwd(
-            q, k, v, inputs["o_extend"], inputs["k_buffer"], inputs["v_buffer"],
-            inputs["qo_indptr"], inputs["kv_indptr"], inputs["kv_indices"], None, causal,
-            None, seq_len, 1.0, 1.0,
-        )  # fmt: skip
-        return inputs["o_extend"]
-
-    impls = {
-        "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
-        "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
-        "sglang_triton": sglang_triton,
-    }
+    impls = {}
     for pv in ("fp16", "fp8"):
         impls[f"sage_{pv}"] = sage(pv)
         impls[f"sage_{pv}_kernel_only"] = sage_kernel_only(pv)
+    if not with_baselines:
+        return impls
+
+    def sglang_triton():
+        extend_attention_fwd(
+            q,
+            inputs["k_extend"],
+            inputs["v_extend"],
+            o,
+            inputs["k_buffer"],
+            inputs["v_buffer"],
+            inputs["qo_indptr"],
+            inputs["kv_indptr"],
+            inputs["kv_indices"],
+            None,
+            causal,
+            None,
+            chunk_len,
+            1.0,
+            1.0,
+        )
+        return o
+
+    impls["sglang_triton"] = sglang_triton
+
+    # Dense baselines see contiguous K/V (gathered once, outside the timing): the
+    # ideal a paged kernel is measured against.
+    ks, vs = zip(
+        *(gathered_kv(inputs, b, prefix_len, chunk_len) for b in range(batch)), strict=True
+    )
+    k_bhld = torch.stack(ks).transpose(1, 2)
+    v_bhld = torch.stack(vs).transpose(1, 2)
+    q_bhld = q.view(batch, chunk_len, q_heads, head_dim).transpose(1, 2)
+    group = q_heads // k_bhld.shape[1]
+
+    def sdpa(backend):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.attention.bias import causal_lower_right
+        from torch.nn.functional import scaled_dot_product_attention
+
+        if group > 1 and backend == SDPBackend.FLASH_ATTENTION:
+            k_, v_ = k_bhld.repeat_interleave(group, 1), v_bhld.repeat_interleave(group, 1)
+        else:
+            k_, v_ = k_bhld, v_bhld
+        kwargs = dict(enable_gqa=group > 1 and backend != SDPBackend.FLASH_ATTENTION)
+        if causal and prefix_len:
+            kwargs["attn_mask"] = causal_lower_right(chunk_len, kv_len)
+        else:
+            kwargs["is_causal"] = causal
+
+        def run():
+            with sdpa_kernel(backend):
+                out = scaled_dot_product_attention(q_bhld, k_, v_, **kwargs)
+            return out.transpose(1, 2).reshape(q.shape)
+
+        return run
+
+    from torch.nn.attention import SDPBackend
+
+    impls["sdpa_cudnn"] = sdpa(SDPBackend.CUDNN_ATTENTION)
+    impls["sdpa_flash"] = sdpa(SDPBackend.FLASH_ATTENTION)
+
+    if prefix_len == 0 and chunk_len % 64 == 0:
+        try:
+            from sageattention import sageattn  # 1.0.6 (PyPI); q_len == kv_len only
+
+            def sageattention_106():
+                out = sageattn(q_bhld, k_bhld, v_bhld, tensor_layout="HND", is_causal=causal)
+                return out.transpose(1, 2).reshape(q.shape)
+
+            impls["sageattention_1.0.6"] = sageattention_106
+        except ImportError:
+            pass
+    try:
+        import flashinfer
+
+        def flashinfer_prefill():
+            out = flashinfer.single_prefill_with_kv_cache(
+                q[:chunk_len], ks[0], vs[0], causal=causal
+            )
+            return out  # request 0 only: compared on its rows, timed per request
+
+        impls["flashinfer_per_request"] = flashinfer_prefill
+    except ImportError:
+        pass
     return impls
 
 
-def reference_slice(inputs, causal, seq_len, rows=256):
-    """fp32 reference for the last ``rows`` queries of request 0, every head."""
-    rows = min(rows, seq_len)
-    q = inputs["q_extend"][seq_len - rows : seq_len].float()
-    k = inputs["k_extend"][:seq_len].float()
-    v = inputs["v_extend"][:seq_len].float()
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[2])
-    if causal:
-        visible = (
-            torch.arange(seq_len, device="cuda")[None, :]
-            <= (torch.arange(seq_len - rows, seq_len, device="cuda")[:, None])
-        )
-        scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v), slice(seq_len - rows, seq_len)
-
-
-def bench_dense(args, head_dim, seq_len, causal) -> list[Row]:
-    batch = max(1, args.tokens // seq_len)
-    q_heads, kv_heads = args.q_heads, args.kv_heads
-    inputs = dense_inputs(batch, q_heads, kv_heads, head_dim, seq_len)
-    ref, rows = reference_slice(inputs, causal, seq_len)
-    pairs = batch * visible_pairs(seq_len, seq_len, causal)
-    results = []
-    for name, run in implementations(inputs, causal, batch, seq_len).items():
+def bench_prefill(args, suite, head_dim, prefix_len, chunk_len, causal) -> list[Row]:
+    kv_len = prefix_len + chunk_len
+    batch = max(1, args.tokens // kv_len)
+    inputs = paged_batch(
+        batch, prefix_len, chunk_len, args.q_heads, args.kv_heads, head_dim, torch.bfloat16
+    )
+    rows, ref = reference_rows(inputs, prefix_len, chunk_len, causal)
+    pairs = visible_pairs(chunk_len, kv_len, causal)
+    out = []
+    for name, run in prefill_impls(inputs, batch, prefix_len, chunk_len, causal).items():
         try:
-            out = run()
-            cos, rel_l1 = attention_error(out[rows], ref)
-            ms = triton.testing.do_bench(run, warmup=args.warmup_ms, rep=args.rep_ms)
-        except Exception as exc:  # a baseline that cannot run this shape
-            print(f"  {name}: skipped ({type(exc).__name__}: {str(exc)[:80]})")
+            result = run()
+            cos, rel_l1 = attention_error(result[rows], ref)
+            ms = median_ms(run, args)
+        except Exception as exc:  # a baseline that cannot run this shape is reported, not fatal
+            print(f"  {name}: skipped ({type(exc).__name__}: {str(exc)[:100]})")
             continue
-        tops = 4 * q_heads * head_dim * pairs / (ms * 1e-3) / 1e12
-        results.append(
-            Row("dense", name, batch, q_heads, kv_heads, head_dim, seq_len, seq_len, causal,
-                ms, tops, cos, rel_l1)
-        )  # fmt: skip
-    return results
+        reqs = 1 if name == "flashinfer_per_request" else batch
+        tops = 4 * args.q_heads * head_dim * pairs * reqs / (ms * 1e-3) / 1e12
+        out.append(
+            Row(
+                suite,
+                name,
+                reqs,
+                args.q_heads,
+                args.kv_heads,
+                head_dim,
+                chunk_len,
+                kv_len,
+                causal,
+                ms,
+                tops,
+                0.0,
+                cos,
+                rel_l1,
+            )
+        )
+    return out
+
+
+def copy_bandwidth_gbps() -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def bench_decode(args, batch, kv_len, head_dim=128) -> list[Row]:
+    from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
+    from sglang.kernels.ops.attention.metadata import get_num_kv_splits_triton
+
+    q_heads, kv_heads, max_splits = args.q_heads, args.kv_heads, 16
+    kv_bytes = batch * kv_len * kv_heads * head_dim * 2 * 2
+    copies = max(1, math.ceil(256e6 / kv_bytes))  # rotate past the 50 MB L2
+    pool = torch.randn(
+        copies * batch * kv_len + 1, 2, kv_heads, head_dim, dtype=torch.bfloat16, device="cuda"
+    )
+    k_buffer, v_buffer = pool[:, 0], pool[:, 1]
+    index_sets = [
+        (torch.randperm(batch * kv_len, device="cuda") + 1 + c * batch * kv_len)
+        for c in range(copies)
+    ]
+    q = torch.randn(batch, q_heads, head_dim, dtype=torch.bfloat16, device="cuda")
+    o = torch.empty_like(q)
+    kv_indptr = torch.arange(0, batch + 1, dtype=torch.int32, device="cuda") * kv_len
+    seq_lens = torch.full((batch,), kv_len, dtype=torch.int32, device="cuda")
+    num_kv_splits = torch.empty(batch, dtype=torch.int32, device="cuda")
+    get_num_kv_splits_triton[(1,)](
+        num_kv_splits,
+        seq_lens,
+        batch,
+        1,
+        q_heads,
+        kv_heads,
+        max_splits,
+        torch.cuda.get_device_properties(0).multi_processor_count,
+        MAX_NUM_SEQ=256,
+    )
+    attn_logits = torch.empty(
+        batch, q_heads, max_splits, head_dim, dtype=torch.float32, device="cuda"
+    )
+    attn_lse = torch.empty(batch, q_heads, max_splits, dtype=torch.float32, device="cuda")
+
+    def run_with(kv_indices):
+        decode_attention_fwd(
+            q,
+            k_buffer,
+            v_buffer,
+            o,
+            kv_indptr,
+            kv_indices,
+            attn_logits,
+            attn_lse,
+            num_kv_splits,
+            max_splits,
+            head_dim**-0.5,
+            1.0,
+            1.0,
+        )
+        return o
+
+    turn = itertools.cycle(index_sets)
+    ms = median_ms(lambda: run_with(next(turn)), args)
+    run_with(index_sets[0])
+    slots = index_sets[0][:kv_len]  # request 0
+    k0 = k_buffer[slots].float().repeat_interleave(q_heads // kv_heads, 1)
+    v0 = v_buffer[slots].float().repeat_interleave(q_heads // kv_heads, 1)
+    probs = (torch.einsum("hd,khd->hk", q[0].float(), k0) * head_dim**-0.5).softmax(-1)
+    ref = torch.einsum("hk,khd->hd", probs, v0)
+    cos, rel_l1 = attention_error(o[0], ref)
+    return [
+        Row(
+            "decode",
+            "sglang_triton_decode (sage_attn's decode)",
+            batch,
+            q_heads,
+            kv_heads,
+            head_dim,
+            1,
+            kv_len,
+            False,
+            ms,
+            0.0,
+            kv_bytes / (ms * 1e-3) / 1e9,
+            cos,
+            rel_l1,
+        )
+    ]
+
+
+def bench_sweep(args, head_dim, causal, pv, tiles) -> list[Row]:
+    from sglang.srt.layers.attention.sage_attention.extend_attention import (
+        TileConfig,
+        sage_attention_from_packed,
+    )
+    from sglang.srt.layers.attention.sage_attention.quantize import quantize_kv
+
+    seq_len = args.sweep_len
+    batch = max(1, args.tokens // seq_len)
+    inputs = paged_batch(batch, 0, seq_len, args.q_heads, args.kv_heads, head_dim, torch.bfloat16)
+    rows, ref = reference_rows(inputs, 0, seq_len, causal)
+    packed = quantize_kv(
+        inputs["k_extend"],
+        inputs["v_extend"],
+        inputs["k_buffer"],
+        inputs["v_buffer"],
+        inputs["qo_indptr"],
+        inputs["kv_indptr"],
+        inputs["kv_indices"],
+        pv_fp8=pv == "fp8",
+    )
+    pairs = visible_pairs(seq_len, seq_len, causal)
+    out = []
+    for tile in tiles:
+        config = TileConfig(*tile)
+
+        def run(config=config):
+            sage_attention_from_packed(
+                inputs["q_extend"],
+                inputs["o_extend"],
+                packed,
+                inputs["qo_indptr"],
+                inputs["kv_indptr"],
+                seq_len,
+                head_dim**-0.5,
+                causal,
+                config,
+            )
+            return inputs["o_extend"]
+
+        try:
+            cos, rel_l1 = attention_error(run()[rows], ref)
+            ms = median_ms(run, args)
+        except Exception as exc:
+            print(f"  tile {tile}: failed ({type(exc).__name__}: {str(exc)[:100]})")
+            continue
+        tops = 4 * args.q_heads * head_dim * pairs * batch / (ms * 1e-3) / 1e12
+        out.append(
+            Row(
+                "sweep",
+                f"sage_{pv}_kernel_only",
+                batch,
+                args.q_heads,
+                args.kv_heads,
+                head_dim,
+                seq_len,
+                seq_len,
+                causal,
+                ms,
+                tops,
+                0.0,
+                cos,
+                rel_l1,
+                note="tile=" + ",".join(map(str, tile)),
+            )
+        )
+    return out
+
+
+def attention_error(out, ref):
+    from sglang.srt.layers.attention.sage_attention.reference import attention_error as err
+
+    return err(out.float(), ref)
+
+
+# ---------------------------------------------------------------- driver
+
+
+def plan(args):
+    """(description, thunk) for every measurement, in order."""
+    jobs = []
+    if "dense" in args.suites:
+        for hd, length, causal in itertools.product(args.head_dims, args.seq_lens, (False, True)):
+            jobs.append(
+                (
+                    f"dense hd{hd} L={length} causal={causal}",
+                    lambda hd=hd, n=length, c=causal: bench_prefill(args, "dense", hd, 0, n, c),
+                )
+            )
+    if "extend" in args.suites:
+        for total, frac in itertools.product(args.extend_lens, args.cached_fractions):
+            prefix = int(total * frac) // 64 * 64
+            jobs.append(
+                (
+                    f"extend hd128 total={total} cached={frac:.0%}",
+                    lambda p=prefix, n=total - prefix: bench_prefill(
+                        args, "extend", 128, p, n, True
+                    ),
+                )
+            )
+    if "decode" in args.suites:
+        for batch, kv_len in itertools.product(args.decode_batches, args.decode_lens):
+            if batch * kv_len <= args.decode_max_tokens:
+                jobs.append(
+                    (
+                        f"decode bs={batch} kv={kv_len}",
+                        lambda b=batch, n=kv_len: bench_decode(args, b, n),
+                    )
+                )
+    if "sweep" in args.suites:
+        tiles = [tuple(int(x) for x in t.split(",")) for t in args.tiles]
+        for hd, causal, pv in itertools.product(args.head_dims, (False, True), ("fp16", "fp8")):
+            jobs.append(
+                (
+                    f"sweep hd{hd} causal={causal} pv={pv}",
+                    lambda hd=hd, c=causal, pv=pv: bench_sweep(args, hd, c, pv, tiles),
+                )
+            )
+    return jobs
+
+
+def print_table(rows: list[Row]) -> None:
+    head = (
+        "suite",
+        "impl",
+        "hd",
+        "Lq",
+        "Lk",
+        "causal",
+        "bs",
+        "ms",
+        "TOPS",
+        "GB/s",
+        "cos",
+        "relL1",
+        "note",
+    )
+    print("{:7} {:42} {:>4} {:>6} {:>6} {:>6} {:>4} {:>9} {:>7} {:>7} {:>9} {:>7} {}".format(*head))
+    for r in rows:
+        print(
+            f"{r.suite:7} {r.impl:42} {r.head_dim:>4} {r.q_len:>6} {r.kv_len:>6} {r.causal!s:>6} "
+            f"{r.batch:>4} {r.ms:9.3f} {r.tops:7.1f} {r.gbps:7.0f} {r.cos:9.6f} {r.rel_l1:7.4f} "
+            f"{r.note}"
+        )
+
+
+def plot(json_path: str) -> None:
+    """PNG plots next to the JSON (runs anywhere: matplotlib only, no GPU)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [Row(**r) for r in json.load(open(json_path))["rows"]]
+    out_dir = os.path.dirname(os.path.abspath(json_path))
+    dense = [r for r in rows if r.suite == "dense"]
+    for hd in sorted({r.head_dim for r in dense}):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+        for ax, causal in zip(axes, (False, True), strict=True):
+            sel = [r for r in dense if r.head_dim == hd and r.causal == causal]
+            for impl in sorted({r.impl for r in sel}):
+                pts = sorted((r.q_len, r.tops) for r in sel if r.impl == impl)
+                style = "-" if impl.startswith("sage_") else "--"
+                ax.plot(*zip(*pts, strict=True), style, marker="o", label=impl)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("sequence length")
+            ax.set_title(f"hd{hd} {'causal' if causal else 'non-causal'}")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("TOPS (visible pairs)")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, f"dense_hd{hd}.png"), dpi=110)
+    extend = [r for r in rows if r.suite == "extend"]
+    if extend:
+        fig, ax = plt.subplots(figsize=(12, 4.5))
+        keys = sorted({(r.kv_len, r.kv_len - r.q_len) for r in extend})
+        impls = sorted({r.impl for r in extend})
+        width = 0.8 / len(impls)
+        for i, impl in enumerate(impls):
+            vals = [
+                next(
+                    (
+                        r.tops
+                        for r in extend
+                        if r.impl == impl and (r.kv_len, r.kv_len - r.q_len) == k
+                    ),
+                    0,
+                )
+                for k in keys
+            ]
+            ax.bar([j + i * width for j in range(len(keys))], vals, width, label=impl)
+        ax.set_xticks([j + 0.4 for j in range(len(keys))])
+        ax.set_xticklabels([f"L={t}\ncached {c / t:.0%}" for t, c in keys])
+        ax.set_ylabel("TOPS (visible pairs)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "extend.png"), dpi=110)
+    decode = [r for r in rows if r.suite == "decode"]
+    if decode:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for batch in sorted({r.batch for r in decode}):
+            pts = sorted((r.kv_len, r.gbps) for r in decode if r.batch == batch)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"batch {batch}")
+        copy_bw = json.load(open(json_path)).get("copy_gbps")
+        if copy_bw:
+            ax.axhline(copy_bw, color="k", ls=":", label="device copy")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("KV length")
+        ax.set_ylabel("GB/s (KV read)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "decode.png"), dpi=110)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="hd128, 8K, causal and not")
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096, 8192, 32768])
+    parser.add_argument("--quick", action="store_true", help="hd128, 8K, dense only")
+    parser.add_argument("--suites", nargs="+", default=["dense", "extend", "decode"])
+    parser.add_argument(
+        "--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768]
+    )
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--extend-lens", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--cached-fractions", type=float, nargs="+", default=[0.0, 0.5, 0.9])
+    parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--decode-lens", type=int, nargs="+", default=[1024, 8192, 32768, 131072])
+    parser.add_argument("--decode-max-tokens", type=int, default=2**21)
+    parser.add_argument(
+        "--tiles",
+        nargs="+",
+        default=["128,64,8,2", "128,128,8,2", "128,128,8,3"],
+        help="sweep: block_m,block_n,num_warps,num_stages",
+    )
+    parser.add_argument("--sweep-len", type=int, default=8192)
     parser.add_argument("--q-heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=32768, help="batch = tokens // seq_len")
+    parser.add_argument("--tokens", type=int, default=32768, help="batch = tokens // kv_len")
     parser.add_argument("--warmup-ms", type=int, default=100)
-    parser.add_argument("--rep-ms", type=int, default=500)
+    parser.add_argument("--rep-ms", type=int, default=400)
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    parser.add_argument("--plot", metavar="JSON", help="only draw the PNGs of an earlier run")
     args = parser.parse_args()
+    if args.plot:
+        plot(args.plot)
+        return
     if args.quick:
-        args.seq_lens, args.head_dims = [8192], [128]
+        args.suites, args.seq_lens, args.head_dims = ["dense"], [8192], [128]
     os.makedirs(args.out, exist_ok=True)
 
-    rows: list[Row] = []
-    for head_dim in args.head_dims:
-        for seq_len in args.seq_lens:
-            for causal in (False, True):
-                print(f"dense hd{head_dim} L={seq_len} causal={causal}", flush=True)
-                rows += bench_dense(args, head_dim, seq_len, causal)
+    from tqdm import tqdm
 
-    with open(os.path.join(args.out, "bench_sage_attention.json"), "w") as f:
-        json.dump([asdict(r) for r in rows], f, indent=1)
-    header = ("impl", "hd", "L", "causal", "ms", "TOPS", "cos", "relL1")
-    print("\n{:24} {:>4} {:>6} {:>6} {:>9} {:>7} {:>9} {:>7}".format(*header))
-    for r in rows:
-        print(
-            f"{r.impl:24} {r.head_dim:>4} {r.q_len:>6} {r.causal!s:>6} {r.ms:9.3f} "
-            f"{r.tops:7.1f} {r.cos:9.6f} {r.rel_l1:7.4f}"
-        )
+    props = torch.cuda.get_device_properties(0)
+    meta = dict(
+        device=props.name,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        sms=props.multi_processor_count,
+    )
+    if "decode" in args.suites:
+        meta["copy_gbps"] = copy_bandwidth_gbps()
+    rows: list[Row] = []
+    jobs = plan(args)
+    for desc, job in tqdm(jobs, desc="bench", unit="shape"):
+        tqdm.write(desc)
+        rows += job()
+        torch.cuda.empty_cache()
+
+    json_path = os.path.join(args.out, "bench_sage_attention.json")
+    with open(json_path, "w") as f:
+        json.dump(dict(meta, rows=[asdict(r) for r in rows]), f, indent=1)
+    with open(os.path.join(args.out, "bench_sage_attention.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Row)])
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    print(json.dumps(meta))
+    print_table(rows)
 
 
 if __name__ == "__main__":

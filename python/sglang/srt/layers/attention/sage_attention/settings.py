@@ -11,7 +11,7 @@ PV_ENV = "SGLANG_SAGE_ATTN_PV"
 MIN_EXTEND_LEN_ENV = "SGLANG_SAGE_ATTN_MIN_EXTEND_LEN"
 # Measured crossover (benchmark/kernels/sage_attention/RESULTS.md): below this
 # many new tokens per request the bf16 Triton extend kernel is as fast.
-DEFAULT_MIN_EXTEND_LEN = 256
+DEFAULT_MIN_EXTEND_LEN = 1024
 
 
 @dataclass(frozen=True)
