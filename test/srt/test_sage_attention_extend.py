@@ -206,16 +206,49 @@ def test_bitwise_deterministic_and_inputs_untouched(pv):
         assert torch.equal(tensor.view(torch.uint8), inputs[name].view(torch.uint8)), name
 
 
+def _slice_request(inputs, b):
+    """Request b of a batch as a batch of its own (same cache, same slots)."""
+    qo, kv = inputs["qo_indptr"].tolist(), inputs["kv_indptr"].tolist()
+    rows = slice(qo[b], qo[b + 1])
+    device = inputs["q_extend"].device
+    return dict(
+        inputs,
+        q_extend=inputs["q_extend"][rows],
+        k_extend=inputs["k_extend"][rows],
+        v_extend=inputs["v_extend"][rows],
+        o_extend=inputs["o_extend"][rows],
+        qo_indptr=torch.tensor([0, qo[b + 1] - qo[b]], dtype=torch.int32, device=device),
+        kv_indptr=torch.tensor([0, kv[b + 1] - kv[b]], dtype=torch.int32, device=device),
+        kv_indices=inputs["kv_indices"][kv[b] : kv[b + 1]],
+    )
+
+
 @pytest.mark.skipif(**requires_kernels)
-def test_smoothing_is_per_request():
-    """A request's output does not depend on its batch neighbours' keys."""
-    case = ExtendCase("pair", (40, 40), (30, 30), num_kv_heads=2)
-    inputs = make_extend_inputs(case)
-    alone = run_op(sage_extend_attention, inputs)
-    shifted = dict(inputs, k_extend=inputs["k_extend"].clone())
-    shifted["k_extend"][30:] += 25.0  # only request 1's chunk keys move
-    together = run_op(sage_extend_attention, shifted)
-    assert torch.equal(alone[:30], together[:30])
+@pytest.mark.parametrize("pv", ["fp16", "fp8"])
+def test_request_output_is_independent_of_its_batch(pv):
+    """Bitwise: the same request alone or beside others of other lengths (smoothing and
+    scales are per request; the pre-pass reduction order is fixed)."""
+    inputs = make_extend_inputs(ExtendCase("mixed", (40, 300, 7), (30, 65, 129), num_kv_heads=2))
+    together = run_op(sage_extend_attention, inputs, pv=pv)
+    for b, rows in enumerate([slice(0, 30), slice(30, 95), slice(95, 224)]):
+        alone = run_op(sage_extend_attention, _slice_request(inputs, b), pv=pv)
+        assert torch.equal(alone, together[rows]), f"request {b}"
+
+
+@pytest.mark.skipif(**requires_kernels)
+def test_head_shards_match_the_whole_layer():
+    """Bitwise: what one tensor-parallel rank computes on its share of the heads
+    (here half the query heads and their KV heads) equals those heads of the full run."""
+    inputs = make_extend_inputs(ExtendCase("tp", (90,), (70,), num_q_heads=8, num_kv_heads=4))
+    full = run_op(sage_extend_attention, inputs)
+    for rank in range(2):
+        q_heads, kv_heads = slice(4 * rank, 4 * rank + 4), slice(2 * rank, 2 * rank + 2)
+        shard = dict(inputs)
+        for name in ("q_extend", "o_extend"):
+            shard[name] = inputs[name][:, q_heads].contiguous()
+        for name in ("k_extend", "v_extend", "k_buffer", "v_buffer"):
+            shard[name] = inputs[name][:, kv_heads].contiguous()
+        assert torch.equal(run_op(sage_extend_attention, shard), full[:, q_heads]), rank
 
 
 @pytest.mark.skipif(**requires_kernels)

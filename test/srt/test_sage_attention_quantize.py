@@ -8,7 +8,6 @@ from sage_attention_inputs import ExtendCase, make_extend_inputs, requires_kerne
 
 from sglang.srt.layers.attention.sage_attention.quantize import (
     K_QUANT_BLOCK,
-    num_splits,
     packed_len,
     quantize_kv,
 )
@@ -66,12 +65,3 @@ def test_packed_kv_matches_twin(case, pv_fp8, smooth_k):
     else:
         got_v, want_v = got.v[:, rows].float(), want.v[:, rows].float()
         torch.testing.assert_close(got_v, want_v, rtol=0, atol=0)
-
-
-def test_split_count_fills_the_gpu_without_idle_programs():
-    assert num_splits(batch_size=1, num_kv_heads=8, total_rows=32768) == 64
-    assert num_splits(batch_size=64, num_kv_heads=8, total_rows=64 * 1024) == 1
-    assert num_splits(batch_size=1, num_kv_heads=8, total_rows=100) == 2  # two key blocks
-    for args in [(3, 2, 5000), (1, 1, 1), (200, 8, 10**6)]:
-        splits = num_splits(*args)
-        assert splits >= 1 and splits & (splits - 1) == 0  # a power of two

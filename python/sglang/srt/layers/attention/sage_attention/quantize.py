@@ -6,7 +6,8 @@ subtracts the request's K mean (smoothing), quantizes K to INT8 with one scale
 per ``K_QUANT_BLOCK`` keys, converts V, and writes everything into dense
 per-request segments. Two launches, both with a fixed grid (no host sync):
 
-1. ``_kv_stats_kernel``: per (request, KV head, split) partial K sums and V |max|.
+1. ``_kv_stats_kernel``: per (request, KV head, split) partial K sums and V |max|
+   (``NUM_SPLITS`` programs per request and head, each taking every 16th block).
 2. ``_kv_pack_kernel``: reduces the partials in a fixed order (deterministic),
    then quantizes and stores.
 
@@ -33,9 +34,10 @@ SCALE_EPS = 1e-12
 _INT8_MAX = tl.constexpr(INT8_MAX)
 _FP8_E4M3_MAX = tl.constexpr(FP8_E4M3_MAX)
 _SCALE_EPS = tl.constexpr(SCALE_EPS)
-# Grid target for the pre-pass: enough programs to cover an H100's 132 SMs.
-_TARGET_PROGRAMS = 512
-_MAX_SPLITS = 64
+# Programs per (request, KV head) in the pre-pass. A constant, so the order in
+# which a request's K mean is summed -- hence every bit of its output -- does not
+# depend on its batch neighbours or on how many KV heads a TP rank holds.
+NUM_SPLITS = 16
 
 
 @dataclass
@@ -54,16 +56,6 @@ def packed_len(num_prefix_slots: int, num_extend_tokens: int, batch_size: int) -
     """Rows of the packed buffers: enough for every request's aligned segment."""
     total = num_prefix_slots + num_extend_tokens
     return K_QUANT_BLOCK * (total // K_QUANT_BLOCK + batch_size)
-
-
-def num_splits(batch_size: int, num_kv_heads: int, total_rows: int) -> int:
-    """Programs per (request, KV head): enough to fill the GPU, no more than there are
-    blocks; a power of two (the partials are reduced with tl.arange)."""
-    wanted = min(
-        triton.cdiv(_TARGET_PROGRAMS, batch_size * num_kv_heads),
-        triton.cdiv(total_rows, K_QUANT_BLOCK),
-    )
-    return min(_MAX_SPLITS, triton.next_power_of_2(max(wanted, 1)))
 
 
 @triton.jit
@@ -334,7 +326,7 @@ def quantize_kv(
     head_dim_v = v_extend.shape[2]
     device = k_extend.device
     t_pad = packed_len(kv_indices.shape[0], k_extend.shape[0], batch_size)
-    splits = num_splits(batch_size, num_kv_heads, kv_indices.shape[0] + k_extend.shape[0])
+    splits = NUM_SPLITS
 
     k_int8 = torch.empty((num_kv_heads, t_pad, head_dim), dtype=torch.int8, device=device)
     k_scale = torch.empty(
