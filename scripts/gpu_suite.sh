@@ -48,6 +48,34 @@ PY
     grep -E "SageAttentionBackend|sage_attn:|Prefill batch|Decode batch" "$OUT/serve_sage_attn.server.log" \
       | cut -c1-220 | head -12 | tee -a "$summary"
     ;;
+  train)
+    python3 benchmark/sage_attention/train_byte_model.py --out "$OUT/byte-granite" \
+      --minutes "${TRAIN_MINUTES:-3.5}" > "$OUT/train.log" 2>&1
+    echo "train rc=$?" | tee -a "$summary"; tail -3 "$OUT/train.log" | tee -a "$summary"
+    ;;
+  validate)
+    python3 benchmark/sage_attention/validate.py --checkpoint "${CKPT:-$OUT/byte-granite}" \
+      --skip-layer-timing --out "$OUT" > "$OUT/validate.log" 2>&1
+    echo "validate rc=$?" | tee -a "$summary"; head -40 "$OUT/validation.md" | tee -a "$summary"
+    ;;
+  layer)
+    python3 benchmark/sage_attention/layer_timing.py --out "$OUT" > "$OUT/layer.log" 2>&1
+    echo "layer rc=$?" | tee -a "$summary"; tail -30 "$OUT/layer.log" | tee -a "$summary"
+    ;;
+  serve_model)
+    # The trained byte model through a real server: held-out windows, chunked prefill.
+    serve="python3 benchmark/sage_attention/serve_logprobs.py"
+    for backend in triton sage_attn; do
+      $serve run --backend $backend --model "${CKPT:-benchmark/sage_attention/byte-granite}" \
+        --load-format auto --heldout-windows 8 --window-len 4096 --top-logprobs 1 \
+        --max-new-tokens 16 --out "$OUT/model_$backend.json" \
+        --extra "--chunked-prefill-size 1024 --disable-cuda-graph" 2>&1 | tail -2 | tee -a "$summary"
+      grep -E "SageAttentionBackend|sage_attn:|Prefill batch|Decode batch|Error" \
+        "$OUT/model_$backend.server.log" | cut -c1-200 | head -6 | tee -a "$summary"
+      rm -f "$OUT/model_$backend.server.log"
+    done
+    $serve compare "$OUT/model_triton.json" "$OUT/model_sage_attn.json" | tee -a "$summary"
+    ;;
   esac
 done
 echo "==== summary"; cat "$summary"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shlex
@@ -58,18 +59,43 @@ def run(args) -> None:
         PYTHONUNBUFFERED="1",
     )
     command = [
-        sys.executable, "-m", "sglang.launch_server", "--model-path", args.model,
-        "--load-format", args.load_format, "--skip-tokenizer-init",
-        "--attention-backend", args.backend, "--sampling-backend", "pytorch",
-        "--grammar-backend", "none", "--disable-radix-cache", "--port", str(args.port),
-        "--host", "127.0.0.1", "--mem-fraction-static", "0.3", *shlex.split(args.extra),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        args.model,
+        "--load-format",
+        args.load_format,
+        "--skip-tokenizer-init",
+        "--attention-backend",
+        args.backend,
+        "--sampling-backend",
+        "pytorch",
+        "--grammar-backend",
+        "none",
+        "--disable-radix-cache",
+        "--port",
+        str(args.port),
+        "--host",
+        "127.0.0.1",
+        "--mem-fraction-static",
+        "0.3",
+        *shlex.split(args.extra),
+    ]
     log_path = args.out.removesuffix(".json") + ".server.log"
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         startup_s = _wait_healthy(args.port, server, log_path)
-        batch = prompts(args.seed, args.lengths, (3, args.vocab_max))
+        if args.heldout_windows:
+            # The byte model's held-out text, the same windows validate.py scores.
+            from byte_model import stdlib_corpus, windows
+
+            batch = windows(
+                stdlib_corpus()[1], args.heldout_windows, args.window_len, seed=args.window_len
+            ).tolist()
+        else:
+            batch = prompts(args.seed, args.lengths, (3, args.vocab_max))
         response = _post(
             f"http://127.0.0.1:{args.port}/generate",
             {
@@ -77,7 +103,7 @@ def run(args) -> None:
                 "sampling_params": {"max_new_tokens": args.max_new_tokens, "temperature": 0},
                 "return_logprob": True,
                 "logprob_start_len": 0,
-                "top_logprobs_num": 5,
+                "top_logprobs_num": args.top_logprobs,
             },
         )
     finally:
@@ -85,10 +111,15 @@ def run(args) -> None:
         server.wait(timeout=60)
     with open(args.out, "w") as f:
         json.dump(
-            {"backend": args.backend, "command": command, "startup_s": startup_s,
-             "prompts": batch, "responses": response},
+            {
+                "backend": args.backend,
+                "command": command,
+                "startup_s": startup_s,
+                "prompts": batch,
+                "responses": response,
+            },
             f,
-        )  # fmt: skip
+        )
     print(f"{args.backend}: {len(response)} responses in {args.out}; server log {log_path}")
 
 
@@ -96,9 +127,31 @@ def _logprobs(entries) -> list[float]:
     return [entry[0] for entry in entries if entry[0] is not None]
 
 
+def prompt_perplexity(responses) -> float:
+    """exp(mean NLL) of every prompt token after the first, from the input log-probs."""
+    logprobs = [lp for r in responses for lp in _logprobs(r["meta_info"]["input_token_logprobs"])]
+    return math.exp(-sum(logprobs) / len(logprobs))
+
+
+def _top1(entries) -> list:
+    return [top[0][1] for top in entries if top]
+
+
 def compare(args) -> None:
     runs = [json.load(open(path)) for path in (args.baseline, args.candidate)]
     base, cand = (r["responses"] for r in runs)
+    for run in runs:
+        ppl = prompt_perplexity(run["responses"])
+        print(f"{run['backend']}: prompt perplexity {ppl:.4f} ({math.log2(ppl):.4f} bits/token)")
+    agree = total = 0
+    for b, c in zip(base, cand, strict=True):
+        b_top, c_top = (
+            _top1(b["meta_info"]["input_top_logprobs"]),
+            _top1(c["meta_info"]["input_top_logprobs"]),
+        )
+        agree += sum(x == y for x, y in zip(b_top, c_top, strict=True))
+        total += len(b_top)
+    print(f"prompt top-1 agreement: {agree}/{total} = {100 * agree / max(total, 1):.3f}%")
     same_tokens = total_tokens = 0
     first_divergence, output_gap, input_gap = [], 0.0, 0.0
     for b, c in zip(base, cand, strict=True):
@@ -136,6 +189,14 @@ def main():
     r.add_argument("--lengths", type=int, nargs="+", default=[600, 1000, 300, 2000])
     r.add_argument("--vocab-max", type=int, default=1000)
     r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--top-logprobs", type=int, default=5)
+    r.add_argument(
+        "--heldout-windows",
+        type=int,
+        default=0,
+        help="prompts: this many held-out stdlib windows (byte ids) instead of random ids",
+    )
+    r.add_argument("--window-len", type=int, default=4096)
     c = sub.add_parser("compare")
     c.add_argument("baseline")
     c.add_argument("candidate")
