@@ -560,6 +560,7 @@ def plot(json_path: str) -> None:
 
     rows = [Row(**r) for r in json.load(open(json_path))["rows"]]
     out_dir = os.path.dirname(os.path.abspath(json_path))
+    stem = os.path.splitext(os.path.basename(json_path))[0]
     dense = [r for r in rows if r.suite == "dense"]
     for hd in sorted({r.head_dim for r in dense}):
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
@@ -576,7 +577,7 @@ def plot(json_path: str) -> None:
         axes[0].set_ylabel("TOPS (visible pairs)")
         axes[1].legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, f"dense_hd{hd}.png"), dpi=110)
+        fig.savefig(os.path.join(out_dir, f"{stem}_dense_hd{hd}.png"), dpi=110)
     extend = [r for r in rows if r.suite == "extend"]
     if extend:
         fig, ax = plt.subplots(figsize=(12, 4.5))
@@ -601,7 +602,7 @@ def plot(json_path: str) -> None:
         ax.set_ylabel("TOPS (visible pairs)")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "extend.png"), dpi=110)
+        fig.savefig(os.path.join(out_dir, f"{stem}_extend.png"), dpi=110)
     decode = [r for r in rows if r.suite == "decode"]
     if decode:
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -616,7 +617,58 @@ def plot(json_path: str) -> None:
         ax.set_ylabel("GB/s (KV read)")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "decode.png"), dpi=110)
+        fig.savefig(os.path.join(out_dir, f"{stem}_decode.png"), dpi=110)
+
+
+def markdown_tables(json_path: str) -> str:
+    """RESULTS.md-style tables of a run: TOPS per implementation, ratios to cuDNN."""
+    rows = [Row(**r) for r in json.load(open(json_path))["rows"]]
+    out = []
+    for suite in ("dense", "extend", "sweep"):
+        sel = [r for r in rows if r.suite == suite]
+        if not sel:
+            continue
+        impls = list(dict.fromkeys(r.impl for r in sel))
+        keyed = {}
+        for r in sel:
+            key = (r.head_dim, r.causal, r.kv_len, r.q_len, r.note if suite == "sweep" else "")
+            keyed.setdefault(key, {})[r.impl] = r.tops
+        cols = impls if suite != "sweep" else ["sage_fp16_kernel_only", "sage_fp8_kernel_only"]
+        ratio = suite != "sweep" and "sdpa_cudnn" in impls
+        head = ["hd", "causal", "Lk", "Lq", "tile"][: 5 if suite == "sweep" else 4] + cols
+        head += ["fp16/cuDNN", "fp8/cuDNN"] if ratio else []
+        out += [
+            f"#### {suite} (TOPS)",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+        ]
+        for key in sorted(keyed):
+            vals = keyed[key]
+            cells = [str(key[0]), "yes" if key[1] else "no", str(key[2]), str(key[3])]
+            cells += [key[4].removeprefix("tile=")] if suite == "sweep" else []
+            cells += [f"{vals[c]:.0f}" if c in vals else "-" for c in cols]
+            if ratio and "sdpa_cudnn" in vals:
+                cells += [
+                    f"{vals.get(f'sage_{pv}', 0) / vals['sdpa_cudnn']:.2f}x"
+                    for pv in ("fp16", "fp8")
+                ]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    decode = [r for r in rows if r.suite == "decode"]
+    if decode:
+        copy = json.load(open(json_path)).get("copy_gbps", 0)
+        out += [
+            f"#### decode (device copy {copy:.0f} GB/s)",
+            "",
+            "| batch | KV len | ms | GB/s | of copy |",
+            "|---|---|---|---|---|",
+        ]
+        for r in sorted(decode, key=lambda r: (r.batch, r.kv_len)):
+            out.append(
+                f"| {r.batch} | {r.kv_len} | {r.ms:.3f} | {r.gbps:.0f} | {r.gbps / copy:.0%} |"
+            )
+    return "\n".join(out)
 
 
 def main():
@@ -645,10 +697,13 @@ def main():
     parser.add_argument("--warmup-ms", type=int, default=100)
     parser.add_argument("--rep-ms", type=int, default=400)
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
-    parser.add_argument("--plot", metavar="JSON", help="only draw the PNGs of an earlier run")
+    parser.add_argument(
+        "--plot", metavar="JSON", help="only draw PNGs and tables of an earlier run"
+    )
     args = parser.parse_args()
     if args.plot:
         plot(args.plot)
+        print(markdown_tables(args.plot))
         return
     if args.quick:
         args.suites, args.seq_lens, args.head_dims = ["dense"], [8192], [128]

@@ -9,9 +9,10 @@ from sglang.srt.layers.attention.sage_attention.extend_attention import SUPPORTE
 
 PV_ENV = "SGLANG_SAGE_ATTN_PV"
 MIN_EXTEND_LEN_ENV = "SGLANG_SAGE_ATTN_MIN_EXTEND_LEN"
-# Measured crossover (benchmark/kernels/sage_attention/RESULTS.md): below this
-# many new tokens per request the bf16 Triton extend kernel is as fast.
-DEFAULT_MIN_EXTEND_LEN = 1024
+# Measured crossover against the bf16 Triton extend kernel these batches fall back
+# to (H100; benchmark/kernels/sage_attention/RESULTS.md): an 8B-shaped layer
+# prefilling one request is 0.85x at 1024 tokens, 1.02x at 2048, 1.31x at 4096.
+DEFAULT_MIN_EXTEND_LEN = 2048
 
 
 @dataclass(frozen=True)
