@@ -33,6 +33,18 @@ class ByteLlamaConfig:
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 8192
 
+    @classmethod
+    def tiny(cls) -> ByteLlamaConfig:
+        """Head dim 64, two layers: for CPU smoke runs."""
+        return cls(
+            hidden_size=128,
+            num_layers=2,
+            num_heads=2,
+            num_kv_heads=1,
+            head_dim=64,
+            intermediate_size=128,
+        )
+
     def granite_config(self) -> dict:
         """HF ``config.json`` of the same network as GraniteForCausalLM (multipliers
         at their Llama values; the softmax scale is Granite's attention_multiplier)."""

@@ -72,32 +72,28 @@ def time_8b_layer(quick: bool = False) -> list[dict]:
     prefill_lens = [1024, 4096] if quick else [1024, 2048, 4096, 8192, 16384, 32768]
     decode_batches = [1, 8] if quick else [1, 8, 32, 64]
     rows = []
-    stacks = {}
-    for key in ("triton", "sage_fp16", "sage_fp8"):
-        stacks[key] = (
-            SGLangStack(
-                key,
-                1,
-                HEADS,
-                KV_HEADS,
-                HEAD_DIM,
-                device="cuda",
-                dtype=torch.bfloat16,
-                max_batch=1,
-                max_context=max(prefill_lens) + 16,
-            ),
-            SGLangStack(
-                key,
-                1,
-                HEADS,
-                KV_HEADS,
-                HEAD_DIM,
-                device="cuda",
-                dtype=torch.bfloat16,
-                max_batch=max(decode_batches),
-                max_context=DECODE_KV + 16,
-            ),
+
+    def make_stack(key, max_batch, max_context):
+        return SGLangStack(
+            key,
+            1,
+            HEADS,
+            KV_HEADS,
+            HEAD_DIM,
+            device="cuda",
+            dtype=torch.bfloat16,
+            max_batch=max_batch,
+            max_context=max_context,
         )
+
+    # Per backend: one pool sized for the longest prefill, one for the widest decode.
+    stacks = {
+        key: (
+            make_stack(key, 1, max(prefill_lens) + 16),
+            make_stack(key, max(decode_batches), DECODE_KV + 16),
+        )
+        for key in ("triton", "sage_fp16", "sage_fp8")
+    }
     with torch.no_grad():
         for n in prefill_lens:
             h = torch.randn(n, HIDDEN, device="cuda", dtype=torch.bfloat16)

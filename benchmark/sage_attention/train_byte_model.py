@@ -56,18 +56,7 @@ def main():
 
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = (
-        ByteLlamaConfig(
-            hidden_size=128,
-            num_layers=2,
-            num_heads=2,
-            num_kv_heads=1,
-            head_dim=64,
-            intermediate_size=128,
-        )
-        if args.tiny
-        else ByteLlamaConfig()
-    )
+    config = ByteLlamaConfig.tiny() if args.tiny else ByteLlamaConfig()
     train, held_out = stdlib_corpus()
     model = ByteLlama(config).to(device)
     params = sum(p.numel() for p in model.parameters())

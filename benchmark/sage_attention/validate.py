@@ -79,16 +79,7 @@ class SGLangStack:
         self.page_size, self.num_heads, self.num_kv_heads = page_size, num_heads, num_kv_heads
         name, settings = SGLANG_BACKENDS[backend_key]
         self.name = name
-        case = kit.DenseAttentionCase(
-            name="validate",
-            backend=name,
-            forward_mode=ForwardMode.EXTEND,
-            num_heads=num_heads,
-            num_kv_heads=num_kv_heads,
-            page_size=page_size,
-            prefix_lens=(0,) * max_batch,
-            extend_lens=(1,) * max_batch,
-        )
+        case = self._case(ForwardMode.EXTEND, (0,) * max_batch, (1,) * max_batch)
         config = kit.TinyModelConfig(
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
@@ -138,17 +129,22 @@ class SGLangStack:
             seed=seed,
         )
 
-    def _batch(self, mode, prefix_len: int, input_len: int, batch: int):
-        case = self.kit.DenseAttentionCase(
+    def _case(self, mode, prefix_lens, extend_lens):
+        """The kit's description of a batch (its runner and batch builder read it)."""
+        return self.kit.DenseAttentionCase(
             name="validate",
             backend=self.name,
             forward_mode=mode,
             num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads,
             page_size=self.page_size,
-            prefix_lens=(prefix_len,) * batch,
-            extend_lens=() if mode.is_decode() else (input_len,) * batch,
+            prefix_lens=prefix_lens,
+            extend_lens=extend_lens,
         )
+
+    def _batch(self, mode, prefix_len: int, input_len: int, batch: int):
+        extend_lens = () if mode.is_decode() else (input_len,) * batch
+        case = self._case(mode, (prefix_len,) * batch, extend_lens)
         return self.kit._make_forward_batch(
             case,
             self.runner,

@@ -25,14 +25,7 @@ def test_validate_quick_runs_end_to_end(tmp_path):
     from byte_model import ByteLlama, ByteLlamaConfig, save_checkpoint
 
     torch.manual_seed(0)
-    config = ByteLlamaConfig(
-        hidden_size=128,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=64,
-        intermediate_size=128,
-    )
+    config = ByteLlamaConfig.tiny()
     save_checkpoint(ByteLlama(config), str(tmp_path / "ckpt"))
     result = subprocess.run(
         [

@@ -133,6 +133,14 @@ def reference_rows(inputs, prefix_len, chunk_len, causal):
 # ---------------------------------------------------------------- implementations
 
 
+def pack(inputs, pv: str):
+    """The sage pre-pass alone (quantized, packed K/V) for kernel-only timings."""
+    from sglang.srt.layers.attention.sage_attention.quantize import quantize_kv
+
+    names = ("k_extend", "v_extend", "k_buffer", "v_buffer", "qo_indptr", "kv_indptr", "kv_indices")
+    return quantize_kv(*(inputs[n] for n in names), pv_fp8=pv == "fp8")
+
+
 def prefill_impls(inputs, batch, prefix_len, chunk_len, causal, with_baselines=True):
     """name -> callable returning the output [tokens, Hq, D]."""
     from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
@@ -141,7 +149,6 @@ def prefill_impls(inputs, batch, prefix_len, chunk_len, causal, with_baselines=T
         sage_attention_from_packed,
         tile_config,
     )
-    from sglang.srt.layers.attention.sage_attention.quantize import quantize_kv
 
     q, o = inputs["q_extend"], inputs["o_extend"]
     q_heads, head_dim = q.shape[1], q.shape[2]
@@ -155,16 +162,7 @@ def prefill_impls(inputs, batch, prefix_len, chunk_len, causal, with_baselines=T
         return run
 
     def sage_kernel_only(pv):
-        packed = quantize_kv(
-            inputs["k_extend"],
-            inputs["v_extend"],
-            inputs["k_buffer"],
-            inputs["v_buffer"],
-            inputs["qo_indptr"],
-            inputs["kv_indptr"],
-            inputs["kv_indices"],
-            pv_fp8=pv == "fp8",
-        )
+        packed = pack(inputs, pv)
         config = tile_config(head_dim, causal, pv, q.device)
 
         def run():
@@ -410,22 +408,12 @@ def bench_sweep(args, head_dim, causal, pv, tiles) -> list[Row]:
         TileConfig,
         sage_attention_from_packed,
     )
-    from sglang.srt.layers.attention.sage_attention.quantize import quantize_kv
 
     seq_len = args.sweep_len
     batch = max(1, args.tokens // seq_len)
     inputs = paged_batch(batch, 0, seq_len, args.q_heads, args.kv_heads, head_dim, torch.bfloat16)
     rows, ref = reference_rows(inputs, 0, seq_len, causal)
-    packed = quantize_kv(
-        inputs["k_extend"],
-        inputs["v_extend"],
-        inputs["k_buffer"],
-        inputs["v_buffer"],
-        inputs["qo_indptr"],
-        inputs["kv_indptr"],
-        inputs["kv_indices"],
-        pv_fp8=pv == "fp8",
-    )
+    packed = pack(inputs, pv)
     pairs = visible_pairs(seq_len, seq_len, causal)
     out = []
     for tile in tiles:
