@@ -45,8 +45,11 @@ PY
         2>&1 | tail -3 | tee -a "$summary"
     done
     $serve compare "$OUT/serve_triton.json" "$OUT/serve_sage_attn.json" | tee -a "$summary"
-    grep -E "SageAttentionBackend|sage_attn:|Prefill batch|Decode batch" "$OUT/serve_sage_attn.server.log" \
-      | cut -c1-220 | head -12 | tee -a "$summary"
+    log="$OUT/serve_sage_attn.server.log"
+    { grep -E "SageAttentionBackend|sage_attn:" "$log"; grep "Prefill batch" "$log" | head -4
+      grep "Decode batch" "$log" | head -3
+      echo "prefill batches: $(grep -c 'Prefill batch' "$log"), decode batches: $(grep -c 'Decode batch' "$log")"
+    } | cut -c1-220 | tee -a "$summary"
     ;;
   train)
     python3 benchmark/sage_attention/train_byte_model.py --out "$OUT/byte-granite" \
