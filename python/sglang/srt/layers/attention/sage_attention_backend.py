@@ -152,7 +152,8 @@ class SageAttentionBackend(AttentionBackend):
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         self.triton_backend.init_forward_metadata_out_graph(forward_batch, in_capture)
-        self.forward_metadata = None  # graphs run decode only: the Triton path
+        # Graph modes (decode, target verify, draft extend) all run on the Triton path.
+        self.forward_metadata = self._plan(forward_batch.forward_mode)
 
     def init_forward_metadata_in_graph(self, forward_batch):
         self.triton_backend.init_forward_metadata_in_graph(forward_batch)
