@@ -61,7 +61,10 @@ def _model_dir(num_kv_heads: int) -> str:
 
 
 def _make_runner(model_config, num_kv_heads, device, dtype, max_context_len, batch):
-    """The parts of a ModelRunner an attention backend reads, with real SGLang pools."""
+    """The parts of a ModelRunner an attention backend reads, with real SGLang pools.
+
+    Not the attention kit's MockModelRunner: importing the kit pins attention TP to
+    1 process-wide, and this test is about the TP state SGLang's bring-up sets."""
     from types import SimpleNamespace
 
     from torch import nn

@@ -32,6 +32,7 @@ from sglang.srt.layers.attention.sage_attention.quantize import (
     PackedKV,
     packed_start,
     quantize_kv,
+    request_bounds,
 )
 
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -160,11 +161,9 @@ def _sage_extend_kernel(
     block_m = tl.program_id(0)
     q_head = tl.program_id(1)
     b = tl.program_id(2)
-    extend_start = tl.load(qo_indptr + b).to(tl.int64)
-    extend_len = tl.load(qo_indptr + b + 1).to(tl.int64) - extend_start
+    _, prefix_len, extend_start, extend_len = request_bounds(qo_indptr, kv_indptr, b)
     if block_m * BLOCK_M >= extend_len:
         return
-    prefix_len = tl.load(kv_indptr + b + 1).to(tl.int64) - tl.load(kv_indptr + b)
     kv_len = prefix_len + extend_len
     kv_head = q_head // KV_GROUP
 

@@ -59,7 +59,8 @@ def packed_len(num_prefix_slots: int, num_extend_tokens: int, batch_size: int) -
 
 
 @triton.jit
-def _request_bounds(qo_indptr, kv_indptr, b):
+def request_bounds(qo_indptr, kv_indptr, b):
+    """Request b's cached prefix (start in kv_indices, length) and chunk (start row, length)."""
     prefix_start = tl.load(kv_indptr + b).to(tl.int64)
     prefix_len = tl.load(kv_indptr + b + 1).to(tl.int64) - prefix_start
     extend_start = tl.load(qo_indptr + b).to(tl.int64)
@@ -139,7 +140,7 @@ def _kv_stats_kernel(
     b = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
-    prefix_start, prefix_len, extend_start, extend_len = _request_bounds(qo_indptr, kv_indptr, b)
+    prefix_start, prefix_len, extend_start, extend_len = request_bounds(qo_indptr, kv_indptr, b)
     kv_len = prefix_len + extend_len
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
@@ -227,7 +228,7 @@ def _kv_pack_kernel(
     b = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
-    prefix_start, prefix_len, extend_start, extend_len = _request_bounds(qo_indptr, kv_indptr, b)
+    prefix_start, prefix_len, extend_start, extend_len = request_bounds(qo_indptr, kv_indptr, b)
     kv_len = prefix_len + extend_len
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
