@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 from byte_model import rope
-from validate import SGLangStack
+from sglang_stack import SGLangStack
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 4096, 32, 8, 128
 DECODE_KV = 4096

@@ -1,0 +1,173 @@
+"""SGLang's attention stack for one model, without a server: RadixAttention layers
+over real pools, driven through a backend built by SGLang's registry.
+
+Shared by ``validate.py`` (model-level accuracy) and ``layer_timing.py`` (layer time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+SGLANG_BACKENDS = {
+    "triton": ("triton", {}),
+    "sage_fp16": ("sage_attn", {"SGLANG_SAGE_ATTN_PV": "fp16"}),
+    "sage_fp8": ("sage_attn", {"SGLANG_SAGE_ATTN_PV": "fp8"}),
+}
+
+
+@contextlib.contextmanager
+def env(values: dict):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+class SGLangStack:
+    """Attention layers of one model as SGLang RadixAttention layers over real pools,
+    run through one backend built by SGLang's registry (``ATTENTION_BACKENDS``)."""
+
+    def __init__(
+        self,
+        backend_key,
+        num_layers,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        *,
+        device,
+        dtype,
+        max_batch,
+        max_context,
+        page_size=16,
+    ):
+        from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+        from sglang.srt.layers.attention.sage_attention import plugin
+        from sglang.srt.layers.radix_attention import RadixAttention
+        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+        from sglang.srt.model_executor.forward_batch_info import ForwardMode
+        from sglang.test.kits.attention_unittest.attention_methods import dense_attention as kit
+
+        plugin.register()
+        self.kit, self.device, self.max_context = kit, device, max_context
+        self.page_size, self.num_heads, self.num_kv_heads = page_size, num_heads, num_kv_heads
+        name, settings = SGLANG_BACKENDS[backend_key]
+        self.name = name
+        case = self._case(ForwardMode.EXTEND, (0,) * max_batch, (1,) * max_batch)
+        config = kit.TinyModelConfig(
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            hidden_size=num_heads * head_dim,
+            context_len=max_context,
+        )
+        runner = kit.MockModelRunner(
+            case=case,
+            model_config=config,
+            dtype=dtype,
+            device=device,
+            max_context_len=max_context,
+            head_dim=head_dim,
+        )
+        runner.token_to_kv_pool = MHATokenToKVPool(
+            size=runner.token_to_kv_pool.size,
+            page_size=page_size,
+            dtype=dtype,
+            head_num=num_kv_heads,
+            head_dim=head_dim,
+            layer_num=num_layers,
+            device=device,
+            enable_memory_saver=False,
+            enable_alt_stream=False,
+        )
+        runner.init_kv_index_translator()
+        self.runner = runner
+        with env(dict(settings, SGLANG_SAGE_ATTN_MIN_EXTEND_LEN="0")):
+            self.backend = ATTENTION_BACKENDS[name](runner)
+        self.layers = [
+            RadixAttention(num_heads, head_dim, head_dim**-0.5, num_kv_heads, layer_id=i)
+            for i in range(num_layers)
+        ]
+        self.loc_fn = None
+
+    def begin(self, batch: int, total_len: int, seed: int = 0) -> None:
+        """Slot layout for ``batch`` requests of up to ``total_len`` tokens: each
+        request's pages shuffled (the kit's default layout)."""
+        self.loc_fn = self.kit.make_loc_fn(
+            "shuffled_pages",
+            batch_size=batch,
+            seq_lens=(total_len,) * batch,
+            prefix_lens=(0,) * batch,
+            page_size=self.page_size,
+            max_context_len=self.max_context,
+            seed=seed,
+        )
+
+    def _case(self, mode, prefix_lens, extend_lens):
+        """The kit's description of a batch (its runner and batch builder read it)."""
+        return self.kit.DenseAttentionCase(
+            name="validate",
+            backend=self.name,
+            forward_mode=mode,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            page_size=self.page_size,
+            prefix_lens=prefix_lens,
+            extend_lens=extend_lens,
+        )
+
+    def _batch(self, mode, prefix_len: int, input_len: int, batch: int):
+        extend_lens = () if mode.is_decode() else (input_len,) * batch
+        case = self._case(mode, (prefix_len,) * batch, extend_lens)
+        return self.kit._make_forward_batch(
+            case,
+            self.runner,
+            max_context_len=self.max_context,
+            device=self.device,
+            loc_fn=self.loc_fn,
+        )
+
+    def forward(self, model, tokens, mode, prefix_len, capture=None):
+        """tokens [B, n] as one batch continuing at ``prefix_len``: logits [B, n, V]."""
+        from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+
+        batch, n = tokens.shape
+        fb = self._batch(mode, prefix_len, n, batch)
+        with forward_context(ForwardContext(attn_backend=self.backend)):
+            self.backend.init_forward_metadata(fb)
+
+            def attention(i, q, k, v):
+                out = self.layers[i](q.flatten(1), k.flatten(1), v.flatten(1), fb)
+                return out.view(q.shape[0], q.shape[1], -1)
+
+            logits = model(tokens.flatten().to(self.device), fb.positions, attention, capture)
+        return logits.view(batch, n, -1)
+
+    def prefill(self, model, tokens, chunk, capture=None):
+        from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+        outs = []
+        for start in range(0, tokens.shape[1], chunk):
+            part = capture if start + chunk >= tokens.shape[1] else None  # last chunk only
+            piece = tokens[:, start : start + chunk]
+            outs.append(self.forward(model, piece, ForwardMode.EXTEND, start, part).float())
+        return torch.cat(outs, dim=1)
+
+    def greedy(self, model, prompts, steps, chunk):
+        from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+        self.begin(prompts.shape[0], prompts.shape[1] + steps)
+        logits = self.prefill(model, prompts, chunk)
+        token = logits[:, -1].argmax(-1)
+        generated = [token]
+        for i in range(steps - 1):
+            out = self.forward(model, token[:, None], ForwardMode.DECODE, prompts.shape[1] + i)
+            token = out[:, -1].float().argmax(-1)
+            generated.append(token)
+        return torch.stack(generated, dim=1).cpu()
