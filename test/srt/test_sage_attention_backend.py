@@ -15,10 +15,10 @@ import logging
 
 import pytest
 import torch
-from sage_attention_inputs import DEVICE, HAS_GPU, requires_kernels
+from sage_attention_inputs import DEVICE, requires_kernels
+from sage_attention_kit import BACKEND, KIT_DTYPE, KitTestCase, sage_calls_fixture  # noqa: F401
 
 import sglang.srt.layers.attention.sage_attention_backend as backend_module
-from sglang.srt.layers.attention.sage_attention import plugin
 from sglang.srt.layers.attention.sage_attention_backend import (
     SageAttentionBackend,
     heads_per_rank,
@@ -29,8 +29,6 @@ from sglang.test.kits.attention_unittest.runner_modes.cuda_graph_decode_runner i
     run_dense_cuda_graph_decode_case,
 )
 
-plugin.register()
-BACKEND = plugin.BACKEND_NAME
 LAYOUTS = ("contiguous", "shuffled_pages", "interleaved_pages", "non_monotonic_extend")
 DENSE_CASES = kit.make_dense_input_config_cases(BACKEND) + kit.make_dense_attention_config_cases(
     BACKEND
@@ -38,33 +36,6 @@ DENSE_CASES = kit.make_dense_input_config_cases(BACKEND) + kit.make_dense_attent
 SWA_CASES = kit.make_swa_no_prefix_input_config_cases(
     BACKEND
 ) + kit.make_swa_prefix_input_config_cases(BACKEND)
-KIT_DTYPE = torch.bfloat16 if HAS_GPU else torch.float16  # bf16 is broken in the interpreter
-
-
-class KitTestCase:
-    """What the kit expects of its ``testcase`` argument."""
-
-    def skipTest(self, reason):  # noqa: N802 (unittest's name)
-        pytest.skip(reason)
-
-
-@pytest.fixture
-def sage_calls(monkeypatch):
-    """Counts sage kernel launches; the kit's short chunks go to sage, not Triton."""
-    monkeypatch.setenv("SGLANG_SAGE_ATTN_MIN_EXTEND_LEN", "0")
-    # sage_attn decodes with the Triton kernel, so the kit's SWA decode rule is Triton's.
-    monkeypatch.setattr(
-        kit, "_SWA_DECODE_MIN_SEQ_LEN_WINDOW", kit._SWA_DECODE_MIN_SEQ_LEN_WINDOW | {BACKEND}
-    )
-    calls = []
-    real = backend_module.sage_extend_attention
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs["pv"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(backend_module, "sage_extend_attention", counted)
-    return calls
 
 
 def _case_id(case):
@@ -162,8 +133,13 @@ def test_speculative_modes_are_delegated():
     backend.decode_context_parallel = False
     backend.triton_backend = type("T", (), {})()
     backend.triton_backend.forward_metadata = type(
-        "M", (), dict(qo_indptr=None, kv_indptr=None, kv_indices=None, max_extend_len=8)
-    )()
+        "M",
+        (),
+        dict(
+            qo_indptr=None, kv_indptr=None, kv_indices=None, max_extend_len=8,
+            swa_out_cache_loc=None,
+        ),
+    )()  # fmt: skip
     for mode in (ForwardMode.TARGET_VERIFY, ForwardMode.DRAFT_EXTEND_V2, ForwardMode.DLLM_EXTEND):
         assert mode.name in backend._plan(mode).delegate_reason
     for mode in (ForwardMode.EXTEND, ForwardMode.MIXED):

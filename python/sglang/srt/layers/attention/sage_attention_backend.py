@@ -14,7 +14,12 @@ whole, to an internal ``TritonAttnBackend``:
 The Triton backend also builds the per-batch index metadata (``qo_indptr``,
 ``kv_indptr``, ``kv_indices`` through the runner's KV index translator), so
 there is one copy of that logic and the delegated layers of a batch see the
-same metadata as the native ones.
+same metadata as the native ones. The hooks speculative workers and CUDA-graph
+runners call (tree mask, graph buffers, glue-graph answers) are its too.
+
+Prefill CUDA graphs (breakable, and torch.compile piecewise) call
+``forward_extend`` in their eager attention region with the graph's output rows
+in ``forward_batch._attn_output``; the sage kernel writes them in place.
 """
 
 from __future__ import annotations
@@ -73,46 +78,87 @@ def refuse_unsupported_model(model_runner: ModelRunner) -> None:
 
 @dataclass
 class SageForwardMetadata:
-    """Per-batch state of the sage path; the index tensors are the Triton backend's."""
+    """One batch's plan: what the sage kernel reads, or why the batch is delegated.
+
+    The tensors are the Triton backend's (its ``init_forward_metadata`` builds them
+    once per batch), so the delegated and native layers of a batch read the same.
+    """
 
     qo_indptr: torch.Tensor | None
     kv_indptr: torch.Tensor | None
     kv_indices: torch.Tensor | None
     max_extend_len: int | None
+    # A sliding-window pool's write slots for the batch (None for other pools).
+    swa_out_cache_loc: torch.Tensor | None
     # Why this whole batch runs on the Triton backend, or None for the sage path.
     delegate_reason: str | None
 
 
+class TritonHook:
+    """A backend attribute that is the internal Triton backend's: a bound method for
+    a method, the value for a property or a plain attribute."""
+
+    def __set_name__(self, owner, name: str):
+        self.name = name
+
+    def __get__(self, backend, owner=None):
+        if backend is None:
+            return self
+        return getattr(backend.triton_backend, self.name)
+
+
 class SageAttentionBackend(AttentionBackend):
-    # Decode and its CUDA graphs are the Triton backend's, which never reads them.
-    needs_cpu_seq_lens: bool = False
-    # The Triton backend preallocates qo_indptr/kv_indptr at req-pool size.
-    extend_dummy_seqs_capped_by_req_pool: bool = True
+    # The Triton backend builds every batch's metadata and runs decode, its CUDA
+    # graphs and the speculative modes, so these are its values.
+    needs_cpu_seq_lens = TritonAttnBackend.needs_cpu_seq_lens
+    extend_dummy_seqs_capped_by_req_pool = TritonAttnBackend.extend_dummy_seqs_capped_by_req_pool
+
+    # What SGLang's CUDA-graph runners, speculative workers and scheduler call or
+    # read on the attention backend besides the forward path. What they concern
+    # (decode and its graphs, the TARGET_VERIFY tree mask, draft extend, the
+    # metadata glue graph, the scheduler's prefill tile budget) is the Triton
+    # backend's, so they are forwarded to it, as HybridAttnBackend forwards them
+    # to the child that runs those modes.
+    init_cuda_graph_state = TritonHook()
+    init_forward_metadata_in_graph = TritonHook()
+    on_after_cuda_graph_warmup = TritonHook()
+    get_cuda_graph_seq_len_fill_value = TritonHook()
+    validate_elastic_cuda_graph_recapture = TritonHook()
+    verify_mask = TritonHook()
+    update_verify_buffers_to_fill_after_draft = TritonHook()
+    glue_target_verify_metadata = TritonHook()
+    glue_draft_metadata = TritonHook()
+    supports_ragged_verify_graph = TritonHook()
+    supports_draft_extend_metadata_staging = TritonHook()
+    draft_extend_metadata_captured_in_graph = TritonHook()
+    max_context_len = TritonHook()
+    extend_attention_block_m = TritonHook()
 
     def __init__(self, model_runner: ModelRunner, settings: SageAttnSettings | None = None):
         super().__init__()
         refuse_unsupported_model(model_runner)
         self.settings = settings or SageAttnSettings.from_env()
-        self.device = model_runner.device
+        self.settings.check_device(model_runner.device)
         self.req_to_token_pool = model_runner.req_to_token_pool
         self.token_to_kv_pool = model_runner.token_to_kv_pool
         self.kv_index_translator = model_runner.kv_index_translator
         parallel = get_parallel()
-        self.num_q_heads, self.num_kv_heads = heads_per_rank(
-            model_runner.model_config, parallel.attn_tp_size
-        )
         self.decode_context_parallel = parallel.attn_dcp_size > 1
         self.triton_backend = TritonAttnBackend(model_runner)
         # Snapshot/restore code (metadata glue graph) walks these for forward_metadata.
         self.attn_backend_list = [self.triton_backend]
+        # Kept out of torch.compile's trace (piecewise prefill graphs), as the
+        # Triton backend's kernels are.
+        self.extend_attention = torch.compiler.disable(sage_extend_attention)
         self.forward_metadata: SageForwardMetadata | None = None
         self._logged_reasons: set[str] = set()
         self._announced_sage_path = False
+        num_q_heads, num_kv_heads = heads_per_rank(model_runner.model_config, parallel.attn_tp_size)
         logger.info(
             "SageAttentionBackend: %d query / %d KV heads per rank, P·V %s, "
             "chunks shorter than %d tokens on the Triton extend kernel",
-            self.num_q_heads,
-            self.num_kv_heads,
+            num_q_heads,
+            num_kv_heads,
             self.settings.pv,
             self.settings.min_extend_len,
         )
@@ -121,6 +167,11 @@ class SageAttentionBackend(AttentionBackend):
 
     def init_forward_metadata(self, forward_batch: ForwardBatch):
         self.triton_backend.init_forward_metadata(forward_batch)
+        self.forward_metadata = self._plan(forward_batch.forward_mode)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        # Graph modes (decode, target verify, draft extend) all run on the Triton path.
+        self.triton_backend.init_forward_metadata_out_graph(forward_batch, in_capture)
         self.forward_metadata = self._plan(forward_batch.forward_mode)
 
     def _plan(self, mode: ForwardMode) -> SageForwardMetadata:
@@ -143,26 +194,9 @@ class SageAttentionBackend(AttentionBackend):
             kv_indptr=triton_metadata.kv_indptr,
             kv_indices=triton_metadata.kv_indices,
             max_extend_len=triton_metadata.max_extend_len,
+            swa_out_cache_loc=triton_metadata.swa_out_cache_loc,
             delegate_reason=reason,
         )
-
-    # Decode CUDA graphs: static buffers live in (and are refilled by) the Triton backend.
-    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
-        self.triton_backend.init_cuda_graph_state(max_bs, max_num_tokens)
-
-    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
-        self.triton_backend.init_forward_metadata_out_graph(forward_batch, in_capture)
-        # Graph modes (decode, target verify, draft extend) all run on the Triton path.
-        self.forward_metadata = self._plan(forward_batch.forward_mode)
-
-    def init_forward_metadata_in_graph(self, forward_batch):
-        self.triton_backend.init_forward_metadata_in_graph(forward_batch)
-
-    def on_after_cuda_graph_warmup(self):
-        self.triton_backend.on_after_cuda_graph_warmup()
-
-    def get_cuda_graph_seq_len_fill_value(self):
-        return 1
 
     # ---- forward ----------------------------------------------------------------
 
@@ -213,9 +247,8 @@ class SageAttentionBackend(AttentionBackend):
         save_kv_cache: bool = True,
         **kwargs,
     ):
-        reason = self.forward_metadata.delegate_reason or self._layer_delegate_reason(
-            q, k, layer, kwargs
-        )
+        metadata = self.forward_metadata
+        reason = metadata.delegate_reason or self._layer_delegate_reason(q, k, layer, kwargs)
         if reason is not None:
             self._log_delegation(reason)
             return self.triton_backend.forward_extend(
@@ -225,13 +258,13 @@ class SageAttentionBackend(AttentionBackend):
         if save_kv_cache:
             # Same dtype as the cache and no scales: the pool copies, it never
             # rescales the caller's k/v in place.
-            write_loc = KVWriteLoc.for_batch(
-                forward_batch, swa_loc=self.triton_backend.forward_metadata.swa_out_cache_loc
-            )
+            write_loc = KVWriteLoc.for_batch(forward_batch, swa_loc=metadata.swa_out_cache_loc)
             self.token_to_kv_pool.set_kv_buffer(layer, write_loc, k, v)
         num_q_heads, num_kv_heads = layer.tp_q_head_num, layer.tp_k_head_num
-        o = q.new_empty((q.shape[0], num_q_heads * layer.v_head_dim))
-        metadata = self.forward_metadata
+        # Prefill CUDA graphs hand in their own output rows to fill.
+        o = forward_batch._attn_output
+        if o is None:
+            o = q.new_empty((q.shape[0], num_q_heads * layer.v_head_dim))
         if not self._announced_sage_path:
             self._announced_sage_path = True
             logger.info(
@@ -241,7 +274,7 @@ class SageAttentionBackend(AttentionBackend):
                 metadata.max_extend_len,
                 self.settings.pv,
             )
-        sage_extend_attention(
+        self.extend_attention(
             q.view(-1, num_q_heads, layer.qk_head_dim),
             k.view(-1, num_kv_heads, layer.qk_head_dim),
             v.view(-1, num_kv_heads, layer.v_head_dim),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
+
 from sglang.srt.layers.attention.sage_attention.extend_attention import SUPPORTED_PV
 
 PV_ENV = "SGLANG_SAGE_ATTN_PV"
@@ -13,6 +15,8 @@ MIN_EXTEND_LEN_ENV = "SGLANG_SAGE_ATTN_MIN_EXTEND_LEN"
 # to (H100; benchmark/kernels/sage_attention/RESULTS.md): an 8B-shaped layer
 # prefilling one request is 0.85x at 1024 tokens, 1.02x at 2048, 1.31x at 4096.
 DEFAULT_MIN_EXTEND_LEN = 2048
+# pv="fp8" compiles to FP8 (e4m3) tensor-core MMA: Ada / Hopper (sm_89) and newer.
+FP8_MMA_MIN_CAPABILITY = (8, 9)
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,19 @@ class SageAttnSettings:
             raise ValueError(f"{PV_ENV}={self.pv!r}: must be one of {SUPPORTED_PV}")
         if self.min_extend_len < 0:
             raise ValueError(f"{MIN_EXTEND_LEN_ENV}={self.min_extend_len}: must be >= 0")
+
+    def check_device(self, device: torch.device | str) -> None:
+        """Raise for a setting ``device`` cannot run, so a server refuses it at
+        start-up instead of failing its first long prefill."""
+        device = torch.device(device)
+        if self.pv != "fp8" or device.type != "cuda":
+            return  # the CPU interpreter emulates FP8
+        capability = torch.cuda.get_device_capability(device)
+        if capability < FP8_MMA_MIN_CAPABILITY:
+            raise ValueError(
+                f"{PV_ENV}=fp8 needs FP8 tensor cores (sm_89 or newer: L4, L40, H100, ...); "
+                f"this GPU is sm_{capability[0]}{capability[1]}. Unset {PV_ENV} or set it to fp16."
+            )
 
     @classmethod
     def from_env(cls, environ=os.environ) -> SageAttnSettings:

@@ -1,0 +1,190 @@
+"""SageAttentionBackend in the modes it delegates or shares with SGLang's runners.
+
+Speculative decoding (TARGET_VERIFY, DRAFT_EXTEND_V2, their CUDA-graph capture and
+replay) and decode graphs run on the internal Triton backend, so the sage kernel
+must not run there (a call counter checks it) and every hook a speculative worker
+or graph runner calls must be the Triton backend's. Prefill CUDA graphs (breakable,
+the 0.5.23 CUDA default, and torch.compile piecewise) run the sage kernel inside
+the graph's eager attention region. Settings a device cannot run are refused when
+the backend is built.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sage_attention_inputs import DEVICE, HAS_GPU, requires_kernels
+from sage_attention_kit import BACKEND, KIT_DTYPE, KitTestCase, sage_calls_fixture  # noqa: F401
+
+import sglang.srt.layers.attention.sage_attention_backend as backend_module
+from sglang.srt.layers.attention.sage_attention.settings import SageAttnSettings
+from sglang.srt.layers.attention.sage_attention_backend import (
+    SageAttentionBackend,
+    TritonHook,
+)
+from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.test.kits.attention_unittest.attention_methods import dense_attention as kit
+from sglang.test.kits.attention_unittest.runner_modes import (
+    speculative_draft_extend_runner,
+    speculative_target_verify_runner,
+    split_op_runner,
+)
+
+HEAD_DIM = 64  # a head dim the sage kernel has (the kit's default, 16, is delegated)
+KIT = dict(head_dim=HEAD_DIM, dtype=KIT_DTYPE, device=DEVICE)
+
+
+def _case(name, mode, prefix_lens, extend_lens):
+    return kit.DenseAttentionCase(
+        name=name, backend=BACKEND, forward_mode=mode, num_heads=4, num_kv_heads=2,
+        page_size=1, prefix_lens=prefix_lens, extend_lens=extend_lens,
+    )  # fmt: skip
+
+
+# Draft length 3: the kit's tree mask for topk > 1 has three draft tokens.
+VERIFY = _case("gqa_target_verify", ForwardMode.TARGET_VERIFY, (5, 17), (3, 3))
+DRAFT_EXTEND = _case("gqa_draft_extend_v2", ForwardMode.DRAFT_EXTEND_V2, (6, 11), (2, 2))
+# The kit's extend cases (ragged, page edges, cached prefixes) at head dim 64.
+EXTEND_CASES = [c for c in kit.make_dense_input_config_cases(BACKEND) if c.forward_mode.is_extend()]
+RAGGED = next(c for c in EXTEND_CASES if c.name == "mha_extend_ragged_page_boundary")
+
+
+# ---- speculative decoding: delegated to Triton, with Triton's hooks ------------------
+
+
+@pytest.mark.skipif(**requires_kernels)
+@pytest.mark.parametrize("topk", [1, 2])
+def test_target_verify_runs_on_triton(topk, sage_calls):
+    with torch.no_grad():
+        speculative_target_verify_runner.run_dense_spec_verify_case(
+            KitTestCase(), VERIFY, topk=topk, **KIT
+        )
+    assert sage_calls == [], "TARGET_VERIFY is delegated to Triton: the sage kernel must not run"
+
+
+@pytest.mark.skipif(
+    not HAS_GPU,
+    reason="GPU only: under the CPU interpreter this runner's outputs miss the kit's "
+    "tolerance for SGLang's own triton backend too (same elements, same error)",
+)
+@pytest.mark.parametrize("topk", [1, 2])
+def test_target_verify_cuda_graph_capture_and_replay_run_on_triton(topk, sage_calls):
+    """The kit's speculative CUDA-graph runner: graph state, capture-time and
+    replay-time metadata, padded replay batch (bs 2 in a bs-4 graph)."""
+    with torch.no_grad():
+        speculative_target_verify_runner.run_dense_spec_verify_cuda_graph_case(
+            KitTestCase(), VERIFY, topk=topk, **KIT
+        )
+    assert sage_calls == [], "TARGET_VERIFY graphs run on Triton: the sage kernel must not run"
+
+
+@pytest.mark.skipif(**requires_kernels)
+@pytest.mark.parametrize("pad_style", ["small_real", "prod_fill"])
+def test_draft_extend_cuda_graph_runs_on_triton(pad_style, sage_calls):
+    with torch.no_grad():
+        speculative_draft_extend_runner.run_dense_draft_extend_v2_cuda_graph_case(
+            KitTestCase(), DRAFT_EXTEND, pad_style=pad_style, **KIT
+        )
+    assert sage_calls == [], "DRAFT_EXTEND_V2 is delegated to Triton: the sage kernel must not run"
+
+
+def _built_backend():
+    with torch.no_grad():
+        fixture = kit.build_dense_attention_fixture(KitTestCase(), VERIFY, **KIT)
+    assert isinstance(fixture.backend, SageAttentionBackend)
+    return fixture.backend
+
+
+def test_speculative_and_graph_hooks_are_the_triton_backends():
+    backend = _built_backend()
+    triton = backend.triton_backend
+    backend.init_cuda_graph_state(max_bs=4, max_num_tokens=12)
+    hooks = [
+        name for name, value in vars(SageAttentionBackend).items() if isinstance(value, TritonHook)
+    ]
+    assert {"verify_mask", "update_verify_buffers_to_fill_after_draft", "max_context_len",
+            "glue_target_verify_metadata", "glue_draft_metadata"} <= set(hooks)  # fmt: skip
+    for name in hooks:
+        ours, theirs = getattr(backend, name), getattr(triton, name)
+        if callable(theirs):
+            assert ours.__func__ is theirs.__func__ and ours.__self__ is triton, name
+        else:
+            assert ours is theirs, name
+    # The tree mask the draft stage fills must be the buffer Triton's verify reads.
+    assert backend.verify_mask is triton.verify_mask
+    assert backend.max_context_len == triton.max_context_len
+
+
+def test_class_attributes_and_fill_value_are_tritons():
+    backend = _built_backend()
+    for name in ("needs_cpu_seq_lens", "extend_dummy_seqs_capped_by_req_pool"):
+        assert getattr(SageAttentionBackend, name) == getattr(TritonAttnBackend, name), name
+    assert backend.get_cuda_graph_seq_len_fill_value() == (
+        backend.triton_backend.get_cuda_graph_seq_len_fill_value()
+    )
+
+
+# ---- prefill CUDA graphs: the sage kernel inside the graph's eager region ------------
+
+
+SPLIT_OP_RUNS = [(case, False) for case in EXTEND_CASES] + [(RAGGED, True)]
+
+
+@pytest.mark.skipif(**requires_kernels)
+@pytest.mark.parametrize("breakable", [True, False], ids=["breakable", "piecewise"])
+@pytest.mark.parametrize(
+    "case, padded", SPLIT_OP_RUNS, ids=[c.name + ("_padded" if p else "") for c, p in SPLIT_OP_RUNS]
+)
+def test_prefill_graph_split_op_runs_sage(case, padded, breakable, sage_calls, monkeypatch):
+    """The kit's split-op runner: an eager leg, then the graph leg on a static
+    (optionally padded) batch, each checked against the reference and each other."""
+    wrote_in_place = []
+    real_forward_extend = SageAttentionBackend.forward_extend
+
+    def forward_extend(self, q, k, v, layer, forward_batch, *args, **kwargs):
+        given = forward_batch._attn_output
+        o = real_forward_extend(self, q, k, v, layer, forward_batch, *args, **kwargs)
+        wrote_in_place.append(given is not None and o.data_ptr() == given.data_ptr())
+        return o
+
+    monkeypatch.setattr(SageAttentionBackend, "forward_extend", forward_extend)
+    static_num_tokens = case.num_input_tokens + (5 if padded else 0)
+    with torch.no_grad():
+        split_op_runner.run_dense_split_op_extend_case(
+            KitTestCase(), case, breakable=breakable, static_num_tokens=static_num_tokens, **KIT
+        )
+    assert sage_calls == ["fp16", "fp16"], "the eager and the graph leg must both run sage"
+    # The graph leg hands in its output rows (forward_batch._attn_output) when the
+    # graph is breakable or the batch padded; sage fills them in place, as Triton does.
+    assert wrote_in_place == [False, breakable or padded]
+
+
+# ---- settings a device cannot run: refused at start-up -------------------------------
+
+
+@pytest.mark.parametrize(
+    "capability, refused", [((8, 0), True), ((8, 6), True), ((8, 9), False), ((9, 0), False)]
+)
+def test_fp8_pv_needs_fp8_tensor_cores(capability, refused, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    settings = SageAttnSettings(pv="fp8")
+    if refused:
+        with pytest.raises(ValueError, match=r"SGLANG_SAGE_ATTN_PV=fp8 needs FP8 tensor cores"):
+            settings.check_device("cuda")
+    else:
+        settings.check_device("cuda")
+    SageAttnSettings(pv="fp16").check_device("cuda")  # fp16 runs everywhere
+    SageAttnSettings(pv="fp8").check_device("cpu")  # the interpreter emulates FP8
+
+
+def test_backend_refuses_fp8_pv_on_an_a100_when_built(monkeypatch):
+    """Refused in ``__init__``, before any batch: the server fails at start-up."""
+    with torch.no_grad():
+        fixture = kit.build_dense_attention_fixture(KitTestCase(), RAGGED, **KIT)
+    fixture.runner.device = "cuda"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(backend_module, "TritonAttnBackend", None)  # never reached
+    monkeypatch.setenv("SGLANG_SAGE_ATTN_PV", "fp8")
+    with pytest.raises(ValueError, match="sm_80"):
+        SageAttentionBackend(fixture.runner)
