@@ -34,7 +34,9 @@ class ExtendCase:
     head_dim_v: int | None = None
     page_size: int = 1
     # "randn"; "k_bias": per-channel K offset of 10 sigma and a few 8x Q channels;
-    # "sink": every query leans towards its request's first, large key.
+    # "sink": every query leans towards its request's first, large key;
+    # "big_v": three V channels near 5e5 (past fp16's range: use bf16);
+    # "big_qk": Q x 3 and a per-channel K offset of 2e4..6e4 (q·k ~1e6 before smoothing).
     values: str = "randn"
 
 
@@ -92,6 +94,16 @@ def make_extend_inputs(case: ExtendCase, dtype=torch.float16, device=DEVICE, see
             elif case.extend_lens[b]:
                 k_extend[start] = sink_key
             start += case.extend_lens[b]
+    elif case.values == "big_v":
+        v_extend[..., :3] *= 5e5
+        for ids in slots:
+            v_buffer[ids, :, :3] *= 5e5
+    elif case.values == "big_qk":
+        bias = 2e4 * (1 + randn(hkv, d).abs()).clamp_max(3)
+        k_extend += bias
+        for ids in slots:
+            k_buffer[ids] += bias
+        q *= 3.0
     elif case.values != "randn":
         raise ValueError(f"unknown values {case.values!r}")
 

@@ -4,7 +4,8 @@ The CPU interpreter runs kernel *semantics*; it does not run Triton's compiler,
 so a kernel can pass every CPU test and still fail to compile on a GPU (a
 non-constexpr global, a dot shape wgmma rejects). Here every launch that
 ``sage_extend_attention`` makes is captured on the CPU and compiled ahead of
-time for ``GPUTarget("cuda", 90, 32)`` down to a cubin (Triton ships ptxas).
+time down to a cubin (Triton ships ptxas) for Hopper (sm_90, TMA + wgmma) and
+for Ampere and Ada (sm_80, sm_89: plain loads + mma.sync).
 Under ``TRITON_INTERPRET=1`` (the CPU test command) kernels are interpreter
 objects that cannot be compiled, so this module then re-runs itself in a child
 process without the variable.
@@ -12,6 +13,7 @@ process without the variable.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -25,7 +27,7 @@ from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction, native_specialize_impl
 
-from sglang.srt.layers.attention.sage_attention import sage_extend_attention
+from sglang.srt.layers.attention.sage_attention import extend_attention, sage_extend_attention
 
 HOPPER = GPUTarget("cuda", 90, 32)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -78,22 +80,33 @@ def compile_for(fn: JITFunction, bound: dict, options: dict, target=HOPPER):
     return triton.compile(source, target=target, options=options)
 
 
+# (arch, use_tma): Hopper runs the TMA path; Ampere and Ada the plain-load path
+# of the same kernel (pv="fp8" needs sm_89+, so sm_80 compiles fp16 P·V only).
+TARGETS = {90: True, 89: False, 80: False}
 CONFIGS = [
-    (dtype, head_dim, causal, pv)
+    (arch, dtype, head_dim, causal, pv)
+    for arch in TARGETS
     for dtype in (torch.bfloat16, torch.float16)
     for head_dim in (64, 128)
     for causal in (True, False)
     for pv in ("fp16", "fp8")
+    if not (arch < 89 and pv == "fp8")
 ]
 
 
 @compiled_kernels
 @pytest.mark.parametrize(
-    "dtype,head_dim,causal,pv",
+    "arch,dtype,head_dim,causal,pv",
     CONFIGS,
-    ids=[f"{str(d)[6:]}-hd{h}-{'causal' if c else 'full'}-{p}" for d, h, c, p in CONFIGS],
+    ids=[f"sm{a}-{str(d)[6:]}-hd{h}-{'causal' if c else 'full'}-{p}" for a, d, h, c, p in CONFIGS],
 )
-def test_every_launch_compiles_for_sm90(dtype, head_dim, causal, pv):
+def test_every_launch_compiles(arch, dtype, head_dim, causal, pv, monkeypatch):
+    shipped = extend_attention.tile_config
+    monkeypatch.setattr(
+        extend_attention,
+        "tile_config",
+        lambda *args: dataclasses.replace(shipped(*args), use_tma=TARGETS[arch]),
+    )
     case = ExtendCase("compile", (70,), (40,), num_q_heads=8, num_kv_heads=2, head_dim=head_dim)
     inputs = make_extend_inputs(case, dtype=dtype, device="cpu")
     launches = captured_launches(lambda: sage_extend_attention(**inputs, causal=causal, pv=pv))
@@ -103,12 +116,20 @@ def test_every_launch_compiles_for_sm90(dtype, head_dim, causal, pv):
         "_sage_extend_kernel",
     ]
     for fn, bound, options in launches:
-        kernel = compile_for(fn, bound, options)
+        kernel = compile_for(fn, bound, options, target=GPUTarget("cuda", arch, 32))
         assert kernel.asm["cubin"], fn.__name__
-        if fn.__name__ == "_sage_extend_kernel":
-            ptx = kernel.asm["ptx"]
-            # Both products on Hopper's warpgroup MMA: INT8 Q·Kᵀ, and FP16 or FP8 P·V.
+        if fn.__name__ != "_sage_extend_kernel":
+            continue
+        ptx = kernel.asm["ptx"]
+        pv_type = ".e4m3.e4m3" if pv == "fp8" else ".f16.f16"
+        if arch == 90:
+            # Both products on Hopper's warpgroup MMA: INT8 Q·Kᵀ, FP16 or FP8 P·V,
+            # with K and V tiles through the tensor-memory accelerator.
             assert "wgmma.mma_async.sync.aligned" in ptx and ".s8.s8" in ptx
-            pv_type = ".e4m3.e4m3" if pv == "fp8" else ".f16.f16"
             assert pv_type in ptx, f"P·V is not a {pv_type} wgmma"
-            assert kernel.metadata.shared <= 227 * 1024
+            assert "cp.async.bulk.tensor" in ptx, "K/V tiles are not TMA loads"
+        else:
+            assert "mma.sync.aligned" in ptx and ".s8.s8" in ptx
+            assert pv_type in ptx, f"P·V is not a {pv_type} mma"
+            assert "cp.async.bulk.tensor" not in ptx
+        assert kernel.metadata.shared <= 227 * 1024

@@ -18,6 +18,7 @@ The small cases run on the GPU when there is one, else on the CPU interpreter
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -31,10 +32,15 @@ from sage_attention_inputs import (
     run_op,
 )
 
-from sglang.srt.layers.attention.sage_attention import sage_extend_attention
+from sglang.srt.layers.attention.sage_attention import extend_attention, sage_extend_attention
 from sglang.srt.layers.attention.sage_attention.extend_attention import (
     sage_attention_from_packed,
     tile_config,
+)
+from sglang.srt.layers.attention.sage_attention.layout import (
+    PV,
+    allocate_packed_kv,
+    packed_len,
 )
 from sglang.srt.layers.attention.sage_attention.quantize import quantize_kv
 from sglang.srt.layers.attention.sage_attention.reference import (
@@ -172,7 +178,7 @@ def test_smoothing_is_what_handles_k_outliers():
             inputs["qo_indptr"],
             inputs["kv_indptr"],
             inputs["kv_indices"],
-            pv_fp8=False,
+            pv=PV.FP16,
             smooth_k=smooth,
         )
         out = inputs["o_extend"].clone()
@@ -183,9 +189,9 @@ def test_smoothing_is_what_handles_k_outliers():
             inputs["qo_indptr"],
             inputs["kv_indptr"],
             inputs["max_len_extend"],
-            case.head_dim**-0.5,
-            True,
-            tile_config(case.head_dim, True, "fp16", out.device),
+            sm_scale=case.head_dim**-0.5,
+            causal=True,
+            config=tile_config(case.head_dim, True, PV.FP16, out.device),
         )
         errors[smooth] = attention_error(out, exact)
     assert errors[True][0] >= 0.999, errors
@@ -252,10 +258,109 @@ def test_head_shards_match_the_whole_layer():
 
 
 @pytest.mark.skipif(**requires_kernels)
-def test_empty_batch_writes_nothing():
+def test_empty_batch_launches_nothing(monkeypatch):
+    """Zero new tokens (max_len_extend == 0): no kernel runs, so nothing is read or written."""
+    launched = []
+    monkeypatch.setattr(
+        extend_attention, "quantize_kv", lambda *a, **k: launched.append("quantize_kv")
+    )
+    monkeypatch.setattr(
+        extend_attention, "sage_attention_from_packed", lambda *a, **k: launched.append("attn")
+    )
     inputs = make_extend_inputs(ExtendCase("empty", (5, 0), (0, 0)))
-    sage_extend_attention(**inputs)  # zero tokens, max_len_extend == 0: a no-op
-    assert inputs["o_extend"].numel() == 0
+    sage_extend_attention(**inputs)
+    assert launched == []
+
+
+@pytest.mark.skipif(**requires_kernels)
+def test_rows_past_max_len_extend_are_left_as_they_were():
+    """The documented contract: max_len_extend sizes the grid; a chunk longer than it
+    gets its first max_len_extend rows (rounded up to the query block: 64 rows for
+    the Triton kernel, 128 for the Hopper one) computed and the rest untouched."""
+    inputs = make_extend_inputs(ExtendCase("short_grid", (20,), (300,)))
+    inputs["max_len_extend"] = 128
+    out = run_op(sage_extend_attention, inputs)
+    exact = run_op(sage_extend_attention_ref, inputs)
+    assert attention_error(out[:128], exact[:128])[0] >= VS_EXACT[("fp16", "randn")][0]
+    assert torch.isnan(out[128:]).all(), "rows past max_len_extend were written"
+
+
+@pytest.mark.skipif(**requires_kernels)
+@pytest.mark.parametrize("pv", ["fp16", "fp8"])
+def test_tma_and_plain_load_paths_agree(pv, monkeypatch):
+    """Hopper reads tiles through tensor descriptors, Ampere/Ada through pointers:
+    the same kernel, the same numbers (bitwise on the interpreter)."""
+    inputs = make_extend_inputs(SMALL_CASES[0])
+    outs = []
+    shipped = extend_attention.tile_config
+    for use_tma in (True, False):
+        monkeypatch.setattr(
+            extend_attention,
+            "tile_config",
+            lambda *a, tma=use_tma: dataclasses.replace(shipped(*a), use_tma=tma),
+        )
+        outs.append(run_op(sage_extend_attention, inputs, pv=pv, kernel="triton"))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.skipif(**requires_kernels)
+@pytest.mark.parametrize("pv", list(PV), ids=["fp16", "fp8"])
+def test_workspace_reused_across_calls_gives_the_same_bits(pv):
+    inputs = make_extend_inputs(SMALL_CASES[0])
+    fresh = run_op(sage_extend_attention, inputs, pv=pv.value)
+    num_rows = packed_len(inputs["kv_indices"].shape[0], inputs["k_extend"].shape[0], 3)
+    workspace = allocate_packed_kv(
+        num_rows + 256, 4, num_kv_heads=2, head_dim=64, head_dim_v=64, pv=pv,
+        device=inputs["q_extend"].device,
+    )  # fmt: skip
+    for _ in range(2):  # the second call finds the first one's bytes in the buffers
+        reused = run_op(sage_extend_attention, inputs, pv=pv.value, workspace=workspace)
+        assert torch.equal(fresh, reused)
+
+
+@pytest.mark.skipif(**requires_kernels)
+def test_large_finite_q_and_k_stay_finite():
+    """Keys near fp16's range (raw q·k ~1e6): smoothing removes the K offset exactly
+    (it adds q·m to every key of a row) and Q is quantized in fp32, so the output
+    matches the fp32 op with no inf/NaN. (Scaling Q up instead would make softmax
+    an argmax, where any 8-bit rounding may flip the winner: ill-conditioned, not
+    an overflow question.)"""
+    inputs = make_extend_inputs(ExtendCase("big_qk", (50,), (40,), values="big_qk"))
+    out = run_op(sage_extend_attention, inputs)
+    exact = run_op(sage_extend_attention_ref, inputs)
+    assert torch.isfinite(exact).all() and torch.isfinite(out).all()
+    cos, _ = attention_error(out, exact)
+    assert cos >= VS_EXACT[("fp16", "outlier")][0], cos
+
+
+def test_twin_keeps_bf16_values_beyond_fp16_range():
+    """CPU twin of the GPU test below: the quantized arithmetic with bf16 V near 5e5
+    stays finite and accurate (V is scaled by a power of two before the fp16 cast)."""
+    inputs = make_extend_inputs(
+        ExtendCase("big_v", (60,), (40,), values="big_v"), dtype=torch.bfloat16, device="cpu"
+    )
+    exact = run_op(sage_extend_attention_ref, inputs)
+    twin = run_op(sage_extend_attention_quant_ref, inputs)
+    assert torch.isfinite(exact).all() and torch.isfinite(twin).all()
+    assert attention_error(twin, exact)[0] >= VS_EXACT[("fp16", "randn")][0]
+
+
+@pytest.mark.skipif(
+    not HAS_GPU, reason="bf16 kernels need a GPU (the interpreter's bf16 is broken)"
+)
+@pytest.mark.parametrize("pv", ["fp16", "fp8"])
+def test_gpu_bf16_values_beyond_fp16_range(pv):
+    inputs = make_extend_inputs(
+        ExtendCase("big_v", (700,), (300,), num_q_heads=8, num_kv_heads=2, head_dim=128,
+                   values="big_v"),
+        dtype=torch.bfloat16, device="cuda",
+    )  # fmt: skip
+    out = run_op(sage_extend_attention, inputs, pv=pv)
+    exact = run_op(sage_extend_attention_ref, inputs)
+    assert torch.isfinite(out).all(), "non-finite output for finite bf16 values"
+    min_cos, max_l1 = VS_EXACT[(pv, "randn")]
+    cos, rel_l1 = attention_error(out, exact)
+    assert cos >= min_cos and rel_l1 <= max_l1, (cos, rel_l1)
 
 
 BAD_INPUTS = [

@@ -7,12 +7,15 @@ followed by its new chunk (rows ``qo_indptr[b]:qo_indptr[b+1]`` of the dense
 and chunk tokens <= i (bottom-right alignment, right for radix hits and chunked
 prefill).
 
-Per call: ``quantize_kv`` packs smoothed INT8 K (one scale per 64 keys) and
-FP16/FP8 V once; then one program per (query block, query head, request)
-quantizes its Q block once (``sm_scale * log2(e)`` folded in, one scale per
-query row) and runs an online softmax in exp2 over the packed keys. No host
-synchronisation and no data-dependent shapes: the grid comes from
-``max_len_extend`` and tensor shapes, so it can be graph-captured.
+Per call: ``quantize_kv`` packs smoothed INT8 K (one scale per ``KV_BLOCK`` keys)
+and FP16/FP8 V once (layout in ``layout.py``); then one program per (query
+block, query head, request) quantizes its Q block once (``sm_scale * log2(e)``
+folded in, one scale per query row) and runs an online softmax in exp2 over the
+packed keys. A key tile is one K-scale block, so a score is dequantized by its
+row's scale times its tile's scale inside the exp2 argument's FMA. On Hopper the
+K and V tiles are TMA loads (tensor descriptors); on Ampere and Ada, plain loads
+of the same layout. No host synchronisation and no data-dependent shapes: the
+grid comes from ``max_len_extend`` and tensor shapes, so it can be graph-captured.
 """
 
 from __future__ import annotations
@@ -23,45 +26,114 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from sglang.srt.layers.attention.sage_attention.quantize import (
-    _FP8_E4M3_MAX,
-    _INT8_MAX,
-    _SCALE_EPS,
-    K_QUANT_BLOCK,
-    PackedKV,
-    packed_start,
-    quantize_kv,
-    request_bounds,
+from sglang.srt.layers.attention.sage_attention.hopper_attention import (
+    hopper_kernel_available,
+    hopper_kernel_supports,
+    sage_attention_from_packed_hopper,
 )
+from sglang.srt.layers.attention.sage_attention.layout import (
+    FP8_E4M3_MAX,
+    KV_BLOCK,
+    PV,
+    PackedKV,
+    request_bounds,
+    segment_start,
+)
+from sglang.srt.layers.attention.sage_attention.quantize import quantize_kv, quantize_q_rows
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-SUPPORTED_PV = ("fp16", "fp8")
+SUPPORTED_PV = tuple(mode.value for mode in PV)
+# "auto": the Gluon kernel on Hopper where it has a variant, else the Triton one;
+# "triton": the portable Triton kernel everywhere (an escape hatch and an A/B baseline).
+SUPPORTED_KERNELS = ("auto", "triton")
 _INDEX_DTYPES = (torch.int32, torch.int64)
+# FP8 P·V: P comes out of exp2 already scaled to e4m3's range (2^(x + log2 448));
+# the softmax denominator carries the same factor, so it cancels for free.
+_LOG2_FP8_MAX = tl.constexpr(math.log2(FP8_E4M3_MAX))
 # Finite start for the running max: a fully masked tile then gives p = 0 and
 # alpha = 1 instead of exp2(-inf - -inf) = NaN.
 _M_INIT = tl.constexpr(-1.0e30)
 
 
+def fp8_mma_supported(device: torch.device) -> bool:
+    """FP8 tensor cores: Ada (sm_89) and newer. The CPU interpreter emulates them."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 @dataclass(frozen=True)
 class TileConfig:
     block_m: int  # query rows per program
-    block_n: int  # keys per inner step (a multiple of K_QUANT_BLOCK)
+    block_n: int  # keys per inner step: always the packed layout's KV_BLOCK
     num_warps: int
     num_stages: int
+    use_tma: bool  # K/V tiles through tensor descriptors (Hopper's TMA)
 
 
-def tile_config(head_dim: int, causal: bool, pv: str, device: torch.device) -> TileConfig:
-    """Tile shape per (head dim, causal, P·V precision, arch); the twin reads the same.
+# (block_m, num_warps, num_stages) per (head dim, P·V) from the H200 sweep of this
+# kernel (benchmark/kernels/sage_attention/RESULTS.md, tuning log 5): one
+# warpgroup per program so two programs share an SM; FP8 P·V wants a third
+# pipeline stage at hd128 and 128 query rows at hd64.
+_TILES = {
+    (128, PV.FP16): (64, 4, 2),
+    (128, PV.FP8): (64, 4, 3),
+    (64, PV.FP16): (64, 4, 3),
+    (64, PV.FP8): (128, 4, 2),
+}
 
-    From the H100 sweep (benchmark/kernels/sage_attention/RESULTS.md): 64 query
-    rows x 128 keys with one warpgroup won for every head dim, mask and P·V
-    precision -- half the registers of a 128-row tile, so two programs share an
-    SM and one's softmax hides behind the other's MMAs.
+
+def tile_config(head_dim: int, causal: bool, pv: PV, device: torch.device) -> TileConfig:
+    """Tile shape per (head dim, P·V precision, arch); the twin reads the same.
+
+    Causal and non-causal preferred the same shapes. TMA on sm_90+ and in the CPU
+    interpreter (which emulates descriptors); plain loads on Ampere and Ada.
     """
-    del head_dim, causal, pv, device  # one shape measured best on sm_90 for all of them
-    return TileConfig(block_m=64, block_n=128, num_warps=4, num_stages=2)
+    del causal  # the same shape won with and without the mask
+    block_m, num_warps, num_stages = _TILES[(head_dim, PV(pv))]
+    use_tma = device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+    return TileConfig(block_m, KV_BLOCK, num_warps, num_stages, use_tma=use_tma)
+
+
+@triton.jit
+def _load_kv_tile(
+    k_src,
+    v_src,
+    kv_head,
+    tok,
+    num_rows,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PV_FP8: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """Keys ``tok .. tok + BLOCK_N`` of one KV head's packed slice.
+
+    Returns K [BLOCK_N, D] int8 and V: FP16 [BLOCK_N, Dv]; FP8 [Dv, BLOCK_N]
+    (token-contiguous). ``k_src``/``v_src`` are tensor descriptors with USE_TMA,
+    else base pointers of the same buffers.
+    """
+    row = kv_head * num_rows + tok  # row of the [Hkv * T, D] view
+    if USE_TMA:
+        k = k_src.load([row.to(tl.int32), 0])
+        if PV_FP8:
+            v = v_src.load([(kv_head * HEAD_DIM_V).to(tl.int32), tok.to(tl.int32)])
+        else:
+            v = v_src.load([row.to(tl.int32), 0])
+    else:
+        offs_n = tl.arange(0, BLOCK_N)
+        k = tl.load(k_src + (row + offs_n)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :])
+        offs_dv = tl.arange(0, HEAD_DIM_V)
+        if PV_FP8:
+            v_rows = kv_head * HEAD_DIM_V + offs_dv
+            v = tl.load(v_src + v_rows[:, None] * num_rows + (tok + offs_n)[None, :])
+        else:
+            v = tl.load(v_src + (row + offs_n)[:, None] * HEAD_DIM_V + offs_dv[None, :])
+    return k, v
 
 
 @triton.jit
@@ -71,12 +143,12 @@ def _attn_tiles(
     m_i,
     q_int8,
     q_scale,
-    k_base,
-    k_scale_base,
-    v_base,
-    stride_k_tok,
-    stride_v_tok,
-    stride_v_dim,
+    k_src,
+    v_src,
+    k_scale_row,
+    kv_head,
+    seg_start,
+    num_rows,
     offs_m,
     prefix_len,
     kv_len,
@@ -85,44 +157,46 @@ def _attn_tiles(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    K_QUANT_BLOCK: tl.constexpr,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     PV_FP8: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """Online softmax over keys [lo, hi); MASKED tiles check kv end and the causal edge."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_dv = tl.arange(0, HEAD_DIM_V)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_kv = offs_n < kv_len
-        k_ptrs = k_base + offs_n[None, :] * stride_k_tok + offs_d[:, None]
-        v_ptrs = v_base + offs_n[:, None] * stride_v_tok + offs_dv[None, :] * stride_v_dim
+        k, v = _load_kv_tile(
+            k_src,
+            v_src,
+            kv_head,
+            seg_start + start_n,
+            num_rows,
+            HEAD_DIM=HEAD_DIM,
+            HEAD_DIM_V=HEAD_DIM_V,
+            BLOCK_N=BLOCK_N,
+            PV_FP8=PV_FP8,
+            USE_TMA=USE_TMA,
+        )
+        # One dequantization factor per row: its Q scale times this tile's K scale.
+        row_scale = q_scale * tl.load(k_scale_row + start_n // BLOCK_N)
+        s = tl.dot(q_int8, tl.trans(k)).to(tl.float32)
         if MASKED:
-            k_t = tl.load(k_ptrs, mask=in_kv[None, :], other=0)
-            v = tl.load(v_ptrs, mask=in_kv[:, None], other=0.0)
-            k_scale = tl.load(k_scale_base + offs_n // K_QUANT_BLOCK, mask=in_kv, other=0.0)
-        else:
-            k_t = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-            k_scale = tl.load(k_scale_base + offs_n // K_QUANT_BLOCK)
-        # Column (K) scales now; the row (Q) scale rides in the exp2 argument's FMA.
-        s = tl.dot(q_int8, k_t).to(tl.float32) * k_scale[None, :]
-        if MASKED:
-            visible = in_kv[None, :]
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            visible = (offs_n < kv_len)[None, :]
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= prefix_len + offs_m[:, None])
             s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * q_scale)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
         alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s * q_scale[:, None] - m_new[:, None])
+        bias = m_new - _LOG2_FP8_MAX if PV_FP8 else m_new
+        p = tl.math.exp2(s * row_scale[:, None] - bias[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if PV_FP8:
-            # P <= 1: scale to e4m3's full range; undone with V's scale at the end.
-            acc += tl.dot((p * _FP8_E4M3_MAX).to(tl.float8e4nv), v)
+            # Promote the fp8 MMA's partial sums into fp32 once per tile (the
+            # wgmma accumulator is not full fp32), as SageAttention2 does.
+            acc = tl.dot(p.to(tl.float8e4nv), tl.trans(v), acc, max_num_imprecise_acc=BLOCK_N)
         else:
-            acc += tl.dot(p.to(tl.float16), v)
+            acc = tl.dot(p.to(tl.float16), v, acc)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -131,9 +205,9 @@ def _attn_tiles(
 def _sage_extend_kernel(
     q_extend,
     o_extend,
-    k_int8,
+    k_src,
+    v_src,
     k_scale,
-    v_packed,
     v_scale,
     qo_indptr,
     kv_indptr,
@@ -142,28 +216,26 @@ def _sage_extend_kernel(
     stride_q_head,
     stride_o_tok,
     stride_o_head,
-    stride_k8_head,
-    stride_k8_tok,
-    stride_ks_head,
-    stride_vp_head,
-    stride_vp_tok,
-    stride_vp_dim,
+    num_rows,
     num_kv_heads,
     KV_GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    K_QUANT_BLOCK: tl.constexpr,
     CAUSAL: tl.constexpr,
     PV_FP8: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
-    block_m = tl.program_id(0)
     q_head = tl.program_id(1)
     b = tl.program_id(2)
     _, prefix_len, extend_start, extend_len = request_bounds(qo_indptr, kv_indptr, b)
-    if block_m * BLOCK_M >= extend_len:
+    # The grid (from max_len_extend) bounds the blocks computed, whatever the chunk.
+    num_m_blocks = tl.minimum(tl.cdiv(extend_len, BLOCK_M), tl.num_programs(0))
+    if tl.program_id(0) >= num_m_blocks:
         return
+    # Causal: the blocks nearest the diagonal see the most keys; launch them first.
+    block_m = num_m_blocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     kv_len = prefix_len + extend_len
     kv_head = q_head // KV_GROUP
 
@@ -175,15 +247,10 @@ def _sage_extend_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q_rows = (extend_start + offs_m)[:, None] * stride_q_tok + q_head * stride_q_head
     q = tl.load(q_extend + q_rows + offs_d[None, :], mask=row_valid[:, None], other=0.0)
-    q = q.to(tl.float32) * qk_scale_log2
-    q_scale = tl.maximum(tl.max(tl.abs(q), 1), _SCALE_EPS) / _INT8_MAX
-    q = q / q_scale[:, None]
-    q_int8 = (q + tl.where(q >= 0, 0.5, -0.5)).to(tl.int8)
+    q_int8, q_scale = quantize_q_rows(q, qk_scale_log2)
 
-    seg_start = packed_start(qo_indptr, kv_indptr, b, K_QUANT_BLOCK)
-    k_base = k_int8 + kv_head.to(tl.int64) * stride_k8_head + seg_start * stride_k8_tok
-    k_scale_base = k_scale + kv_head * stride_ks_head + seg_start // K_QUANT_BLOCK
-    v_base = v_packed + kv_head.to(tl.int64) * stride_vp_head + seg_start * stride_vp_tok
+    seg_start = segment_start(qo_indptr, kv_indptr, b, BLOCK_N)
+    k_scale_row = k_scale + kv_head.to(tl.int64) * (num_rows // BLOCK_N) + seg_start // BLOCK_N
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -195,30 +262,31 @@ def _sage_extend_kernel(
     else:
         free_hi = kv_len // BLOCK_N * BLOCK_N
         hi = kv_len
+    # Two calls of one loop: unmasked tiles, then those crossing kv end or the diagonal.
     acc, l_i, m_i = _attn_tiles(
         acc,
         l_i,
         m_i,
         q_int8,
         q_scale,
-        k_base,
-        k_scale_base,
-        v_base,
-        stride_k8_tok,
-        stride_vp_tok,
-        stride_vp_dim,
+        k_src,
+        v_src,
+        k_scale_row,
+        kv_head.to(tl.int64),
+        seg_start,
+        num_rows,
         offs_m,
         prefix_len,
         kv_len,
         0,
         free_hi,
-        HEAD_DIM,
-        HEAD_DIM_V,
-        BLOCK_N,
-        K_QUANT_BLOCK,
-        False,
-        CAUSAL,
-        PV_FP8,
+        HEAD_DIM=HEAD_DIM,
+        HEAD_DIM_V=HEAD_DIM_V,
+        BLOCK_N=BLOCK_N,
+        MASKED=False,
+        CAUSAL=CAUSAL,
+        PV_FP8=PV_FP8,
+        USE_TMA=USE_TMA,
     )
     acc, l_i, m_i = _attn_tiles(
         acc,
@@ -226,31 +294,29 @@ def _sage_extend_kernel(
         m_i,
         q_int8,
         q_scale,
-        k_base,
-        k_scale_base,
-        v_base,
-        stride_k8_tok,
-        stride_vp_tok,
-        stride_vp_dim,
+        k_src,
+        v_src,
+        k_scale_row,
+        kv_head.to(tl.int64),
+        seg_start,
+        num_rows,
         offs_m,
         prefix_len,
         kv_len,
         free_hi,
         hi,
-        HEAD_DIM,
-        HEAD_DIM_V,
-        BLOCK_N,
-        K_QUANT_BLOCK,
-        True,
-        CAUSAL,
-        PV_FP8,
+        HEAD_DIM=HEAD_DIM,
+        HEAD_DIM_V=HEAD_DIM_V,
+        BLOCK_N=BLOCK_N,
+        MASKED=True,
+        CAUSAL=CAUSAL,
+        PV_FP8=PV_FP8,
+        USE_TMA=USE_TMA,
     )
 
     offs_dv = tl.arange(0, HEAD_DIM_V)
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    if PV_FP8:
-        channel_scale = tl.load(v_scale + (b * num_kv_heads + kv_head) * HEAD_DIM_V + offs_dv)
-        out = out * (channel_scale / _FP8_E4M3_MAX)[None, :]
+    channel_scale = tl.load(v_scale + (b * num_kv_heads + kv_head) * HEAD_DIM_V + offs_dv)
+    out = acc * (1.0 / tl.where(l_i == 0.0, 1.0, l_i))[:, None] * channel_scale[None, :]
     o_rows = (extend_start + offs_m)[:, None] * stride_o_tok + q_head * stride_o_head
     tl.store(
         o_extend + o_rows + offs_dv[None, :],
@@ -271,10 +337,13 @@ def _check_inputs(
     kv_indices,
     max_len_extend,
     pv,
+    kernel,
 ):
     """Shape/dtype/device checks only: nothing here reads device memory."""
     if pv not in SUPPORTED_PV:
         raise ValueError(f"sage_attn: pv must be one of {SUPPORTED_PV}, got {pv!r}")
+    if kernel not in SUPPORTED_KERNELS:
+        raise ValueError(f"sage_attn: kernel must be one of {SUPPORTED_KERNELS}, got {kernel!r}")
     if q_extend.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
             f"sage_attn: q_extend dtype {q_extend.dtype} is not supported; "
@@ -340,14 +409,33 @@ def _check_inputs(
         )
     if not isinstance(max_len_extend, int) or max_len_extend < 0:
         raise ValueError(f"sage_attn: max_len_extend must be an int >= 0, got {max_len_extend!r}")
-    if (
-        pv == "fp8"
-        and q_extend.is_cuda
-        and torch.cuda.get_device_capability(q_extend.device) < (8, 9)
-    ):
+    if pv == PV.FP8.value and not fp8_mma_supported(q_extend.device):
         raise ValueError(
             "sage_attn: pv='fp8' needs an FP8 tensor core (sm_89 or newer); use pv='fp16'"
         )
+
+
+def _kv_sources(packed: PackedKV, config: TileConfig):
+    """The K and V operands of the attention kernel: descriptors (TMA) or the buffers."""
+    num_kv_heads, num_rows, head_dim = packed.k_int8.shape
+    if not config.use_tma:
+        return packed.k_int8, packed.v
+    k_src = TensorDescriptor.from_tensor(
+        packed.k_int8.view(num_kv_heads * num_rows, head_dim), [config.block_n, head_dim]
+    )
+    if packed.pv is PV.FP8:
+        head_dim_v = packed.v.shape[1]
+        v_view, v_block = (
+            packed.v.view(num_kv_heads * head_dim_v, num_rows),
+            [head_dim_v, config.block_n],
+        )
+    else:
+        head_dim_v = packed.v.shape[2]
+        v_view, v_block = (
+            packed.v.view(num_kv_heads * num_rows, head_dim_v),
+            [config.block_n, head_dim_v],
+        )
+    return k_src, TensorDescriptor.from_tensor(v_view, v_block)
 
 
 def sage_attention_from_packed(
@@ -364,44 +452,53 @@ def sage_attention_from_packed(
     """The attention kernel alone, on a ``quantize_kv`` result (the benchmark times it apart)."""
     batch_size = qo_indptr.shape[0] - 1
     num_q_heads, head_dim = q_extend.shape[1], q_extend.shape[2]
-    num_kv_heads, head_dim_v = packed.k_int8.shape[0], o_extend.shape[2]
-    pv_fp8 = packed.v_scale is not None
-    if pv_fp8:
-        v_stride_tok, v_stride_dim = packed.v.stride(2), packed.v.stride(1)
-    else:
-        v_stride_tok, v_stride_dim = packed.v.stride(1), packed.v.stride(2)
+    num_kv_heads, num_rows = packed.k_int8.shape[0], packed.k_int8.shape[1]
+    k_src, v_src = _kv_sources(packed, config)
     grid = (triton.cdiv(max_len_extend, config.block_m), num_q_heads, batch_size)
     _sage_extend_kernel[grid](
         q_extend,
         o_extend,
-        packed.k_int8,
+        k_src,
+        v_src,
         packed.k_scale,
-        packed.v,
-        packed.v_scale if pv_fp8 else packed.k_scale,  # unused when not PV_FP8
+        packed.v_scale,
         qo_indptr,
         kv_indptr,
-        sm_scale * math.log2(math.e),
-        q_extend.stride(0),
-        q_extend.stride(1),
-        o_extend.stride(0),
-        o_extend.stride(1),
-        packed.k_int8.stride(0),
-        packed.k_int8.stride(1),
-        packed.k_scale.stride(0),
-        packed.v.stride(0),
-        v_stride_tok,
-        v_stride_dim,
-        num_kv_heads,
+        qk_scale_log2=sm_scale * math.log2(math.e),
+        stride_q_tok=q_extend.stride(0),
+        stride_q_head=q_extend.stride(1),
+        stride_o_tok=o_extend.stride(0),
+        stride_o_head=o_extend.stride(1),
+        num_rows=num_rows,
+        num_kv_heads=num_kv_heads,
         KV_GROUP=num_q_heads // num_kv_heads,
         HEAD_DIM=head_dim,
-        HEAD_DIM_V=head_dim_v,
+        HEAD_DIM_V=o_extend.shape[2],
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
-        K_QUANT_BLOCK=K_QUANT_BLOCK,
         CAUSAL=causal,
-        PV_FP8=pv_fp8,
+        PV_FP8=packed.pv is PV.FP8,
+        USE_TMA=config.use_tma,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+    )
+
+
+# Head dims "auto" runs on the Gluon kernel. It has hd64 too, but on the H200 that
+# measured 3-7% slower than the Triton kernel (RESULTS.md, H200 final run), so
+# hd64 stays on Triton; at hd128 Gluon is 1.10-1.20x the Triton kernel.
+HOPPER_AUTO_HEAD_DIMS = (128,)
+
+
+def use_hopper_kernel(kernel: str, head_dim: int, head_dim_v: int, device) -> bool:
+    """Whether a call runs the Gluon Hopper kernel (warp-specialised, sm_90 only)."""
+    return (
+        kernel == "auto"
+        and device.type == "cuda"
+        and torch.cuda.get_device_capability(device)[0] == 9
+        and head_dim in HOPPER_AUTO_HEAD_DIMS
+        and hopper_kernel_available()
+        and hopper_kernel_supports(head_dim, head_dim_v)
     )
 
 
@@ -419,14 +516,23 @@ def sage_extend_attention(
     sm_scale: float | None = None,
     causal: bool = True,
     pv: str = "fp16",
+    workspace: PackedKV | None = None,
+    kernel: str = "auto",
 ) -> None:
     """8-bit SageAttention over a paged KV cache; writes ``o_extend`` in place.
 
     q_extend [N, Hq, D], k_extend [N, Hkv, D], v_extend [N, Hkv, Dv],
     o_extend [N, Hq, Dv], k_buffer [S, Hkv, D], v_buffer [S, Hkv, Dv];
     qo_indptr, kv_indptr [B+1]; kv_indices: token-slot ids of the cached
-    prefixes. ``max_len_extend`` must be >= every chunk length (it sizes the
-    grid). D, Dv in {64, 128}; fp16 or bf16. ``pv``: "fp16" or "fp8" (e4m3 P·V).
+    prefixes. D, Dv in {64, 128}; fp16 or bf16. ``pv``: "fp16" or "fp8" (e4m3 P·V).
+
+    ``max_len_extend`` sizes the grid and must be >= every chunk length: a
+    chunk's query rows from ``max_len_extend`` (rounded up to the 64-row query
+    block) on are not computed, their ``o_extend`` rows left as they were.
+    It is a host int, so no device value is read. ``workspace``: a ``PackedKV``
+    (``layout.allocate_packed_kv``) to pack into instead of allocating one, so a
+    caller can reuse one buffer across layers. ``kernel``: "auto" (the Gluon
+    kernel on Hopper, D == Dv; else Triton) or "triton".
     """
     _check_inputs(
         q_extend,
@@ -440,13 +546,14 @@ def sage_extend_attention(
         kv_indices,
         max_len_extend,
         pv,
+        kernel,
     )
     if q_extend.shape[0] == 0 or max_len_extend == 0:
         return
+    mode = PV(pv)
     head_dim = q_extend.shape[2]
     if sm_scale is None:
         sm_scale = head_dim**-0.5
-    config = tile_config(head_dim, causal, pv, q_extend.device)
     packed = quantize_kv(
         k_extend,
         v_extend,
@@ -455,8 +562,21 @@ def sage_extend_attention(
         qo_indptr,
         kv_indptr,
         kv_indices,
-        pv_fp8=pv == "fp8",
+        pv=mode,
+        workspace=workspace,
     )
+    if use_hopper_kernel(kernel, head_dim, o_extend.shape[2], q_extend.device):
+        sage_attention_from_packed_hopper(
+            q_extend,
+            o_extend,
+            packed,
+            qo_indptr,
+            kv_indptr,
+            max_len_extend,
+            sm_scale=sm_scale,
+            causal=causal,
+        )
+        return
     sage_attention_from_packed(
         q_extend,
         o_extend,
@@ -464,7 +584,7 @@ def sage_extend_attention(
         qo_indptr,
         kv_indptr,
         max_len_extend,
-        sm_scale,
-        causal,
-        config,
+        sm_scale=sm_scale,
+        causal=causal,
+        config=tile_config(head_dim, causal, mode, q_extend.device),
     )

@@ -3,36 +3,43 @@
 The attention kernel never touches the paged cache: this pre-pass gathers each
 request's keys (cached prefix through ``kv_indices``, then the new chunk) once,
 subtracts the request's K mean (smoothing), quantizes K to INT8 with one scale
-per ``K_QUANT_BLOCK`` keys, converts V, and writes everything into dense
-per-request segments. Two launches, both with a fixed grid (no host sync):
+per ``KV_BLOCK`` keys, scales and converts V, and writes everything into the
+packed layout of ``layout.py``. Two launches, both with a fixed grid (no host sync):
 
-1. ``_kv_stats_kernel``: per (request, KV head, split) partial K sums and V |max|
+1. ``_kv_stats_kernel``: per (request, KV head, split) partial K means and V |max|
    (``NUM_SPLITS`` programs per request and head, each taking every 16th block).
 2. ``_kv_pack_kernel``: reduces the partials in a fixed order (deterministic),
-   then quantizes and stores.
+   then quantizes and stores whole blocks (zeros past the request's end).
 
-Packed layout: request b owns rows ``[start_b, start_b + kv_len_b)`` of the
-packed buffers, with ``start_b = K_QUANT_BLOCK * ((kv_indptr[b] + qo_indptr[b])
-// K_QUANT_BLOCK + b)`` -- block aligned, so a scale block never straddles two
-requests, and computable in-kernel from the index pointers alone.
+Overflow: the K mean is summed from ``k / kv_len`` and V gets a per-channel
+scale, so any finite fp16/bf16 input stays finite (bf16 V beyond fp16's range is
+scaled by a power of two before the fp16 cast, and the kernel scales it back).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-K_QUANT_BLOCK = 64  # keys per INT8 K scale (SageAttention1's granularity)
-INT8_MAX = 127.0
-FP8_E4M3_MAX = 448.0
-# Guards a scale against an all-zero block; far below any real activation.
-SCALE_EPS = 1e-12
+from sglang.srt.layers.attention.sage_attention.layout import (
+    FP8_E4M3_MAX,
+    FP16_V_LIMIT,
+    INT8_MAX,
+    KV_BLOCK,
+    PV,
+    SCALE_EPS,
+    PackedKV,
+    allocate_packed_kv,
+    packed_len,
+    request_bounds,
+    segment_start,
+)
+
 # The same numbers as kernel constants (Triton only reads constexpr globals).
 _INT8_MAX = tl.constexpr(INT8_MAX)
 _FP8_E4M3_MAX = tl.constexpr(FP8_E4M3_MAX)
+_FP16_V_LIMIT = tl.constexpr(FP16_V_LIMIT)
 _SCALE_EPS = tl.constexpr(SCALE_EPS)
 # Programs per (request, KV head) in the pre-pass. A constant, so the order in
 # which a request's K mean is summed -- hence every bit of its output -- does not
@@ -40,75 +47,68 @@ _SCALE_EPS = tl.constexpr(SCALE_EPS)
 NUM_SPLITS = 16
 
 
-@dataclass
-class PackedKV:
-    """What the attention kernel reads; built once per call by ``quantize_kv``."""
-
-    k_int8: torch.Tensor  # [Hkv, T_pad, D] int8, smoothed keys
-    k_scale: torch.Tensor  # [Hkv, T_pad // K_QUANT_BLOCK] fp32
-    # pv="fp16": [Hkv, T_pad, Dv] fp16.  pv="fp8": [Hkv, Dv, T_pad] e4m3, i.e.
-    # token-contiguous ("K-major"), the operand layout Hopper's fp8 MMA wants.
-    v: torch.Tensor
-    v_scale: torch.Tensor | None  # pv="fp8": [B, Hkv, Dv] fp32, else None
-
-
-def packed_len(num_prefix_slots: int, num_extend_tokens: int, batch_size: int) -> int:
-    """Rows of the packed buffers: enough for every request's aligned segment."""
-    total = num_prefix_slots + num_extend_tokens
-    return K_QUANT_BLOCK * (total // K_QUANT_BLOCK + batch_size)
+@triton.jit
+def quantize_q_rows(q, qk_scale_log2):
+    """Query rows -> (INT8 rows, one fp32 scale per row), ``sm_scale * log2(e)`` folded
+    in so scores feed exp2 directly. One scale per row costs the same as one per
+    block here and keeps a large Q channel from coarsening the other rows. Both
+    attention kernels quantize Q through this; round half away from zero."""
+    q = q.to(tl.float32) * qk_scale_log2
+    scale = tl.maximum(tl.max(tl.abs(q), 1), _SCALE_EPS) / _INT8_MAX
+    q = q / scale[:, None]
+    return (q + tl.where(q >= 0, 0.5, -0.5)).to(tl.int8), scale
 
 
 @triton.jit
-def request_bounds(qo_indptr, kv_indptr, b):
-    """Request b's cached prefix (start in kv_indices, length) and chunk (start row, length)."""
-    prefix_start = tl.load(kv_indptr + b).to(tl.int64)
-    prefix_len = tl.load(kv_indptr + b + 1).to(tl.int64) - prefix_start
-    extend_start = tl.load(qo_indptr + b).to(tl.int64)
-    extend_len = tl.load(qo_indptr + b + 1).to(tl.int64) - extend_start
-    return prefix_start, prefix_len, extend_start, extend_len
+def _load_rows(source, rows, head, offs_d, mask, stride_tok, stride_head):
+    """Rows ``rows`` of one head of a [tokens, heads, dim] tensor, in fp32; 0 where masked."""
+    ptrs = source + rows[:, None] * stride_tok + head * stride_head + offs_d[None, :]
+    return tl.load(ptrs, mask=mask[:, None], other=0.0).to(tl.float32)
 
 
 @triton.jit
-def packed_start(qo_indptr, kv_indptr, b, K_QUANT_BLOCK: tl.constexpr):
-    start = tl.load(kv_indptr + b).to(tl.int64) + tl.load(qo_indptr + b).to(tl.int64)
-    return K_QUANT_BLOCK * (start // K_QUANT_BLOCK + b)
-
-
-@triton.jit
-def _load_request_rows(
-    cache,
-    extend,
+def _load_request_kv(
+    k_buffer,
+    v_buffer,
+    k_extend,
+    v_extend,
     kv_indices,
     head,
     pos,
-    offs_d,
     prefix_start,
     prefix_len,
     extend_start,
     kv_len,
-    stride_cache_tok,
-    stride_cache_head,
-    stride_ext_tok,
-    stride_ext_head,
+    stride_kbuf_tok,
+    stride_kbuf_head,
+    stride_vbuf_tok,
+    stride_vbuf_head,
+    stride_kext_tok,
+    stride_kext_head,
+    stride_vext_tok,
+    stride_vext_head,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
 ):
-    """Rows ``pos`` of one request's key (or value) sequence, in fp32; 0 past its end."""
+    """Keys and values at positions ``pos`` of one request (cached prefix through
+    ``kv_indices``, then its chunk), in fp32; 0 past its end."""
     in_prefix = pos < prefix_len
     in_extend = (pos >= prefix_len) & (pos < kv_len)
     slot = tl.load(kv_indices + prefix_start + pos, mask=in_prefix, other=0).to(tl.int64)
-    cached = tl.load(
-        cache + slot[:, None] * stride_cache_tok + head * stride_cache_head + offs_d[None, :],
-        mask=in_prefix[:, None],
-        other=0.0,
+    row = extend_start + pos - prefix_len
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    k = tl.where(
+        in_prefix[:, None],
+        _load_rows(k_buffer, slot, head, offs_d, in_prefix, stride_kbuf_tok, stride_kbuf_head),
+        _load_rows(k_extend, row, head, offs_d, in_extend, stride_kext_tok, stride_kext_head),
     )
-    fresh = tl.load(
-        extend
-        + (extend_start + pos - prefix_len)[:, None] * stride_ext_tok
-        + head * stride_ext_head
-        + offs_d[None, :],
-        mask=in_extend[:, None],
-        other=0.0,
+    v = tl.where(
+        in_prefix[:, None],
+        _load_rows(v_buffer, slot, head, offs_dv, in_prefix, stride_vbuf_tok, stride_vbuf_head),
+        _load_rows(v_extend, row, head, offs_dv, in_extend, stride_vext_tok, stride_vext_head),
     )
-    return tl.where(in_prefix[:, None], cached.to(tl.float32), fresh.to(tl.float32))
+    return k, v
 
 
 @triton.jit
@@ -120,7 +120,7 @@ def _kv_stats_kernel(
     qo_indptr,
     kv_indptr,
     kv_indices,
-    k_sum_partial,  # [B, Hkv, SPLITS, D] fp32
+    k_mean_partial,  # [B, Hkv, SPLITS, D] fp32
     v_amax_partial,  # [B, Hkv, SPLITS, Dv] fp32
     stride_kbuf_tok,
     stride_kbuf_head,
@@ -135,58 +135,48 @@ def _kv_stats_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK: tl.constexpr,
-    NEED_V_AMAX: tl.constexpr,
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
     prefix_start, prefix_len, extend_start, extend_len = request_bounds(qo_indptr, kv_indptr, b)
     kv_len = prefix_len + extend_len
+    # Summing k / kv_len (not k) keeps the mean finite for any finite key.
+    inv_len = 1.0 / tl.maximum(kv_len, 1).to(tl.float32)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
-    k_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    k_mean = tl.zeros([HEAD_DIM], dtype=tl.float32)
     v_amax = tl.zeros([HEAD_DIM_V], dtype=tl.float32)
     for block in range(split, tl.cdiv(kv_len, BLOCK), SPLITS):
         pos = block * BLOCK + tl.arange(0, BLOCK)
-        k = _load_request_rows(
+        k, v = _load_request_kv(
             k_buffer,
+            v_buffer,
             k_extend,
+            v_extend,
             kv_indices,
             head,
             pos,
-            offs_d,
             prefix_start,
             prefix_len,
             extend_start,
             kv_len,
             stride_kbuf_tok,
             stride_kbuf_head,
+            stride_vbuf_tok,
+            stride_vbuf_head,
             stride_kext_tok,
             stride_kext_head,
+            stride_vext_tok,
+            stride_vext_head,
+            HEAD_DIM=HEAD_DIM,
+            HEAD_DIM_V=HEAD_DIM_V,
         )
-        k_sum += tl.sum(k, axis=0)
-        if NEED_V_AMAX:
-            v = _load_request_rows(
-                v_buffer,
-                v_extend,
-                kv_indices,
-                head,
-                pos,
-                offs_dv,
-                prefix_start,
-                prefix_len,
-                extend_start,
-                kv_len,
-                stride_vbuf_tok,
-                stride_vbuf_head,
-                stride_vext_tok,
-                stride_vext_head,
-            )
-            v_amax = tl.maximum(v_amax, tl.max(tl.abs(v), axis=0))
+        k_mean += tl.sum(k * inv_len, axis=0)
+        v_amax = tl.maximum(v_amax, tl.max(tl.abs(v), axis=0))
     row = (b * num_kv_heads + head) * SPLITS + split
-    tl.store(k_sum_partial + row * HEAD_DIM + offs_d, k_sum)
-    if NEED_V_AMAX:
-        tl.store(v_amax_partial + row * HEAD_DIM_V + offs_dv, v_amax)
+    tl.store(k_mean_partial + row * HEAD_DIM + offs_d, k_mean)
+    tl.store(v_amax_partial + row * HEAD_DIM_V + offs_dv, v_amax)
 
 
 @triton.jit
@@ -198,12 +188,12 @@ def _kv_pack_kernel(
     qo_indptr,
     kv_indptr,
     kv_indices,
-    k_sum_partial,
+    k_mean_partial,
     v_amax_partial,
-    k_int8,  # [Hkv, T_pad, D]
-    k_scale,  # [Hkv, T_pad // BLOCK]
-    v_packed,  # fp16 [Hkv, T_pad, Dv] or fp8 [Hkv, Dv, T_pad]
-    v_scale,  # [B, Hkv, Dv] (fp8 only)
+    k_int8,  # [Hkv, T, D]
+    k_scale,  # [Hkv, T // BLOCK]
+    v_packed,  # fp16 [Hkv, T, Dv] or fp8 [Hkv, Dv, T]
+    v_scale,  # [B, Hkv, Dv]
     stride_kbuf_tok,
     stride_kbuf_head,
     stride_vbuf_tok,
@@ -236,74 +226,61 @@ def _kv_pack_kernel(
 
     # Same reduction order in every program: the mean is bitwise reproducible.
     part_rows = (b * num_kv_heads + head) * SPLITS + offs_split
-    k_sum = tl.sum(tl.load(k_sum_partial + part_rows[:, None] * HEAD_DIM + offs_d[None, :]), 0)
-    k_mean = k_sum / tl.maximum(kv_len, 1).to(tl.float32)
+    k_mean = tl.sum(tl.load(k_mean_partial + part_rows[:, None] * HEAD_DIM + offs_d[None, :]), 0)
     if not SMOOTH_K:
         k_mean = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    v_amax = tl.max(tl.load(v_amax_partial + part_rows[:, None] * HEAD_DIM_V + offs_dv[None, :]), 0)
     if PV_FP8:
-        v_amax = tl.max(
-            tl.load(v_amax_partial + part_rows[:, None] * HEAD_DIM_V + offs_dv[None, :]), 0
-        )
         v_channel_scale = tl.maximum(v_amax, _SCALE_EPS) / _FP8_E4M3_MAX
-        if split == 0:
-            tl.store(v_scale + (b * num_kv_heads + head) * HEAD_DIM_V + offs_dv, v_channel_scale)
+    else:
+        # A power of two (exact), 1 unless the channel would overflow fp16.
+        v_channel_scale = tl.math.exp2(
+            tl.maximum(tl.ceil(tl.log2(tl.maximum(v_amax, _SCALE_EPS) / _FP16_V_LIMIT)), 0.0)
+        )
+    if split == 0:
+        tl.store(v_scale + (b * num_kv_heads + head) * HEAD_DIM_V + offs_dv, v_channel_scale)
 
-    seg_start = packed_start(qo_indptr, kv_indptr, b, BLOCK)
+    seg_start = segment_start(qo_indptr, kv_indptr, b, BLOCK)
     k8_base = k_int8 + head.to(tl.int64) * stride_k8_head
     vp_base = v_packed + head.to(tl.int64) * stride_vp_head
     for block in range(split, tl.cdiv(kv_len, BLOCK), SPLITS):
         pos = block * BLOCK + tl.arange(0, BLOCK)
         valid = pos < kv_len
-        k = _load_request_rows(
+        k, v = _load_request_kv(
             k_buffer,
+            v_buffer,
             k_extend,
+            v_extend,
             kv_indices,
             head,
             pos,
-            offs_d,
             prefix_start,
             prefix_len,
             extend_start,
             kv_len,
             stride_kbuf_tok,
             stride_kbuf_head,
+            stride_vbuf_tok,
+            stride_vbuf_head,
             stride_kext_tok,
             stride_kext_head,
+            stride_vext_tok,
+            stride_vext_head,
+            HEAD_DIM=HEAD_DIM,
+            HEAD_DIM_V=HEAD_DIM_V,
         )
         k = tl.where(valid[:, None], k - k_mean[None, :], 0.0)
         block_scale = tl.maximum(tl.max(tl.abs(k)), _SCALE_EPS) / _INT8_MAX
         k_q = k / block_scale
         # Round half away from zero (the cast truncates); the torch twin does the same.
         k_q = (k_q + tl.where(k_q >= 0, 0.5, -0.5)).to(tl.int8)
+        # Whole blocks, zeros past the end: the attention kernel reads unmasked tiles.
         rows = seg_start + pos
-        tl.store(k8_base + rows[:, None] * HEAD_DIM + offs_d[None, :], k_q, mask=valid[:, None])
+        tl.store(k8_base + rows[:, None] * HEAD_DIM + offs_d[None, :], k_q)
         tl.store(k_scale + head * stride_ks_head + seg_start // BLOCK + block, block_scale)
 
-        v = _load_request_rows(
-            v_buffer,
-            v_extend,
-            kv_indices,
-            head,
-            pos,
-            offs_dv,
-            prefix_start,
-            prefix_len,
-            extend_start,
-            kv_len,
-            stride_vbuf_tok,
-            stride_vbuf_head,
-            stride_vext_tok,
-            stride_vext_head,
-        )
-        if PV_FP8:
-            v_out = (v / v_channel_scale[None, :]).to(tl.float8e4nv)
-        else:
-            v_out = v.to(tl.float16)
-        tl.store(
-            vp_base + rows[:, None] * stride_vp_tok + offs_dv[None, :] * stride_vp_dim,
-            v_out,
-            mask=valid[:, None],
-        )
+        v_out = (v / v_channel_scale[None, :]).to(v_packed.dtype.element_ty)
+        tl.store(vp_base + rows[:, None] * stride_vp_tok + offs_dv[None, :] * stride_vp_dim, v_out)
 
 
 def quantize_kv(
@@ -314,11 +291,14 @@ def quantize_kv(
     qo_indptr: torch.Tensor,
     kv_indptr: torch.Tensor,
     kv_indices: torch.Tensor,
-    pv_fp8: bool,
+    pv: PV,
     smooth_k: bool = True,
+    workspace: PackedKV | None = None,
 ) -> PackedKV:
     """Smooth, quantize and pack every request's keys and values (inputs are only read).
 
+    Writes into ``workspace`` when given (it must be in ``pv``'s layout and large
+    enough: ``packed_len`` rows, batch size scales), else into new buffers.
     ``smooth_k=False`` skips the mean subtraction; it exists so a test can show
     what smoothing buys on outlier keys.
     """
@@ -326,28 +306,26 @@ def quantize_kv(
     num_kv_heads, head_dim = k_extend.shape[1], k_extend.shape[2]
     head_dim_v = v_extend.shape[2]
     device = k_extend.device
-    t_pad = packed_len(kv_indices.shape[0], k_extend.shape[0], batch_size)
-    splits = NUM_SPLITS
-
-    k_int8 = torch.empty((num_kv_heads, t_pad, head_dim), dtype=torch.int8, device=device)
-    k_scale = torch.empty(
-        (num_kv_heads, t_pad // K_QUANT_BLOCK), dtype=torch.float32, device=device
-    )
-    if pv_fp8:
-        v_packed = torch.empty(
-            (num_kv_heads, head_dim_v, t_pad), dtype=torch.float8_e4m3fn, device=device
+    num_rows = packed_len(kv_indices.shape[0], k_extend.shape[0], batch_size)
+    if workspace is None:
+        packed = allocate_packed_kv(
+            num_rows=num_rows,
+            batch_size=batch_size,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            head_dim_v=head_dim_v,
+            pv=pv,
+            device=device,
         )
-        v_stride_tok, v_stride_dim = v_packed.stride(2), v_packed.stride(1)
-        v_scale = torch.empty(
-            (batch_size, num_kv_heads, head_dim_v), dtype=torch.float32, device=device
+    elif workspace.pv is not pv or not workspace.fits(num_rows, batch_size):
+        raise ValueError(
+            f"sage_attn: workspace ({workspace.pv.value}, {workspace.num_rows} rows) "
+            f"does not fit this call ({pv.value}, {num_rows} rows, batch {batch_size})"
         )
     else:
-        v_packed = torch.empty(
-            (num_kv_heads, t_pad, head_dim_v), dtype=torch.float16, device=device
-        )
-        v_stride_tok, v_stride_dim = v_packed.stride(1), v_packed.stride(2)
-        v_scale = None
-    k_sum_partial = torch.empty(
+        packed = workspace
+    splits = NUM_SPLITS
+    k_mean_partial = torch.empty(
         (batch_size, num_kv_heads, splits, head_dim), dtype=torch.float32, device=device
     )
     v_amax_partial = torch.empty(
@@ -355,60 +333,56 @@ def quantize_kv(
     )
 
     grid = (batch_size, num_kv_heads, splits)
-    source_strides = (
-        k_buffer.stride(0),
-        k_buffer.stride(1),
-        v_buffer.stride(0),
-        v_buffer.stride(1),
-        k_extend.stride(0),
-        k_extend.stride(1),
-        v_extend.stride(0),
-        v_extend.stride(1),
+    source_strides = dict(
+        stride_kbuf_tok=k_buffer.stride(0),
+        stride_kbuf_head=k_buffer.stride(1),
+        stride_vbuf_tok=v_buffer.stride(0),
+        stride_vbuf_head=v_buffer.stride(1),
+        stride_kext_tok=k_extend.stride(0),
+        stride_kext_head=k_extend.stride(1),
+        stride_vext_tok=v_extend.stride(0),
+        stride_vext_head=v_extend.stride(1),
+    )
+    sources = dict(
+        k_buffer=k_buffer,
+        v_buffer=v_buffer,
+        k_extend=k_extend,
+        v_extend=v_extend,
+        qo_indptr=qo_indptr,
+        kv_indptr=kv_indptr,
+        kv_indices=kv_indices,
+    )
+    shapes = dict(
+        num_kv_heads=num_kv_heads,
+        SPLITS=splits,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_V=head_dim_v,
+        BLOCK=KV_BLOCK,
     )
     _kv_stats_kernel[grid](
-        k_buffer,
-        v_buffer,
-        k_extend,
-        v_extend,
-        qo_indptr,
-        kv_indptr,
-        kv_indices,
-        k_sum_partial,
-        v_amax_partial,
-        *source_strides,
-        num_kv_heads,
-        SPLITS=splits,
-        HEAD_DIM=head_dim,
-        HEAD_DIM_V=head_dim_v,
-        BLOCK=K_QUANT_BLOCK,
-        NEED_V_AMAX=pv_fp8,
+        **sources,
+        k_mean_partial=k_mean_partial,
+        v_amax_partial=v_amax_partial,
+        **source_strides,
+        **shapes,
     )
+    v_stride_head, v_stride_tok, v_stride_dim = packed.v_strides()
     _kv_pack_kernel[grid](
-        k_buffer,
-        v_buffer,
-        k_extend,
-        v_extend,
-        qo_indptr,
-        kv_indptr,
-        kv_indices,
-        k_sum_partial,
-        v_amax_partial,
-        k_int8,
-        k_scale,
-        v_packed,
-        v_scale if pv_fp8 else k_scale,  # unused when not PV_FP8
-        *source_strides,
-        k_int8.stride(0),
-        k_scale.stride(0),
-        v_packed.stride(0),
-        v_stride_tok,
-        v_stride_dim,
-        num_kv_heads,
-        SPLITS=splits,
-        HEAD_DIM=head_dim,
-        HEAD_DIM_V=head_dim_v,
-        BLOCK=K_QUANT_BLOCK,
-        PV_FP8=pv_fp8,
+        **sources,
+        k_mean_partial=k_mean_partial,
+        v_amax_partial=v_amax_partial,
+        k_int8=packed.k_int8,
+        k_scale=packed.k_scale,
+        v_packed=packed.v,
+        v_scale=packed.v_scale,
+        **source_strides,
+        stride_k8_head=packed.k_int8.stride(0),
+        stride_ks_head=packed.k_scale.stride(0),
+        stride_vp_head=v_stride_head,
+        stride_vp_tok=v_stride_tok,
+        stride_vp_dim=v_stride_dim,
+        **shapes,
+        PV_FP8=pv is PV.FP8,
         SMOOTH_K=smooth_k,
     )
-    return PackedKV(k_int8=k_int8, k_scale=k_scale, v=v_packed, v_scale=v_scale)
+    return packed

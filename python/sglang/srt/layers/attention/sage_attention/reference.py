@@ -3,9 +3,11 @@
 - ``sage_extend_attention_ref``: the exact op in fp32 (torch SDPA with a
   bottom-right causal mask). What the kernel's accuracy is measured against.
 - ``sage_extend_attention_quant_ref``: replays the kernel's arithmetic step by
-  step -- smoothing, INT8 Q (per row) and K (per 64 keys), exact integer Q·Kᵀ, the tiled online
-  softmax in exp2, FP16 or FP8 P and V. Kernel vs this twin should agree to
-  rounding; a larger gap is a kernel bug, not quantization error.
+  step -- smoothing, INT8 Q (per row) and K (per ``KV_BLOCK`` keys), exact integer
+  Q·Kᵀ, the tiled online softmax in exp2, FP16 or FP8 P and V with their scales.
+  Kernel vs this twin should agree to rounding; a larger gap is a kernel bug,
+  not quantization error.
+- ``quantize_kv_ref``: the pre-pass, writing the same packed layout.
 
 Both loop over requests on the host: they are references, not fast paths.
 """
@@ -18,13 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from sglang.srt.layers.attention.sage_attention.extend_attention import tile_config
-from sglang.srt.layers.attention.sage_attention.quantize import (
+from sglang.srt.layers.attention.sage_attention.layout import (
     FP8_E4M3_MAX,
+    FP16_V_LIMIT,
     INT8_MAX,
-    K_QUANT_BLOCK,
+    KV_BLOCK,
+    PV,
     SCALE_EPS,
     PackedKV,
     packed_len,
+    segment_starts,
 )
 
 _M_INIT = -1.0e30
@@ -99,16 +104,19 @@ def _quantize_int8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, to
 def _smoothed_int8_keys(k: torch.Tensor, smooth_k: bool = True):
     """One request's keys [Hkv, L, D] -> INT8 values and per-key scales, as the pre-pass."""
     if smooth_k:
-        k = k - k.mean(dim=1, keepdim=True)  # one mean per (request, KV head)
-    return _quantize_int8_blocks(k, K_QUANT_BLOCK)
+        # One mean per (request, KV head), summed as k / L like the pre-pass.
+        k = k - (k / max(k.shape[1], 1)).sum(dim=1, keepdim=True)
+    return _quantize_int8_blocks(k, KV_BLOCK)
 
 
-def _lowp_values(v: torch.Tensor, pv: str):
-    """One request's values [Hkv, L, Dv] -> (fp16 or e4m3 values, per-channel scale or None)."""
-    if pv == "fp8":
-        scale = v.abs().amax(dim=1, keepdim=True).clamp_min(SCALE_EPS) / FP8_E4M3_MAX
-        return (v / scale).to(torch.float8_e4m3fn), scale
-    return v.half(), None
+def _lowp_values(v: torch.Tensor, pv: PV):
+    """One request's values [Hkv, L, Dv] -> (fp16 or e4m3 values, scale [Hkv, 1, Dv])."""
+    amax = v.abs().amax(dim=1, keepdim=True).clamp_min(SCALE_EPS)
+    if pv is PV.FP8:
+        scale = amax / FP8_E4M3_MAX
+    else:  # a power of two, 1 unless the channel would overflow fp16
+        scale = torch.exp2(torch.ceil(torch.log2(amax / FP16_V_LIMIT)).clamp_min(0.0))
+    return (v / scale).to(pv.v_dtype), scale
 
 
 def quantize_kv_ref(
@@ -119,7 +127,7 @@ def quantize_kv_ref(
     qo_indptr,
     kv_indptr,
     kv_indices,
-    pv_fp8: bool,
+    pv: PV,
     smooth_k: bool = True,
 ) -> PackedKV:
     """Twin of ``quantize_kv``: the same packed layout; rows no request owns stay 0."""
@@ -128,33 +136,27 @@ def quantize_kv_ref(
     t_pad = packed_len(kv_indices.shape[0], k_extend.shape[0], batch_size)
     device = k_extend.device
     k_int8 = torch.zeros((num_kv_heads, t_pad, head_dim), dtype=torch.int8, device=device)
-    k_scale = torch.zeros((num_kv_heads, t_pad // K_QUANT_BLOCK), device=device)
-    v_packed = torch.zeros(
-        (num_kv_heads, t_pad, head_dim_v),
-        dtype=torch.float8_e4m3fn if pv_fp8 else torch.float16,
-        device=device,
-    )
-    v_scale = torch.zeros((batch_size, num_kv_heads, head_dim_v), device=device) if pv_fp8 else None
-    qo, kv = qo_indptr.tolist(), kv_indptr.tolist()
+    k_scale = torch.zeros((num_kv_heads, t_pad // KV_BLOCK), device=device)
+    v_packed = torch.zeros((num_kv_heads, t_pad, head_dim_v), dtype=pv.v_dtype, device=device)
+    v_scale = torch.zeros((batch_size, num_kv_heads, head_dim_v), device=device)
+    starts = segment_starts(qo_indptr, kv_indptr)
     for b, (_, _, k, v, _) in enumerate(
         _requests(
             k_extend, k_extend, v_extend, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices
         )
     ):
-        start = K_QUANT_BLOCK * ((kv[b] + qo[b]) // K_QUANT_BLOCK + b)
-        rows = slice(start, start + k.shape[1])
+        rows = slice(starts[b], starts[b] + k.shape[1])
         k_int, k_row_scale = _smoothed_int8_keys(k, smooth_k)
         k_int8[:, rows] = k_int.to(torch.int8)
-        block_scales = k_row_scale[:, ::K_QUANT_BLOCK, 0]  # one per block of keys
-        first_block = start // K_QUANT_BLOCK
+        block_scales = k_row_scale[:, ::KV_BLOCK, 0]  # one per block of keys
+        first_block = starts[b] // KV_BLOCK
         k_scale[:, first_block : first_block + block_scales.shape[1]] = block_scales
-        v_lowp, v_chan_scale = _lowp_values(v, "fp8" if pv_fp8 else "fp16")
+        v_lowp, v_chan_scale = _lowp_values(v, pv)
         v_packed[:, rows] = v_lowp
-        if pv_fp8:
-            v_scale[b] = v_chan_scale[:, 0]
-    if pv_fp8:  # token-contiguous, as the kernel's pre-pass writes it
+        v_scale[b] = v_chan_scale[:, 0]
+    if pv is PV.FP8:  # token-contiguous, as the kernel's pre-pass writes it
         v_packed = v_packed.transpose(1, 2).contiguous()
-    return PackedKV(k_int8=k_int8, k_scale=k_scale, v=v_packed, v_scale=v_scale)
+    return PackedKV(pv=pv, k_int8=k_int8, k_scale=k_scale, v=v_packed, v_scale=v_scale)
 
 
 def sage_extend_attention_quant_ref(
@@ -174,6 +176,7 @@ def sage_extend_attention_quant_ref(
 ) -> None:
     """The kernel's quantized arithmetic, replayed in torch with the kernel's tile shape."""
     del max_len_extend
+    pv = PV(pv)
     head_dim = q_extend.shape[-1]
     sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
     config = tile_config(head_dim, causal, pv, q_extend.device)
@@ -191,30 +194,28 @@ def sage_extend_attention_quant_ref(
         v_lowp, v_chan_scale = _lowp_values(v, pv)
         v_lowp = v_lowp.float().repeat_interleave(group, 0)
 
-        # [Hq, E, L] exact integer dot times the K scales; the Q (row) scale is
-        # applied inside the softmax, in the kernel's order of operations.
-        s = (q_int @ k_int.transpose(1, 2)).float() * k_scale.transpose(1, 2)
+        # [Hq, E, L] exact integer dot; each score is dequantized inside the softmax
+        # by its row's Q scale times its tile's K scale, in the kernel's order.
+        s = (q_int @ k_int.transpose(1, 2)).float()
         s = s.masked_fill(
             ~_visible(num_queries, kv_len, prefix_len, causal, q.device), float("-inf")
         )
+        # P is produced pre-scaled to e4m3's range for FP8 (the factor cancels in 1/l).
+        p_offset = math.log2(FP8_E4M3_MAX) if pv is PV.FP8 else 0.0
         m = torch.full((q.shape[0], num_queries, 1), _M_INIT, device=q.device)
         l = torch.zeros_like(m)
         acc = torch.zeros((q.shape[0], num_queries, v.shape[2]), device=q.device)
         for start in range(0, kv_len, config.block_n):
             tile = slice(start, start + config.block_n)
-            m_new = torch.maximum(m, s[:, :, tile].amax(dim=2, keepdim=True) * q_scale)
+            row_scale = q_scale * k_scale[:, start : start + 1, :].transpose(1, 2)
+            m_new = torch.maximum(m, s[:, :, tile].amax(dim=2, keepdim=True) * row_scale)
             alpha = torch.exp2(m - m_new)
-            p = torch.exp2(s[:, :, tile] * q_scale - m_new)
+            p = torch.exp2(s[:, :, tile] * row_scale - (m_new - p_offset))
             l = l * alpha + p.sum(dim=2, keepdim=True)
-            if pv == "fp8":
-                p_lowp = (p * FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
-            else:
-                p_lowp = p.half().float()
+            p_lowp = p.to(pv.v_dtype).float()
             acc = acc * alpha + p_lowp @ v_lowp[:, tile]
             m = m_new
-        out = acc / l
-        if pv == "fp8":
-            out = out * (v_chan_scale.repeat_interleave(group, 0) / FP8_E4M3_MAX)
+        out = acc / l * v_chan_scale.repeat_interleave(group, 0)
         o_extend[rows] = out.transpose(0, 1).to(o_extend.dtype)
 
 

@@ -7,28 +7,36 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang.srt.layers.attention.sage_attention.extend_attention import SUPPORTED_PV
+from sglang.srt.layers.attention.sage_attention.extend_attention import (
+    SUPPORTED_KERNELS,
+    SUPPORTED_PV,
+    fp8_mma_supported,
+)
 
 PV_ENV = "SGLANG_SAGE_ATTN_PV"
 MIN_EXTEND_LEN_ENV = "SGLANG_SAGE_ATTN_MIN_EXTEND_LEN"
-# Measured crossover against the bf16 Triton extend kernel these batches fall back
-# to (H100; benchmark/kernels/sage_attention/RESULTS.md): an 8B-shaped layer
-# prefilling one request is 0.85x at 1024 tokens, 1.02x at 2048, 1.31x at 4096.
+KERNEL_ENV = "SGLANG_SAGE_ATTN_KERNEL"
+# Measured crossover against the bf16 Triton extend kernel short requests fall back
+# to (benchmark/kernels/sage_attention/RESULTS.md): an 8B-shaped layer prefilling
+# one request is 0.85x at 1024 tokens, 1.02x at 2048, 1.31x at 4096 (H100, v1);
+# 0.63x at 1024 and 1.40x at 4096 (H200, v2).
 DEFAULT_MIN_EXTEND_LEN = 2048
-# pv="fp8" compiles to FP8 (e4m3) tensor-core MMA: Ada / Hopper (sm_89) and newer.
-FP8_MMA_MIN_CAPABILITY = (8, 9)
 
 
 @dataclass(frozen=True)
 class SageAttnSettings:
     # P·V precision: "fp16" (accurate everywhere) or "fp8" (e4m3 P and V).
     pv: str = "fp16"
-    # Batches whose longest chunk is shorter run on SGLang's Triton extend kernel.
+    # Requests whose new chunk is shorter run on SGLang's Triton extend kernel.
     min_extend_len: int = DEFAULT_MIN_EXTEND_LEN
+    # "auto" (the Gluon kernel on Hopper, Triton elsewhere) or "triton" (Triton everywhere).
+    kernel: str = "auto"
 
     def __post_init__(self):
         if self.pv not in SUPPORTED_PV:
             raise ValueError(f"{PV_ENV}={self.pv!r}: must be one of {SUPPORTED_PV}")
+        if self.kernel not in SUPPORTED_KERNELS:
+            raise ValueError(f"{KERNEL_ENV}={self.kernel!r}: must be one of {SUPPORTED_KERNELS}")
         if self.min_extend_len < 0:
             raise ValueError(f"{MIN_EXTEND_LEN_ENV}={self.min_extend_len}: must be >= 0")
 
@@ -36,10 +44,8 @@ class SageAttnSettings:
         """Raise for a setting ``device`` cannot run, so a server refuses it at
         start-up instead of failing its first long prefill."""
         device = torch.device(device)
-        if self.pv != "fp8" or device.type != "cuda":
-            return  # the CPU interpreter emulates FP8
-        capability = torch.cuda.get_device_capability(device)
-        if capability < FP8_MMA_MIN_CAPABILITY:
+        if self.pv == "fp8" and not fp8_mma_supported(device):
+            capability = torch.cuda.get_device_capability(device)
             raise ValueError(
                 f"{PV_ENV}=fp8 needs FP8 tensor cores (sm_89 or newer: L4, L40, H100, ...); "
                 f"this GPU is sm_{capability[0]}{capability[1]}. Unset {PV_ENV} or set it to fp16."
@@ -54,4 +60,8 @@ class SageAttnSettings:
             raise ValueError(
                 f"{MIN_EXTEND_LEN_ENV}={raw_min_len!r}: must be an integer token count"
             ) from None
-        return cls(pv=environ.get(PV_ENV, "fp16").lower(), min_extend_len=min_extend_len)
+        return cls(
+            pv=environ.get(PV_ENV, "fp16").lower(),
+            min_extend_len=min_extend_len,
+            kernel=environ.get(KERNEL_ENV, "auto").lower(),
+        )
