@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
-from sage_attention_inputs import DEVICE, requires_kernels
+from sage_attention_inputs import DEVICE, HAS_GPU, ExtendCase, make_extend_inputs, requires_kernels
 from sage_attention_kit import BACKEND, KIT_DTYPE, KitTestCase, sage_calls_fixture  # noqa: F401
 
 import sglang.srt.layers.attention.sage_attention_backend as backend_module
@@ -79,11 +80,11 @@ def test_kit_cuda_graph_decode_replay_matches_eager(case, sage_calls):
         )
 
 
-def _fixture(case, head_dim, layout="shuffled_pages"):
+def _fixture(case, head_dim, layout="shuffled_pages", max_context_len=kit.DEFAULT_MAX_CONTEXT_LEN):
     with torch.no_grad():
         return kit.build_dense_attention_fixture(
             KitTestCase(), case, head_dim=head_dim, dtype=KIT_DTYPE, device=DEVICE,
-            loc_layout=layout,
+            loc_layout=layout, max_context_len=max_context_len,
         )  # fmt: skip
 
 
@@ -131,19 +132,72 @@ def test_speculative_modes_are_delegated():
     backend = object.__new__(SageAttentionBackend)
     backend.settings = backend_module.SageAttnSettings(min_extend_len=0)
     backend.decode_context_parallel = False
-    backend.triton_backend = type("T", (), {})()
-    backend.triton_backend.forward_metadata = type(
-        "M",
-        (),
-        dict(
-            qo_indptr=None, kv_indptr=None, kv_indices=None, max_extend_len=8,
+    backend.triton_backend = SimpleNamespace(
+        forward_metadata=SimpleNamespace(
+            qo_indptr=torch.tensor([0, 8], dtype=torch.int32),
+            kv_indptr=torch.tensor([0, 0], dtype=torch.int32),
+            kv_indices=torch.zeros(0, dtype=torch.int64), max_extend_len=8,
             swa_out_cache_loc=None,
-        ),
-    )()  # fmt: skip
+        )
+    )  # fmt: skip
+
+    def batch(mode):
+        return SimpleNamespace(
+            forward_mode=mode, extend_seq_lens_cpu=[8], extend_prefix_lens_cpu=[0]
+        )
+
     for mode in (ForwardMode.TARGET_VERIFY, ForwardMode.DRAFT_EXTEND_V2, ForwardMode.DLLM_EXTEND):
-        assert mode.name in backend._plan(mode).delegate_reason
+        assert mode.name in backend._plan(batch(mode)).delegate_reason
     for mode in (ForwardMode.EXTEND, ForwardMode.MIXED):
-        assert backend._plan(mode).delegate_reason is None
+        plan = backend._plan(batch(mode))
+        assert plan.delegate_reason is None and plan.sage.batch_size == 1 and plan.bf16 is None
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch, sage_calls):
+    """Requests per launch of each kernel: the sage op and SGLang's Triton extend kernel."""
+    calls = {"sage": [], "bf16": []}
+    real_sage = backend_module.sage_extend_attention
+
+    def sage(*args, **kwargs):
+        calls["sage"].append(args[6].shape[0] - 1)  # qo_indptr
+        return real_sage(*args, **kwargs)
+
+    monkeypatch.setattr(backend_module, "sage_extend_attention", sage)
+    real_triton = backend_module.TritonAttnBackend.__init__
+
+    def triton_init(self, *args, **kwargs):
+        real_triton(self, *args, **kwargs)
+        fwd = self.extend_attention_fwd
+
+        def counted(*a, **k):
+            calls["bf16"].append(a[6].shape[0] - 1)
+            return fwd(*a, **k)
+
+        self.extend_attention_fwd = counted
+
+    monkeypatch.setattr(backend_module.TritonAttnBackend, "__init__", triton_init)
+    return calls
+
+
+@pytest.mark.skipif(**requires_kernels)
+@pytest.mark.parametrize("layout", ["shuffled_pages", "non_monotonic_extend"])
+@pytest.mark.parametrize("mode", [ForwardMode.EXTEND, ForwardMode.MIXED])
+def test_each_request_takes_its_own_path(mode, layout, kernel_calls, monkeypatch):
+    """A batch with long and short chunks: the long ones run 8-bit, the short ones
+    (like a mixed batch's decode rows) on SGLang's bf16 Triton extend kernel, in
+    one layer call, and the kit's fp32 reference holds for every row."""
+    monkeypatch.setenv("SGLANG_SAGE_ATTN_MIN_EXTEND_LEN", "64")
+    case = kit.DenseAttentionCase(
+        name="long_and_short", backend=BACKEND, forward_mode=mode, num_heads=4,
+        num_kv_heads=2, page_size=1, prefix_lens=(30, 0, 70, 9), extend_lens=(1, 80, 3, 65),
+    )  # fmt: skip
+    with torch.no_grad():
+        kit.run_dense_attention_case(
+            KitTestCase(), case, head_dim=64, dtype=KIT_DTYPE, device=DEVICE, loc_layout=layout,
+            max_context_len=256,
+        )  # fmt: skip
+    assert kernel_calls == {"sage": [2], "bf16": [2]}
 
 
 def _granite_config(tmp_path, num_heads, num_kv_heads):
@@ -166,3 +220,90 @@ def test_heads_per_rank(tp_size, num_kv_heads, tmp_path):
     assert q_heads == 32 // tp_size
     # Fewer KV heads than ranks: each rank keeps (a replica of) one.
     assert kv_heads == max(1, num_kv_heads // tp_size)
+
+
+def _bare_backend(inputs, settings, calls, page_size=1):
+    """A SageAttentionBackend around ``inputs``' cache and index tensors, without a
+    model runner: the batch plan and the forward path as SGLang drives them.
+    Launches of SGLang's Triton extend kernel are counted into ``calls["bf16"]``."""
+    from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
+
+    def counted_extend_attention_fwd(*args, **kwargs):
+        calls["bf16"].append(args[6].shape[0] - 1)
+        return extend_attention_fwd(*args, **kwargs)
+
+    backend = object.__new__(SageAttentionBackend)
+    backend.settings = settings
+    backend.decode_context_parallel = False
+    backend._logged_reasons, backend._announced_sage_path = set(), False
+    backend.extend_attention = backend_module.sage_extend_attention
+    backend.token_to_kv_pool = SimpleNamespace(
+        get_key_buffer=lambda layer_id: inputs["k_buffer"],
+        get_value_buffer=lambda layer_id: inputs["v_buffer"],
+    )
+    backend.triton_backend = SimpleNamespace(
+        extend_attention_fwd=counted_extend_attention_fwd,
+        page_size=page_size,
+        forward_metadata=SimpleNamespace(
+            qo_indptr=inputs["qo_indptr"], kv_indptr=inputs["kv_indptr"],
+            kv_indices=inputs["kv_indices"], max_extend_len=inputs["max_len_extend"],
+            swa_out_cache_loc=None,
+        ),
+    )  # fmt: skip
+    return backend
+
+
+def _bare_layer(inputs):
+    num_q_heads, head_dim = inputs["q_extend"].shape[1:]
+    return SimpleNamespace(
+        layer_id=0, tp_q_head_num=num_q_heads, tp_k_head_num=inputs["k_extend"].shape[1],
+        qk_head_dim=head_dim, v_head_dim=inputs["v_extend"].shape[2], scaling=head_dim**-0.5,
+        sliding_window_size=-1, logit_cap=0.0, is_cross_attention=False,
+        attn_type=backend_module.AttentionType.DECODER, xai_temperature_len=-1,
+        k_scale=None, v_scale=None,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="a 2M-token cache needs a GPU")
+def test_gpu_mixed_batch_packs_only_its_long_chunk(kernel_calls):
+    """One 2048-token chunk beside 64 decode rows of 32K context (a MIXED batch):
+    only the chunk is packed for the 8-bit kernel (one sage launch, one request);
+    the decode rows run on SGLang's bf16 Triton extend kernel. Packing every
+    request's cached prefix used to add ~6 GiB here; now the layer's transient
+    memory stays under 256 MiB."""
+    from sage_attention_inputs import run_op
+
+    from sglang.srt.layers.attention.sage_attention.reference import (
+        attention_error,
+        sage_extend_attention_ref,
+    )
+
+    case = ExtendCase(
+        "mixed_32k", (0,) + (32767,) * 64, (2048,) + (1,) * 64,
+        num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=64,
+    )  # fmt: skip
+    inputs = make_extend_inputs(case, dtype=torch.bfloat16, device="cuda")
+    backend = _bare_backend(
+        inputs, backend_module.SageAttnSettings(min_extend_len=2048), calls=kernel_calls
+    )
+    layer = _bare_layer(inputs)
+    batch = SimpleNamespace(
+        forward_mode=ForwardMode.MIXED, extend_seq_lens_cpu=list(case.extend_lens),
+        extend_prefix_lens_cpu=list(case.prefix_lens), _attn_output=None,
+    )  # fmt: skip
+    backend.forward_metadata = backend._plan(batch)
+    q, k, v = (inputs[n].flatten(1) for n in ("q_extend", "k_extend", "v_extend"))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        out = backend.forward_extend(q, k, v, layer, batch, save_kv_cache=False)
+    torch.cuda.synchronize()
+    transient = torch.cuda.max_memory_allocated() - before
+    print(f"\nMIXED 2048 + 64x32K: transient {transient / 2**20:.1f} MiB, calls {kernel_calls}")
+    assert kernel_calls == {"sage": [1], "bf16": [64]}  # one launch, 64 short requests
+    assert transient <= 256 * 2**20, f"{transient / 2**20:.0f} MiB"
+    exact = run_op(sage_extend_attention_ref, inputs).flatten(1)
+    assert torch.isfinite(out).all()
+    assert attention_error(out[:2048], exact[:2048])[0] >= 0.9999  # 8-bit rows
+    assert attention_error(out[2048:], exact[2048:])[0] >= 0.99999  # bf16 rows

@@ -1,15 +1,18 @@
 """SageAttentionBackend: 8-bit SageAttention prefill for SGLang (``--attention-backend sage_attn``).
 
 Extend batches (prefill, radix-prefix hits, chunked prefill, mixed batches) run
-``sage_extend_attention`` over the paged KV cache. Everything else is delegated,
-whole, to an internal ``TritonAttnBackend``:
+``sage_extend_attention`` over the paged KV cache for every request whose new
+chunk is at least the crossover long (a setting); the batch's other requests
+(decode rows of mixed batches, short chunks) run SGLang's bf16 Triton extend
+kernel in the same layer call, so only requests that gain from 8 bits are
+re-quantized (``sage_attention/request_split.py``). Everything else is
+delegated, whole, to an internal ``TritonAttnBackend``:
 
 - decode, IDLE and decode CUDA graphs: SGLang's split-KV ``decode_attention_fwd``
   reads a bf16 cache and is bandwidth-bound; 8-bit Q·Kᵀ saves nothing there;
 - what the sage kernel does not compute (custom masks of speculative modes,
   sliding windows, soft-capping, sinks, non-causal layers, fp8 KV caches, other
-  head dims), with one INFO line per reason;
-- batches whose chunks are too short for 8 bits to pay off (a setting).
+  head dims), with one INFO line per reason.
 
 The Triton backend also builds the per-batch index metadata (``qo_indptr``,
 ``kv_indptr``, ``kv_indices`` through the runner's KV index translator), so
@@ -36,6 +39,17 @@ from sglang.srt.layers.attention.sage_attention import (
     SUPPORTED_DTYPES,
     SUPPORTED_HEAD_DIMS,
     sage_extend_attention,
+)
+from sglang.srt.layers.attention.sage_attention.extend_attention import use_hopper_kernel
+from sglang.srt.layers.attention.sage_attention.layout import (
+    PV,
+    PackedKV,
+    allocate_packed_kv,
+    packed_len,
+)
+from sglang.srt.layers.attention.sage_attention.request_split import (
+    RequestSubset,
+    split_requests,
 )
 from sglang.srt.layers.attention.sage_attention.settings import SageAttnSettings
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
@@ -78,20 +92,23 @@ def refuse_unsupported_model(model_runner: ModelRunner) -> None:
 
 @dataclass
 class SageForwardMetadata:
-    """One batch's plan: what the sage kernel reads, or why the batch is delegated.
+    """One batch's plan: which requests run on which kernel, or why the batch is delegated.
 
-    The tensors are the Triton backend's (its ``init_forward_metadata`` builds them
-    once per batch), so the delegated and native layers of a batch read the same.
+    Built from the Triton backend's index tensors (its ``init_forward_metadata``
+    builds them once per batch), so the delegated and native layers of a batch
+    read the same slots.
     """
 
-    qo_indptr: torch.Tensor | None
-    kv_indptr: torch.Tensor | None
-    kv_indices: torch.Tensor | None
-    max_extend_len: int | None
+    # Requests on the 8-bit kernel and on the bf16 Triton extend kernel.
+    sage: RequestSubset | None
+    bf16: RequestSubset | None
     # A sliding-window pool's write slots for the batch (None for other pools).
     swa_out_cache_loc: torch.Tensor | None
-    # Why this whole batch runs on the Triton backend, or None for the sage path.
+    # Why this whole batch runs on the Triton backend, or None.
     delegate_reason: str | None
+    # The 8-bit pre-pass's packed K/V, allocated by the batch's first layer and
+    # reused by the others (sized for the ``sage`` requests only).
+    workspace: PackedKV | None = None
 
 
 class TritonHook:
@@ -153,13 +170,18 @@ class SageAttentionBackend(AttentionBackend):
         self.forward_metadata: SageForwardMetadata | None = None
         self._logged_reasons: set[str] = set()
         self._announced_sage_path = False
-        num_q_heads, num_kv_heads = heads_per_rank(model_runner.model_config, parallel.attn_tp_size)
+        # Heads this rank holds (layers carry their own; these are for the log and
+        # for checking a TP bring-up).
+        self.num_q_heads, self.num_kv_heads = heads_per_rank(
+            model_runner.model_config, parallel.attn_tp_size
+        )
         logger.info(
-            "SageAttentionBackend: %d query / %d KV heads per rank, P·V %s, "
+            "SageAttentionBackend: %d query / %d KV heads per rank, P·V %s, kernel %s, "
             "chunks shorter than %d tokens on the Triton extend kernel",
-            num_q_heads,
-            num_kv_heads,
+            self.num_q_heads,
+            self.num_kv_heads,
             self.settings.pv,
+            self.settings.kernel,
             self.settings.min_extend_len,
         )
 
@@ -167,36 +189,53 @@ class SageAttentionBackend(AttentionBackend):
 
     def init_forward_metadata(self, forward_batch: ForwardBatch):
         self.triton_backend.init_forward_metadata(forward_batch)
-        self.forward_metadata = self._plan(forward_batch.forward_mode)
+        self.forward_metadata = self._plan(forward_batch)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         # Graph modes (decode, target verify, draft extend) all run on the Triton path.
         self.triton_backend.init_forward_metadata_out_graph(forward_batch, in_capture)
-        self.forward_metadata = self._plan(forward_batch.forward_mode)
+        self.forward_metadata = self._plan(forward_batch)
 
-    def _plan(self, mode: ForwardMode) -> SageForwardMetadata:
+    def _plan(self, forward_batch) -> SageForwardMetadata:
+        mode = forward_batch.forward_mode
         triton_metadata = self.triton_backend.forward_metadata
+        plan = SageForwardMetadata(
+            sage=None,
+            bf16=None,
+            swa_out_cache_loc=triton_metadata.swa_out_cache_loc,
+            delegate_reason=None,
+        )
         if mode.is_decode_or_idle():
-            reason = None  # decode always runs on the Triton kernel; nothing to log
-        elif mode not in NATIVE_MODES:
-            reason = f"forward mode {mode.name} (speculative or custom-mask attention)"
-        elif self.decode_context_parallel:
-            reason = "decode context parallelism (DCP) shards the KV cache"
-        elif triton_metadata.max_extend_len < self.settings.min_extend_len:
-            reason = (
-                f"chunks shorter than {self.settings.min_extend_len} tokens "
-                "(SGLANG_SAGE_ATTN_MIN_EXTEND_LEN)"
+            return plan  # decode always runs on the Triton kernel; nothing to log
+        if mode not in NATIVE_MODES:
+            plan.delegate_reason = (
+                f"forward mode {mode.name} (speculative or custom-mask attention)"
             )
-        else:
-            reason = None
-        return SageForwardMetadata(
+            return plan
+        if self.decode_context_parallel:
+            plan.delegate_reason = "decode context parallelism (DCP) shards the KV cache"
+            return plan
+        extend_lens = getattr(forward_batch, "extend_seq_lens_cpu", None)
+        prefix_lens = getattr(forward_batch, "extend_prefix_lens_cpu", None)
+        if extend_lens is None or prefix_lens is None:
+            # No host lengths: decide for the batch as a whole, on its longest chunk.
+            longest = triton_metadata.max_extend_len
+            extend_lens = [longest] * (triton_metadata.qo_indptr.shape[0] - 1)
+            prefix_lens = None
+        plan.sage, plan.bf16 = split_requests(
             qo_indptr=triton_metadata.qo_indptr,
             kv_indptr=triton_metadata.kv_indptr,
             kv_indices=triton_metadata.kv_indices,
-            max_extend_len=triton_metadata.max_extend_len,
-            swa_out_cache_loc=triton_metadata.swa_out_cache_loc,
-            delegate_reason=reason,
+            extend_lens=list(extend_lens),
+            prefix_lens=list(prefix_lens) if prefix_lens is not None else [0] * len(extend_lens),
+            min_extend_len=self.settings.min_extend_len,
         )
+        if plan.sage is None:
+            plan.delegate_reason = (
+                f"chunks shorter than {self.settings.min_extend_len} tokens "
+                "(SGLANG_SAGE_ATTN_MIN_EXTEND_LEN)"
+            )
+        return plan
 
     # ---- forward ----------------------------------------------------------------
 
@@ -215,6 +254,8 @@ class SageAttentionBackend(AttentionBackend):
             return f"{layer.attn_type.value} attention (not causal)"
         if layer.xai_temperature_len > 0:
             return "xai temperature scaling"
+        if layer.k_scale is not None or layer.v_scale is not None:
+            return "per-layer KV-cache scales"
         if k is None:
             return "K/V read back from the cache (k is None)"
         if q.dtype not in SUPPORTED_DTYPES:
@@ -247,8 +288,8 @@ class SageAttentionBackend(AttentionBackend):
         save_kv_cache: bool = True,
         **kwargs,
     ):
-        metadata = self.forward_metadata
-        reason = metadata.delegate_reason or self._layer_delegate_reason(q, k, layer, kwargs)
+        plan = self.forward_metadata
+        reason = plan.delegate_reason or self._layer_delegate_reason(q, k, layer, kwargs)
         if reason is not None:
             self._log_delegation(reason)
             return self.triton_backend.forward_extend(
@@ -258,7 +299,7 @@ class SageAttentionBackend(AttentionBackend):
         if save_kv_cache:
             # Same dtype as the cache and no scales: the pool copies, it never
             # rescales the caller's k/v in place.
-            write_loc = KVWriteLoc.for_batch(forward_batch, swa_loc=metadata.swa_out_cache_loc)
+            write_loc = KVWriteLoc.for_batch(forward_batch, swa_loc=plan.swa_out_cache_loc)
             self.token_to_kv_pool.set_kv_buffer(layer, write_loc, k, v)
         num_q_heads, num_kv_heads = layer.tp_q_head_num, layer.tp_k_head_num
         # Prefill CUDA graphs hand in their own output rows to fill.
@@ -267,29 +308,99 @@ class SageAttentionBackend(AttentionBackend):
             o = q.new_empty((q.shape[0], num_q_heads * layer.v_head_dim))
         if not self._announced_sage_path:
             self._announced_sage_path = True
+            hopper = use_hopper_kernel(
+                self.settings.kernel, layer.qk_head_dim, layer.v_head_dim, q.device
+            )
             logger.info(
-                "sage_attn: extend batches run on the 8-bit kernel (first: %d requests, "
-                "longest chunk %d tokens, P·V %s)",
-                metadata.qo_indptr.shape[0] - 1,
-                metadata.max_extend_len,
+                "sage_attn: extend batches run on the 8-bit kernel (%s; first: %d of %d "
+                "requests 8-bit, longest chunk %d tokens, P·V %s)",
+                "Gluon, Hopper" if hopper else "Triton",
+                plan.sage.batch_size,
+                plan.sage.batch_size + (plan.bf16.batch_size if plan.bf16 else 0),
+                plan.sage.max_extend_len,
                 self.settings.pv,
             )
-        self.extend_attention(
+        qkvo = (
             q.view(-1, num_q_heads, layer.qk_head_dim),
             k.view(-1, num_kv_heads, layer.qk_head_dim),
             v.view(-1, num_kv_heads, layer.v_head_dim),
             o.view(-1, num_q_heads, layer.v_head_dim),
+        )
+        cache = (
             self.token_to_kv_pool.get_key_buffer(layer.layer_id),
             self.token_to_kv_pool.get_value_buffer(layer.layer_id),
-            metadata.qo_indptr,
-            metadata.kv_indptr,
-            metadata.kv_indices,
-            metadata.max_extend_len,
+        )
+        _run_on_subset(plan.sage, qkvo, lambda *t: self._sage_kernel(plan, layer, *t, *cache))
+        if plan.bf16 is not None:
+            _run_on_subset(plan.bf16, qkvo, lambda *t: self._bf16_kernel(plan, layer, *t, *cache))
+        return o
+
+    def _sage_kernel(self, plan, layer, q, k, v, o, k_buffer, v_buffer):
+        subset = plan.sage
+        self.extend_attention(
+            q,
+            k,
+            v,
+            o,
+            k_buffer,
+            v_buffer,
+            subset.qo_indptr,
+            subset.kv_indptr,
+            subset.kv_indices,
+            subset.max_extend_len,
             sm_scale=layer.scaling,
             causal=True,
             pv=self.settings.pv,
+            workspace=self._workspace(plan, k, v),
+            kernel=self.settings.kernel,
         )
-        return o
+
+    def _workspace(self, plan, k: torch.Tensor, v: torch.Tensor) -> PackedKV:
+        """The batch's packed-K/V buffer: one allocation for all its layers."""
+        subset, pv = plan.sage, PV(self.settings.pv)
+        rows = packed_len(subset.kv_indices.shape[0], k.shape[0], subset.batch_size)
+        workspace = plan.workspace
+        if workspace is None or not (
+            workspace.pv is pv
+            and workspace.fits(rows, subset.batch_size)
+            and workspace.k_int8.shape[::2] == (k.shape[1], k.shape[2])
+            and workspace.v_scale.shape[1:] == (v.shape[1], v.shape[2])
+        ):
+            workspace = plan.workspace = allocate_packed_kv(
+                num_rows=rows,
+                batch_size=subset.batch_size,
+                num_kv_heads=k.shape[1],
+                head_dim=k.shape[2],
+                head_dim_v=v.shape[2],
+                pv=pv,
+                device=k.device,
+            )
+        return workspace
+
+    def _bf16_kernel(self, plan, layer, q, k, v, o, k_buffer, v_buffer):
+        """SGLang's Triton extend kernel on the short requests, as the Triton backend calls it
+        for a plain causal layer (no window, soft-cap, sinks or cache scales)."""
+        subset = plan.bf16
+        self.triton_backend.extend_attention_fwd(
+            q,
+            k.contiguous(),
+            v.contiguous(),
+            o,
+            k_buffer,
+            v_buffer,
+            subset.qo_indptr,
+            subset.kv_indptr,
+            subset.kv_indices,
+            None,  # custom_mask
+            True,  # causal
+            None,  # mask_indptr
+            subset.max_extend_len,
+            1.0,  # k_descale
+            1.0,  # v_descale
+            layer.scaling,
+            page_size=self.triton_backend.page_size,
+            extend_seq_lens_cpu=subset.extend_lens,
+        )
 
     def forward_decode(
         self,
@@ -304,3 +415,16 @@ class SageAttentionBackend(AttentionBackend):
         return self.triton_backend.forward_decode(
             q, k, v, layer, forward_batch, save_kv_cache, **kwargs
         )
+
+
+def _run_on_subset(subset: RequestSubset, qkvo, kernel) -> None:
+    """Run ``kernel(q, k, v, o)`` on a subset's rows: in place for the whole batch,
+    else on gathered rows whose output is scattered back."""
+    q, k, v, o = qkvo
+    if subset.rows is None:
+        kernel(q, k, v, o)
+        return
+    rows = subset.rows
+    o_rows = o.new_empty((rows.shape[0], *o.shape[1:]))
+    kernel(q[rows], k[rows], v[rows], o_rows)
+    o.index_copy_(0, rows, o_rows)
