@@ -5,9 +5,10 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 steps=${*:-tests bench kit serve}
-bash .gpu-bundle/install.sh && export PYTHONPATH=/tmp/site
-export PYTHONUNBUFFERED=1
-summary="$OUT/summary.txt"; : > "$summary"
+summary="$OUT/summary.txt"
+# SKIP_INSTALL=1: the bundle is installed already (several timed invocations in one call).
+if [ -z "${SKIP_INSTALL:-}" ]; then bash .gpu-bundle/install.sh; : > "$summary"; fi
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$summary"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$summary"
 
@@ -35,21 +36,30 @@ PY
       --out "$OUT" > "$OUT/bench.log" 2>&1
     echo "bench rc=$?" | tee -a "$summary"; sed -n '/^impl/,$p' "$OUT/bench.log" | tee -a "$summary"
     ;;
-  serve)
+  serve|serve_graphs)
     # Same prompts through a real server, Triton vs sage_attn; every extend batch on
-    # the sage kernel (crossover 0), chunked prefill over a cached prefix.
+    # the sage kernel (crossover 0), chunked prefill over a cached prefix. serve_graphs
+    # keeps SGLang's CUDA graphs on (decode graphs, and breakable prefill graphs).
     serve="python3 benchmark/sage_attention/serve_logprobs.py"
+    if [ "$step" = serve_graphs ]; then
+      extra=${SERVE_GRAPH_EXTRA:---chunked-prefill-size 256 --cuda-graph-max-bs-decode 4}
+    else
+      extra=${SERVE_EXTRA:---chunked-prefill-size 256 --disable-cuda-graph}
+    fi
     for backend in triton sage_attn; do
       SGLANG_SAGE_ATTN_MIN_EXTEND_LEN=0 $serve run --backend $backend \
-        --out "$OUT/serve_$backend.json" --extra "${SERVE_EXTRA:---chunked-prefill-size 256 --disable-cuda-graph}" \
-        2>&1 | tail -3 | tee -a "$summary"
+        --out "$OUT/${step}_$backend.json" --extra "$extra" 2>&1 | tail -3 | tee -a "$summary"
     done
-    $serve compare "$OUT/serve_triton.json" "$OUT/serve_sage_attn.json" | tee -a "$summary"
-    log="$OUT/serve_sage_attn.server.log"
-    { grep -E "SageAttentionBackend|sage_attn:" "$log"; grep "Prefill batch" "$log" | head -4
-      grep "Decode batch" "$log" | head -3
+    $serve compare "$OUT/${step}_triton.json" "$OUT/${step}_sage_attn.json" | tee -a "$summary"
+    log="$OUT/${step}_sage_attn.server.log"
+    { grep -E "SageAttentionBackend|sage_attn:|[Cc]apture cuda graph|CUDA graph" "$log" | head -8
+      grep "Prefill batch" "$log" | head -3; grep "Decode batch" "$log" | head -2
       echo "prefill batches: $(grep -c 'Prefill batch' "$log"), decode batches: $(grep -c 'Decode batch' "$log")"
     } | cut -c1-220 | tee -a "$summary"
+    # A run that did not take the 8-bit path proves nothing about it: fail loudly.
+    if ! grep -q "extend batches run on the 8-bit kernel" "$log"; then
+      echo "FAIL $step: the sage kernel never ran in the sage_attn server" | tee -a "$summary"
+    fi
     ;;
   train)
     python3 benchmark/sage_attention/train_byte_model.py --out "$OUT/byte-granite" \
@@ -62,7 +72,7 @@ PY
     echo "validate rc=$?" | tee -a "$summary"; head -40 "$OUT/validation.md" | tee -a "$summary"
     ;;
   layer)
-    python3 benchmark/sage_attention/layer_timing.py --out "$OUT" > "$OUT/layer.log" 2>&1
+    python3 benchmark/sage_attention/layer_timing.py ${LAYER_ARGS:-} --out "$OUT" > "$OUT/layer.log" 2>&1
     echo "layer rc=$?" | tee -a "$summary"; tail -30 "$OUT/layer.log" | tee -a "$summary"
     ;;
   serve_model)

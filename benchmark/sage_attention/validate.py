@@ -375,6 +375,11 @@ def main():
     parser.add_argument("--skip-layer-timing", action="store_true")
     parser.add_argument("--report-from", metavar="JSON", help="only render the report of a run")
     args = parser.parse_args()
+    if args.cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        # The interpreter is chosen when triton is imported (already done above):
+        # start again with it switched on, so `--cpu` works as the only flag.
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     os.makedirs(args.out, exist_ok=True)
     if args.report_from:
         with open(args.report_from) as f:

@@ -41,6 +41,8 @@ def test_validate_quick_runs_end_to_end(tmp_path):
         capture_output=True,
         text=True,
         timeout=1200,
+        # README's command as written: --cpu alone must switch the interpreter on.
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "validation.json").read_text())

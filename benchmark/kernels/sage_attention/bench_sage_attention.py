@@ -7,12 +7,14 @@ rotates through several KV sets). TOPS count only visible (query, key) pairs:
 
 Suites (``--suites``):
 - dense:  prefill without cached prefix, L = 1K..32K, hd 64/128, causal and not;
-          sage fp16/fp8 (with quantization, and kernel-only), SDPA flash/cuDNN,
+          sage fp16/fp8 (the op: Gluon kernel on Hopper; kernel-only; and the op
+          forced onto the portable Triton kernel, ``*_triton``), SDPA flash/cuDNN,
           SGLang's Triton extend kernel, sageattention 1.0.6, FlashInfer.
 - extend: prefill over a paged, scrambled cache with 0/50/90% of each request cached.
 - decode: batch 1..64 x KV 1K..128K, the decode kernel sage_attn uses (SGLang's
           Triton split-KV), GB/s against the card's measured copy bandwidth.
-- sweep:  sage kernel-only time for each tile config of ``--tiles`` (tuning).
+- sweep:  sage kernel-only time for each tile config of ``--tiles`` (tuning),
+          including the plain-load (non-TMA) path Ampere and Ada run.
 
     python bench_sage_attention.py --quick            # ~2 min: hd128 8K dense
     python bench_sage_attention.py --out results/     # everything, JSON + CSV
@@ -135,10 +137,11 @@ def reference_rows(inputs, prefix_len, chunk_len, causal):
 
 def pack(inputs, pv: str):
     """The sage pre-pass alone (quantized, packed K/V) for kernel-only timings."""
+    from sglang.srt.layers.attention.sage_attention.layout import PV
     from sglang.srt.layers.attention.sage_attention.quantize import quantize_kv
 
     names = ("k_extend", "v_extend", "k_buffer", "v_buffer", "qo_indptr", "kv_indptr", "kv_indices")
-    return quantize_kv(*(inputs[n] for n in names), pv_fp8=pv == "fp8")
+    return quantize_kv(*(inputs[n] for n in names), pv=PV(pv))
 
 
 def prefill_impls(inputs, batch, prefix_len, chunk_len, causal, with_baselines=True):
@@ -148,35 +151,43 @@ def prefill_impls(inputs, batch, prefix_len, chunk_len, causal, with_baselines=T
     from sglang.srt.layers.attention.sage_attention.extend_attention import (
         sage_attention_from_packed,
         tile_config,
+        use_hopper_kernel,
+    )
+    from sglang.srt.layers.attention.sage_attention.hopper_attention import (
+        sage_attention_from_packed_hopper,
     )
 
     q, o = inputs["q_extend"], inputs["o_extend"]
     q_heads, head_dim = q.shape[1], q.shape[2]
     kv_len = prefix_len + chunk_len
 
-    def sage(pv):
+    def sage(pv, kernel="auto"):
         def run():
-            sage_extend_attention(**inputs, causal=causal, pv=pv)
+            sage_extend_attention(**inputs, causal=causal, pv=pv, kernel=kernel)
             return o
 
         return run
 
     def sage_kernel_only(pv):
+        """The attention kernel the op dispatches to (Gluon on Hopper), pre-pass excluded."""
         packed = pack(inputs, pv)
-        config = tile_config(head_dim, causal, pv, q.device)
+        if use_hopper_kernel("auto", head_dim, o.shape[2], q.device):
+
+            def run():
+                sage_attention_from_packed_hopper(
+                    q, o, packed, inputs["qo_indptr"], inputs["kv_indptr"], chunk_len,
+                    sm_scale=head_dim**-0.5, causal=causal,
+                )  # fmt: skip
+                return o
+
+            return run
+        config = tile_config(head_dim, causal, packed.pv, q.device)
 
         def run():
             sage_attention_from_packed(
-                q,
-                o,
-                packed,
-                inputs["qo_indptr"],
-                inputs["kv_indptr"],
-                chunk_len,
-                head_dim**-0.5,
-                causal,
-                config,
-            )
+                q, o, packed, inputs["qo_indptr"], inputs["kv_indptr"], chunk_len,
+                sm_scale=head_dim**-0.5, causal=causal, config=config,
+            )  # fmt: skip
             return o
 
         return run
@@ -185,6 +196,7 @@ def prefill_impls(inputs, batch, prefix_len, chunk_len, causal, with_baselines=T
     for pv in ("fp16", "fp8"):
         impls[f"sage_{pv}"] = sage(pv)
         impls[f"sage_{pv}_kernel_only"] = sage_kernel_only(pv)
+        impls[f"sage_{pv}_triton"] = sage(pv, kernel="triton")
     if not with_baselines:
         return impls
 
@@ -408,6 +420,7 @@ def bench_sweep(args, head_dim, causal, pv, tiles) -> list[Row]:
         TileConfig,
         sage_attention_from_packed,
     )
+    from sglang.srt.layers.attention.sage_attention.layout import KV_BLOCK
 
     seq_len = args.sweep_len
     batch = max(1, args.tokens // seq_len)
@@ -417,7 +430,9 @@ def bench_sweep(args, head_dim, causal, pv, tiles) -> list[Row]:
     pairs = visible_pairs(seq_len, seq_len, causal)
     out = []
     for tile in tiles:
-        config = TileConfig(*tile)
+        # block_m, warps, stages[, tma]; keys per tile are the packed layout's block.
+        block_m, warps, stages, *tma = tile
+        config = TileConfig(block_m, KV_BLOCK, warps, stages, use_tma=bool(tma[0]) if tma else True)
 
         def run(config=config):
             sage_attention_from_packed(
@@ -427,9 +442,9 @@ def bench_sweep(args, head_dim, causal, pv, tiles) -> list[Row]:
                 inputs["qo_indptr"],
                 inputs["kv_indptr"],
                 seq_len,
-                head_dim**-0.5,
-                causal,
-                config,
+                sm_scale=head_dim**-0.5,
+                causal=causal,
+                config=config,
             )
             return inputs["o_extend"]
 
@@ -675,8 +690,8 @@ def main():
     parser.add_argument(
         "--tiles",
         nargs="+",
-        default=["128,64,8,2", "128,128,8,2", "128,128,8,3"],
-        help="sweep: block_m,block_n,num_warps,num_stages",
+        default=["64,4,2", "64,4,3", "128,8,2", "64,4,2,0"],
+        help="sweep: block_m,num_warps,num_stages[,tma 0/1] (keys per tile: the packed block)",
     )
     parser.add_argument("--sweep-len", type=int, default=8192)
     parser.add_argument("--q-heads", type=int, default=32)
@@ -710,14 +725,14 @@ def main():
         meta["copy_gbps"] = copy_bandwidth_gbps()
     rows: list[Row] = []
     jobs = plan(args)
+    json_path = os.path.join(args.out, "bench_sage_attention.json")
     for desc, job in tqdm(jobs, desc="bench", unit="shape"):
         tqdm.write(desc)
         rows += job()
         torch.cuda.empty_cache()
-
-    json_path = os.path.join(args.out, "bench_sage_attention.json")
-    with open(json_path, "w") as f:
-        json.dump(dict(meta, rows=[asdict(r) for r in rows]), f, indent=1)
+        # Written after every shape, so a run cut short keeps what it measured.
+        with open(json_path, "w") as f:
+            json.dump(dict(meta, rows=[asdict(r) for r in rows]), f, indent=1)
     with open(os.path.join(args.out, "bench_sage_attention.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Row)])
         writer.writeheader()
