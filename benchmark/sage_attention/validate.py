@@ -374,6 +374,11 @@ def main():
     parser.add_argument("--backends", nargs="+", default=list(SGLANG_BACKENDS))
     parser.add_argument("--skip-layer-timing", action="store_true")
     parser.add_argument("--report-from", metavar="JSON", help="only render the report of a run")
+    parser.add_argument("--model", choices=["byte", "smollm2"], default="byte")
+    smol = parser.add_argument_group("--model smollm2 (validate_smollm2.py)")
+    smol.add_argument("--smollm2-cache", help="default $SAGE_ATTN_SMOLLM2_CACHE or ~/.cache/...")
+    smol.add_argument("--layers", type=int, help="run only the first N layers")
+    smol.add_argument("--chat-prompt", default="What is the capital of France?")
     args = parser.parse_args()
     if args.cpu and os.environ.get("TRITON_INTERPRET") != "1":
         # The interpreter is chosen when triton is imported (already done above):
@@ -381,9 +386,25 @@ def main():
         env = dict(os.environ, TRITON_INTERPRET="1")
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     os.makedirs(args.out, exist_ok=True)
+    if args.model == "smollm2":
+        import validate_smollm2 as harness
+
+        harness.configure(args)
+    else:
+        harness = None
     if args.report_from:
         with open(args.report_from) as f:
-            print(render_report(json.load(f), os.path.dirname(os.path.abspath(args.report_from))))
+            result, out_dir = json.load(f), os.path.dirname(os.path.abspath(args.report_from))
+        print(harness.render(result, out_dir) if harness else render_report(result, out_dir))
+        return
+    if harness:
+        result = harness.run(args)
+        with open(os.path.join(args.out, "validation_smollm2.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        report = harness.render(result, args.out)
+        with open(os.path.join(args.out, "validation_smollm2.md"), "w") as f:
+            f.write(report)
+        print(report)
         return
     if args.quick:
         args.contexts, args.windows_per_context = [64, 128], [2, 2]
