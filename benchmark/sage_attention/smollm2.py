@@ -283,7 +283,7 @@ def load_model(ckpt: str, dtype=torch.float32, device="cpu", num_layers: int | N
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
     model = ByteLlama(c)
     model.load_hf_state_dict(tensors)
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if config["tie_word_embeddings"]:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
