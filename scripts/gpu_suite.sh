@@ -71,6 +71,14 @@ PY
       --skip-layer-timing --out "$OUT" > "$OUT/validate.log" 2>&1
     echo "validate rc=$?" | tee -a "$summary"; head -40 "$OUT/validation.md" | tee -a "$summary"
     ;;
+  smollm2)
+    # SmolLM2-135M through SGLang's stack (validate.py --model smollm2). Its wheel must
+    # already be in /tmp/smollm2-cache: scripts/ship_smollm2.sh says how it gets there.
+    SAGE_ATTN_SMOLLM2_CACHE=${SAGE_ATTN_SMOLLM2_CACHE:-/tmp/smollm2-cache} \
+      python3 benchmark/sage_attention/validate.py --model smollm2 ${SMOLLM2_ARGS:-} \
+      --out "$OUT" > "$OUT/validate_smollm2.log" 2>&1
+    echo "smollm2 rc=$?" | tee -a "$summary"; head -60 "$OUT/validation_smollm2.md" | tee -a "$summary"
+    ;;
   layer)
     python3 benchmark/sage_attention/layer_timing.py ${LAYER_ARGS:-} --out "$OUT" > "$OUT/layer.log" 2>&1
     echo "layer rc=$?" | tee -a "$summary"; tail -30 "$OUT/layer.log" | tee -a "$summary"
