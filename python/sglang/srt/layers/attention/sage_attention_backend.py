@@ -218,16 +218,18 @@ class SageAttentionBackend(AttentionBackend):
         extend_lens = getattr(forward_batch, "extend_seq_lens_cpu", None)
         prefix_lens = getattr(forward_batch, "extend_prefix_lens_cpu", None)
         if extend_lens is None or prefix_lens is None:
-            # No host lengths: decide for the batch as a whole, on its longest chunk.
-            longest = triton_metadata.max_extend_len
-            extend_lens = [longest] * (triton_metadata.qo_indptr.shape[0] - 1)
-            prefix_lens = None
+            # No host lengths: decide for the batch as a whole, on its longest chunk
+            # (equal lengths put every request on one side, which then uses the
+            # batch's own index tensors; the prefix lengths are not read).
+            batch_size = triton_metadata.qo_indptr.shape[0] - 1
+            extend_lens = [triton_metadata.max_extend_len] * batch_size
+            prefix_lens = [0] * batch_size
         plan.sage, plan.bf16 = split_requests(
             qo_indptr=triton_metadata.qo_indptr,
             kv_indptr=triton_metadata.kv_indptr,
             kv_indices=triton_metadata.kv_indices,
             extend_lens=list(extend_lens),
-            prefix_lens=list(prefix_lens) if prefix_lens is not None else [0] * len(extend_lens),
+            prefix_lens=list(prefix_lens),
             min_extend_len=self.settings.min_extend_len,
         )
         if plan.sage is None:
@@ -360,11 +362,8 @@ class SageAttentionBackend(AttentionBackend):
         subset, pv = plan.sage, PV(self.settings.pv)
         rows = packed_len(subset.kv_indices.shape[0], k.shape[0], subset.batch_size)
         workspace = plan.workspace
-        if workspace is None or not (
-            workspace.pv is pv
-            and workspace.fits(rows, subset.batch_size)
-            and workspace.k_int8.shape[::2] == (k.shape[1], k.shape[2])
-            and workspace.v_scale.shape[1:] == (v.shape[1], v.shape[2])
+        if workspace is None or not workspace.matches(
+            rows, subset.batch_size, k.shape[1], k.shape[2], v.shape[2], pv
         ):
             workspace = plan.workspace = allocate_packed_kv(
                 num_rows=rows,

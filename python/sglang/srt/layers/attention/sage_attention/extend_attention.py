@@ -417,25 +417,11 @@ def _check_inputs(
 
 def _kv_sources(packed: PackedKV, config: TileConfig):
     """The K and V operands of the attention kernel: descriptors (TMA) or the buffers."""
-    num_kv_heads, num_rows, head_dim = packed.k_int8.shape
     if not config.use_tma:
         return packed.k_int8, packed.v
-    k_src = TensorDescriptor.from_tensor(
-        packed.k_int8.view(num_kv_heads * num_rows, head_dim), [config.block_n, head_dim]
-    )
-    if packed.pv is PV.FP8:
-        head_dim_v = packed.v.shape[1]
-        v_view, v_block = (
-            packed.v.view(num_kv_heads * head_dim_v, num_rows),
-            [head_dim_v, config.block_n],
-        )
-    else:
-        head_dim_v = packed.v.shape[2]
-        v_view, v_block = (
-            packed.v.view(num_kv_heads * num_rows, head_dim_v),
-            [config.block_n, head_dim_v],
-        )
-    return k_src, TensorDescriptor.from_tensor(v_view, v_block)
+    (k_view, k_tile), (v_view, v_tile) = packed.tile_views(config.block_n)
+    k_src = TensorDescriptor.from_tensor(k_view, k_tile)
+    return k_src, TensorDescriptor.from_tensor(v_view, v_tile)
 
 
 def sage_attention_from_packed(

@@ -639,33 +639,18 @@ if hopper_kernel_available():
 
 
 def _descriptors(q_int8: torch.Tensor, packed: PackedKV):
-    """Host TMA descriptors on 2-D views: Q [Hq*N, D], K [Hkv*T, D], V [Hkv*T, Dv] (FP16)
-    or [Hkv*Dv, T] (FP8, token-contiguous)."""
+    """Host TMA descriptors: Q on its ``[Hq * N, D]`` view, K and V on the packed
+    layout's tile views (``PackedKV.tile_views``)."""
     num_q_heads, num_tokens, head_dim = q_int8.shape
-    num_kv_heads, num_rows, _ = packed.k_int8.shape
 
     def describe(t: torch.Tensor, block: list[int], dtype):
         layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
         return TensorDescriptor.from_tensor(t, block, layout)
 
+    (k_view, k_tile), (v_view, v_tile) = packed.tile_views(KV_BLOCK)
     q_desc = describe(q_int8.view(num_q_heads * num_tokens, head_dim), [WG_M, head_dim], gl.int8)
-    k_desc = describe(
-        packed.k_int8.view(num_kv_heads * num_rows, head_dim), [KV_BLOCK, head_dim], gl.int8
-    )
-    if packed.pv is PV.FP8:
-        head_dim_v = packed.v.shape[1]
-        v_desc = describe(
-            packed.v.view(num_kv_heads * head_dim_v, num_rows),
-            [head_dim_v, KV_BLOCK],
-            gl.float8e4nv,
-        )
-    else:
-        head_dim_v = packed.v.shape[2]
-        v_desc = describe(
-            packed.v.view(num_kv_heads * num_rows, head_dim_v),
-            [KV_BLOCK, head_dim_v],
-            gl.float16,
-        )
+    k_desc = describe(k_view, k_tile, gl.int8)
+    v_desc = describe(v_view, v_tile, gl.float8e4nv if packed.pv is PV.FP8 else gl.float16)
     return q_desc, k_desc, v_desc
 
 

@@ -78,8 +78,37 @@ class PackedKV:
             return self.v.stride(0), self.v.stride(2), self.v.stride(1)
         return self.v.stride(0), self.v.stride(1), self.v.stride(2)
 
-    def fits(self, num_rows: int, batch_size: int) -> bool:
-        return self.num_rows >= num_rows and self.v_scale.shape[0] >= batch_size
+    def matches(
+        self,
+        num_rows: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        head_dim_v: int,
+        pv: PV,
+    ) -> bool:
+        """Whether this buffer can take a call's packed K/V: same layout, enough rows."""
+        return (
+            self.pv is pv
+            and self.num_rows >= num_rows
+            and self.v_scale.shape[0] >= batch_size
+            and (self.k_int8.shape[0], self.k_int8.shape[2]) == (num_kv_heads, head_dim)
+            and self.v_scale.shape[2] == head_dim_v
+        )
+
+    def tile_views(self, block_n: int):
+        """2-D views a TMA descriptor spans and the tile shape of each, for K then V:
+        K ``[Hkv * T, D]`` in ``[block_n, D]`` tiles; V FP16 ``[Hkv * T, Dv]`` in
+        ``[block_n, Dv]`` tiles, FP8 ``[Hkv * Dv, T]`` in ``[Dv, block_n]`` tiles."""
+        num_kv_heads, num_rows, head_dim = self.k_int8.shape
+        k = (self.k_int8.view(num_kv_heads * num_rows, head_dim), [block_n, head_dim])
+        if self.pv is PV.FP8:
+            head_dim_v = self.v.shape[1]
+            v = (self.v.view(num_kv_heads * head_dim_v, num_rows), [head_dim_v, block_n])
+        else:
+            head_dim_v = self.v.shape[2]
+            v = (self.v.view(num_kv_heads * num_rows, head_dim_v), [block_n, head_dim_v])
+        return k, v
 
 
 def packed_len(num_prefix_slots: int, num_extend_tokens: int, batch_size: int) -> int:

@@ -317,7 +317,7 @@ def quantize_kv(
             pv=pv,
             device=device,
         )
-    elif workspace.pv is not pv or not workspace.fits(num_rows, batch_size):
+    elif not workspace.matches(num_rows, batch_size, num_kv_heads, head_dim, head_dim_v, pv):
         raise ValueError(
             f"sage_attn: workspace ({workspace.pv.value}, {workspace.num_rows} rows) "
             f"does not fit this call ({pv.value}, {num_rows} rows, batch {batch_size})"
