@@ -105,6 +105,7 @@ def time_8b_layer(quick: bool = False) -> list[dict]:
                 rows.append(
                     dict(phase="prefill", size=n, impl=key, **_measure(lambda r=run, h=h: r(h)))
                 )
+                stack.require_sage_kernel()
             positions = torch.arange(n, device="cuda")
 
             def cudnn(h=h, positions=positions, n=n):

@@ -90,6 +90,17 @@ class SGLangStack:
         self.runner = runner
         with env(dict(settings, SGLANG_SAGE_ATTN_MIN_EXTEND_LEN="0")):
             self.backend = ATTENTION_BACKENDS[name](runner)
+        # Launches of the 8-bit op: a figure labelled sage must come from it, not
+        # from a layer the backend delegated to Triton (see ``require_sage_kernel``).
+        self.sage_kernel_calls = 0
+        if name == "sage_attn":
+            sage_op = self.backend.extend_attention
+
+            def counted_sage_op(*args, **kwargs):
+                self.sage_kernel_calls += 1
+                return sage_op(*args, **kwargs)
+
+            self.backend.extend_attention = counted_sage_op
         self.layers = [
             RadixAttention(num_heads, head_dim, head_dim**-0.5, num_kv_heads, layer_id=i)
             for i in range(num_layers)
@@ -149,6 +160,14 @@ class SGLangStack:
             logits = model(tokens.flatten().to(self.device), fb.positions, attention, capture)
         return logits.view(batch, n, -1)
 
+    def require_sage_kernel(self) -> None:
+        """Raise if this is a sage_attn stack whose extends never reached the 8-bit op."""
+        if self.name == "sage_attn" and self.sage_kernel_calls == 0:
+            raise RuntimeError(
+                "sage_attn stack: no extend ran on the 8-bit kernel (every layer was "
+                "delegated to Triton); its figures would measure Triton"
+            )
+
     def prefill(self, model, tokens, chunk, capture=None):
         from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
@@ -157,6 +176,7 @@ class SGLangStack:
             part = capture if start + chunk >= tokens.shape[1] else None  # last chunk only
             piece = tokens[:, start : start + chunk]
             outs.append(self.forward(model, piece, ForwardMode.EXTEND, start, part).float())
+        self.require_sage_kernel()
         return torch.cat(outs, dim=1)
 
     def greedy(self, model, prompts, steps, chunk):
