@@ -191,3 +191,22 @@ class SGLangStack:
             token = out[:, -1].float().argmax(-1)
             generated.append(token)
         return torch.stack(generated, dim=1).cpu()
+
+
+def build_stacks(keys, config, *, device, dtype, max_batch, max_context) -> dict:
+    """One ``SGLangStack`` per backend key for a model of ``config``'s attention shape
+    (layers, heads, KV heads, head dim)."""
+    return {
+        key: SGLangStack(
+            key,
+            config.num_layers,
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+            device=device,
+            dtype=dtype,
+            max_batch=max_batch,
+            max_context=max_context,
+        )
+        for key in keys
+    }

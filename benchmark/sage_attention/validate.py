@@ -28,7 +28,7 @@ import sys
 import torch
 import torch.nn.functional as F
 from byte_model import causal_sdpa, load_checkpoint, stdlib_corpus, windows
-from sglang_stack import SGLANG_BACKENDS, SGLangStack
+from sglang_stack import SGLANG_BACKENDS, build_stacks
 
 BASELINE = "triton"
 
@@ -118,20 +118,9 @@ def run_validation(args) -> dict:
     _, held_out = stdlib_corpus()
     max_ctx = max(args.contexts) + args.gen_steps + 16
     max_batch = max(max(args.windows_per_context), args.prompts)
-    stacks = {
-        key: SGLangStack(
-            key,
-            c.num_layers,
-            c.num_heads,
-            c.num_kv_heads,
-            c.head_dim,
-            device=device,
-            dtype=dtype,
-            max_batch=max_batch,
-            max_context=max_ctx,
-        )
-        for key in args.backends
-    }
+    stacks = build_stacks(
+        args.backends, c, device=device, dtype=dtype, max_batch=max_batch, max_context=max_ctx
+    )
     from tqdm import tqdm
 
     result = dict(

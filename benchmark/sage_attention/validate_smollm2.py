@@ -21,7 +21,7 @@ import random
 
 import smollm2
 import torch
-from sglang_stack import SGLangStack
+from sglang_stack import build_stacks
 from validate import (
     BASELINE,
     compare,
@@ -158,20 +158,9 @@ def run(args) -> dict:
     max_ctx = max(max(args.contexts), max(args.task_lengths)) + args.gen_steps + 16
     max_ctx = max(max_ctx, 256 + args.chat_steps)
     max_batch = max(*args.windows_per_context, args.prompts, args.task_batch)
-    stacks = {
-        key: SGLangStack(
-            key,
-            c.num_layers,
-            c.num_heads,
-            c.num_kv_heads,
-            c.head_dim,
-            device=device,
-            dtype=dtype,
-            max_batch=max_batch,
-            max_context=max_ctx,
-        )
-        for key in args.backends
-    }
+    stacks = build_stacks(
+        args.backends, c, device=device, dtype=dtype, max_batch=max_batch, max_context=max_ctx
+    )
     result = dict(
         model="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
         layers=c.num_layers,
