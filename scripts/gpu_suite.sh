@@ -15,7 +15,9 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for step in $steps; do
   case $step in
   tests)
-    python3 -m pytest ${TESTS:-test/srt} -q -s -p no:cacheprovider > "$OUT/tests.log" 2>&1
+    # TESTS: test paths; TEST_K: a pytest -k expression (may contain spaces).
+    python3 -m pytest ${TESTS:-test/srt} ${TEST_K:+-k "$TEST_K"} -q -s -p no:cacheprovider \
+      > "$OUT/tests.log" 2>&1
     echo "tests rc=$?: $(tail -1 "$OUT/tests.log")" | tee -a "$summary"
     python3 - "$OUT/tests.log" <<'PY' | tee -a "$summary"
 import re, sys

@@ -15,6 +15,7 @@ SGLANG_BACKENDS = {
     "triton": ("triton", {}),
     "sage_fp16": ("sage_attn", {"SGLANG_SAGE_ATTN_PV": "fp16"}),
     "sage_fp8": ("sage_attn", {"SGLANG_SAGE_ATTN_PV": "fp8"}),
+    "sage_int8": ("sage_attn", {"SGLANG_SAGE_ATTN_PV": "int8"}),
 }
 
 

@@ -44,7 +44,7 @@ def _case_id(case):
 
 
 @pytest.mark.skipif(**requires_kernels)
-@pytest.mark.parametrize("pv", ["fp16", "fp8"])
+@pytest.mark.parametrize("pv", ["fp16", "fp8", "int8"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", DENSE_CASES, ids=_case_id)
 def test_kit_dense_cases(case, layout, pv, sage_calls, monkeypatch):

@@ -83,13 +83,16 @@ def compile_for(fn: JITFunction, bound: dict, options: dict, target=HOPPER):
 # (arch, use_tma): Hopper runs the TMA path; Ampere and Ada the plain-load path
 # of the same kernel (pv="fp8" needs sm_89+, so sm_80 compiles fp16 P·V only).
 TARGETS = {90: True, 89: False, 80: False}
+# The MMA operand types P·V must compile to (INT8 P·V: the same s8 MMA as Q·Kᵀ, so
+# the check is that it is there at all; the P·V count is checked below).
+PV_PTX_TYPES = {"fp16": ".f16.f16", "fp8": ".e4m3.e4m3", "int8": ".s8.s8"}
 CONFIGS = [
     (arch, dtype, head_dim, causal, pv)
     for arch in TARGETS
     for dtype in (torch.bfloat16, torch.float16)
     for head_dim in (64, 128)
     for causal in (True, False)
-    for pv in ("fp16", "fp8")
+    for pv in ("fp16", "fp8", "int8")
     if not (arch < 89 and pv == "fp8")
 ]
 
@@ -121,9 +124,9 @@ def test_every_launch_compiles(arch, dtype, head_dim, causal, pv, monkeypatch):
         if fn.__name__ != "_sage_extend_kernel":
             continue
         ptx = kernel.asm["ptx"]
-        pv_type = ".e4m3.e4m3" if pv == "fp8" else ".f16.f16"
+        pv_type = PV_PTX_TYPES[pv]
         if arch == 90:
-            # Both products on Hopper's warpgroup MMA: INT8 Q·Kᵀ, FP16 or FP8 P·V,
+            # Both products on Hopper's warpgroup MMA: INT8 Q·Kᵀ, FP16/FP8/INT8 P·V,
             # with K and V tiles through the tensor-memory accelerator.
             assert "wgmma.mma_async.sync.aligned" in ptx and ".s8.s8" in ptx
             assert pv_type in ptx, f"P·V is not a {pv_type} wgmma"
@@ -132,4 +135,6 @@ def test_every_launch_compiles(arch, dtype, head_dim, causal, pv, monkeypatch):
             assert "mma.sync.aligned" in ptx and ".s8.s8" in ptx
             assert pv_type in ptx, f"P·V is not a {pv_type} mma"
             assert "cp.async.bulk.tensor" not in ptx
+        if pv == "int8":  # P·V is an MMA too, and of no other type than Q·Kᵀ's
+            assert ".e4m3.e4m3" not in ptx and ".f16.f16" not in ptx
         assert kernel.metadata.shared <= 227 * 1024

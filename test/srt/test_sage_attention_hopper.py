@@ -140,11 +140,13 @@ def test_every_hopper_launch_compiles(dtype, head_dim, causal, pv):
             kernel = compile_for(fn, bound, options)
         assert kernel.asm["cubin"], fn.__name__
     ptx = kernel.asm["ptx"]
-    pv_type = ".e4m3.e4m3" if pv is PV.FP8 else ".f16.f16"
+    pv_type = {PV.FP16: ".f16.f16", PV.FP8: ".e4m3.e4m3", PV.INT8: ".s8.s8"}[pv]
     assert "wgmma.mma_async.sync.aligned" in ptx and ".s8.s8" in ptx
     assert pv_type in ptx, f"P·V is not a {pv_type} wgmma"
     assert "cp.async.bulk.tensor" in ptx, "tiles are not TMA loads"
     assert "setmaxnreg" in ptx, "no register reallocation between partitions"
+    if pv is PV.INT8:  # P·V is a wgmma too, and of no other type than Q·Kᵀ's
+        assert ".e4m3.e4m3" not in ptx and ".f16.f16" not in ptx
     assert kernel.metadata.shared <= 227 * 1024
 
 
@@ -251,6 +253,7 @@ def bench() -> None:
             "simple": hopper_attention.HopperConfig(2, False, False),
             "simple+promote": hopper_attention.HopperConfig(2, False, False, pv_promote=True),
         },
+        PV.INT8: {"simple": hopper_attention.HopperConfig(2, False, False)},
         PV.FP16: {
             "overlap": hopper_attention.HopperConfig(2, True, False),
             "pingpong_s3": hopper_attention.HopperConfig(3, True, True),

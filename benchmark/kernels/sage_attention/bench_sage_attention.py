@@ -7,7 +7,7 @@ rotates through several KV sets). TOPS count only visible (query, key) pairs:
 
 Suites (``--suites``):
 - dense:  prefill without cached prefix, L = 1K..32K, hd 64/128, causal and not;
-          sage fp16/fp8 (the op: Gluon kernel on Hopper; kernel-only; and the op
+          sage fp16/fp8/int8 P·V (the op: Gluon kernel on Hopper; kernel-only; and the op
           forced onto the portable Triton kernel, ``*_triton``), SDPA flash/cuDNN,
           SGLang's Triton extend kernel, sageattention 1.0.6, FlashInfer.
 - extend: prefill over a paged, scrambled cache with 0/50/90% of each request cached.
@@ -149,6 +149,7 @@ def prefill_impls(inputs, batch, prefix_len, chunk_len, causal, with_baselines=T
     from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
     from sglang.srt.layers.attention.sage_attention import sage_extend_attention
     from sglang.srt.layers.attention.sage_attention.extend_attention import (
+        SUPPORTED_PV,
         sage_attention_from_packed,
         tile_config,
         use_hopper_kernel,
@@ -193,7 +194,7 @@ def prefill_impls(inputs, batch, prefix_len, chunk_len, causal, with_baselines=T
         return run
 
     impls = {}
-    for pv in ("fp16", "fp8"):
+    for pv in SUPPORTED_PV:
         impls[f"sage_{pv}"] = sage(pv)
         impls[f"sage_{pv}_kernel_only"] = sage_kernel_only(pv)
         impls[f"sage_{pv}_triton"] = sage(pv, kernel="triton")
@@ -518,8 +519,10 @@ def plan(args):
                     )
                 )
     if "sweep" in args.suites:
+        from sglang.srt.layers.attention.sage_attention.extend_attention import SUPPORTED_PV
+
         tiles = [tuple(int(x) for x in t.split(",")) for t in args.tiles]
-        for hd, causal, pv in itertools.product(args.head_dims, (False, True), ("fp16", "fp8")):
+        for hd, causal, pv in itertools.product(args.head_dims, (False, True), SUPPORTED_PV):
             jobs.append(
                 (
                     f"sweep hd{hd} causal={causal} pv={pv}",
@@ -636,10 +639,14 @@ def markdown_tables(json_path: str) -> str:
         for r in sel:
             key = (r.head_dim, r.causal, r.kv_len, r.q_len, r.note if suite == "sweep" else "")
             keyed.setdefault(key, {})[r.impl] = r.tops
-        cols = impls if suite != "sweep" else ["sage_fp16_kernel_only", "sage_fp8_kernel_only"]
+        # P·V modes of this run, from its whole-op rows ("sage_fp16", "sage_int8", ...).
+        whole_op = [i for i in impls if i.startswith("sage_") and i.count("_") == 1]
+        modes = [i.removeprefix("sage_") for i in whole_op]
+        modes = modes or list(dict.fromkeys(r.impl.split("_")[1] for r in sel))
+        cols = impls if suite != "sweep" else [f"sage_{pv}_kernel_only" for pv in modes]
         ratio = suite != "sweep" and "sdpa_cudnn" in impls
         head = ["hd", "causal", "Lk", "Lq", "tile"][: 5 if suite == "sweep" else 4] + cols
-        head += ["fp16/cuDNN", "fp8/cuDNN"] if ratio else []
+        head += [f"{pv}/cuDNN" for pv in modes] if ratio else []
         out += [
             f"#### {suite} (TOPS)",
             "",
@@ -652,10 +659,7 @@ def markdown_tables(json_path: str) -> str:
             cells += [key[4].removeprefix("tile=")] if suite == "sweep" else []
             cells += [f"{vals[c]:.0f}" if c in vals else "-" for c in cols]
             if ratio and "sdpa_cudnn" in vals:
-                cells += [
-                    f"{vals.get(f'sage_{pv}', 0) / vals['sdpa_cudnn']:.2f}x"
-                    for pv in ("fp16", "fp8")
-                ]
+                cells += [f"{vals.get(f'sage_{pv}', 0) / vals['sdpa_cudnn']:.2f}x" for pv in modes]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     decode = [r for r in rows if r.suite == "decode"]

@@ -1,4 +1,4 @@
-"""sage_attn extend attention: INT8 Q·Kᵀ, FP16 or FP8 P·V, over SGLang's paged KV cache.
+"""sage_attn extend attention: INT8 Q·Kᵀ, FP16/FP8/INT8 P·V, over SGLang's paged KV cache.
 
 ``sage_extend_attention`` mirrors SGLang's ``extend_attention_fwd``: request b
 attends to its cached prefix (slots ``kv_indices[kv_indptr[b]:kv_indptr[b+1]]``)
@@ -8,7 +8,7 @@ and chunk tokens <= i (bottom-right alignment, right for radix hits and chunked
 prefill).
 
 Per call: ``quantize_kv`` packs smoothed INT8 K (one scale per ``KV_BLOCK`` keys)
-and FP16/FP8 V once (layout in ``layout.py``); then one program per (query
+and FP16/FP8/INT8 V once (layout in ``layout.py``); then one program per (query
 block, query head, request) quantizes its Q block once (``sm_scale * log2(e)``
 folded in, one scale per query row) and runs an online softmax in exp2 over the
 packed keys. A key tile is one K-scale block, so a score is dequantized by its
@@ -35,8 +35,11 @@ from sglang.srt.layers.attention.sage_attention.hopper_attention import (
 )
 from sglang.srt.layers.attention.sage_attention.layout import (
     FP8_E4M3_MAX,
+    INT8_MAX,
     KV_BLOCK,
     PV,
+    ROUND_MAGIC,
+    ROUND_MAGIC_BITS,
     PackedKV,
     request_bounds,
     segment_start,
@@ -53,6 +56,11 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 # FP8 P·V: P comes out of exp2 already scaled to e4m3's range (2^(x + log2 448));
 # the softmax denominator carries the same factor, so it cancels for free.
 _LOG2_FP8_MAX = tl.constexpr(math.log2(FP8_E4M3_MAX))
+# INT8 P·V: the same trick against the tile's own row max (see _attn_tiles).
+_LOG2_INT8_MAX = tl.constexpr(math.log2(INT8_MAX))
+_INV_INT8_MAX = tl.constexpr(1.0 / INT8_MAX)
+_ROUND_MAGIC = tl.constexpr(ROUND_MAGIC)
+_ROUND_MAGIC_BITS = tl.constexpr(ROUND_MAGIC_BITS)
 # Finite start for the running max: a fully masked tile then gives p = 0 and
 # alpha = 1 instead of exp2(-inf - -inf) = NaN.
 _M_INIT = tl.constexpr(-1.0e30)
@@ -83,6 +91,9 @@ _TILES = {
     (128, PV.FP8): (64, 4, 3),
     (64, PV.FP16): (64, 4, 3),
     (64, PV.FP8): (128, 4, 2),
+    # INT8 P·V reads the same 8-bit token-major V as FP8: FP8's shapes until swept.
+    (128, PV.INT8): (64, 4, 3),
+    (64, PV.INT8): (128, 4, 2),
 }
 
 
@@ -108,19 +119,19 @@ def _load_kv_tile(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    PV_FP8: tl.constexpr,
+    V_TOKEN_MAJOR: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
     """Keys ``tok .. tok + BLOCK_N`` of one KV head's packed slice.
 
-    Returns K [BLOCK_N, D] int8 and V: FP16 [BLOCK_N, Dv]; FP8 [Dv, BLOCK_N]
+    Returns K [BLOCK_N, D] int8 and V: FP16 [BLOCK_N, Dv]; 8-bit [Dv, BLOCK_N]
     (token-contiguous). ``k_src``/``v_src`` are tensor descriptors with USE_TMA,
     else base pointers of the same buffers.
     """
     row = kv_head * num_rows + tok  # row of the [Hkv * T, D] view
     if USE_TMA:
         k = k_src.load([row.to(tl.int32), 0])
-        if PV_FP8:
+        if V_TOKEN_MAJOR:
             v = v_src.load([(kv_head * HEAD_DIM_V).to(tl.int32), tok.to(tl.int32)])
         else:
             v = v_src.load([row.to(tl.int32), 0])
@@ -128,12 +139,19 @@ def _load_kv_tile(
         offs_n = tl.arange(0, BLOCK_N)
         k = tl.load(k_src + (row + offs_n)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :])
         offs_dv = tl.arange(0, HEAD_DIM_V)
-        if PV_FP8:
+        if V_TOKEN_MAJOR:
             v_rows = kv_head * HEAD_DIM_V + offs_dv
             v = tl.load(v_src + v_rows[:, None] * num_rows + (tok + offs_n)[None, :])
         else:
             v = tl.load(v_src + (row + offs_n)[:, None] * HEAD_DIM_V + offs_dv[None, :])
     return k, v
+
+
+@triton.jit
+def _int_to_float(x):
+    """Exact int32 -> fp32 for |x| < 2^22 (every INT8 product of <= 128 terms here:
+    128 * 127 * 127 < 2^21) with two full-rate adds instead of a quarter-rate cvt."""
+    return (x + _ROUND_MAGIC_BITS).to(tl.float32, bitcast=True) - _ROUND_MAGIC
 
 
 @triton.jit
@@ -159,7 +177,7 @@ def _attn_tiles(
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
-    PV_FP8: tl.constexpr,
+    PV_MODE: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
     """Online softmax over keys [lo, hi); MASKED tiles check kv end and the causal edge."""
@@ -173,11 +191,13 @@ def _attn_tiles(
             HEAD_DIM=HEAD_DIM,
             HEAD_DIM_V=HEAD_DIM_V,
             BLOCK_N=BLOCK_N,
-            PV_FP8=PV_FP8,
+            V_TOKEN_MAJOR=PV_MODE != "fp16",
             USE_TMA=USE_TMA,
         )
         # One dequantization factor per row: its Q scale times this tile's K scale.
         row_scale = q_scale * tl.load(k_scale_row + start_n // BLOCK_N)
+        # The plain cvt here: the ROUND_MAGIC conversion measured 2-4% slower in this
+        # kernel on the H200 (RESULTS.md, tuning log 9); INT8 P·V's P·V still uses it.
         s = tl.dot(q_int8, tl.trans(k)).to(tl.float32)
         if MASKED:
             offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -185,18 +205,33 @@ def _attn_tiles(
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= prefix_len + offs_m[:, None])
             s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
+        m_tile = tl.max(s, 1) * row_scale
+        m_new = tl.maximum(m_i, m_tile)
         alpha = tl.math.exp2(m_i - m_new)
-        bias = m_new - _LOG2_FP8_MAX if PV_FP8 else m_new
-        p = tl.math.exp2(s * row_scale[:, None] - bias[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if PV_FP8:
-            # Promote the fp8 MMA's partial sums into fp32 once per tile (the
-            # wgmma accumulator is not full fp32), as SageAttention2 does.
-            acc = tl.dot(p.to(tl.float8e4nv), tl.trans(v), acc, max_num_imprecise_acc=BLOCK_N)
+        if PV_MODE == "int8":
+            # P scaled to 127 by its row's max in this tile (so the largest
+            # probabilities keep 7 bits); beta = exp2(m_tile - m_new) / 127 brings the
+            # tile's int32 P·V and its row sums to the running max. Both conversions
+            # go through ROUND_MAGIC (layout.py): P is the low byte of p + 1.5*2^23,
+            # and the int32 P·V (|.| <= 128*127*127 < 2^22) comes back the same way.
+            m_ref = tl.maximum(m_tile, _M_INIT)
+            p = tl.math.exp2(s * row_scale[:, None] - (m_ref - _LOG2_INT8_MAX)[:, None])
+            beta = tl.math.exp2(m_ref - m_new) * _INV_INT8_MAX
+            l_i = l_i * alpha + tl.sum(p, 1) * beta
+            p_int8 = (p + _ROUND_MAGIC).to(tl.int32, bitcast=True).to(tl.int8)
+            pv_tile = _int_to_float(tl.dot(p_int8, tl.trans(v)))
+            acc = acc * alpha[:, None] + pv_tile * beta[:, None]
         else:
-            acc = tl.dot(p.to(tl.float16), v, acc)
+            bias = m_new - _LOG2_FP8_MAX if PV_MODE == "fp8" else m_new
+            p = tl.math.exp2(s * row_scale[:, None] - bias[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            if PV_MODE == "fp8":
+                # Promote the fp8 MMA's partial sums into fp32 once per tile (the
+                # wgmma accumulator is not full fp32), as SageAttention2 does.
+                acc = tl.dot(p.to(tl.float8e4nv), tl.trans(v), acc, max_num_imprecise_acc=BLOCK_N)
+            else:
+                acc = tl.dot(p.to(tl.float16), v, acc)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -224,7 +259,7 @@ def _sage_extend_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
-    PV_FP8: tl.constexpr,
+    PV_MODE: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
     q_head = tl.program_id(1)
@@ -285,7 +320,7 @@ def _sage_extend_kernel(
         BLOCK_N=BLOCK_N,
         MASKED=False,
         CAUSAL=CAUSAL,
-        PV_FP8=PV_FP8,
+        PV_MODE=PV_MODE,
         USE_TMA=USE_TMA,
     )
     acc, l_i, m_i = _attn_tiles(
@@ -310,7 +345,7 @@ def _sage_extend_kernel(
         BLOCK_N=BLOCK_N,
         MASKED=True,
         CAUSAL=CAUSAL,
-        PV_FP8=PV_FP8,
+        PV_MODE=PV_MODE,
         USE_TMA=USE_TMA,
     )
 
@@ -463,7 +498,7 @@ def sage_attention_from_packed(
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         CAUSAL=causal,
-        PV_FP8=packed.pv is PV.FP8,
+        PV_MODE=packed.pv.value,
         USE_TMA=config.use_tma,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
@@ -510,7 +545,8 @@ def sage_extend_attention(
     q_extend [N, Hq, D], k_extend [N, Hkv, D], v_extend [N, Hkv, Dv],
     o_extend [N, Hq, Dv], k_buffer [S, Hkv, D], v_buffer [S, Hkv, Dv];
     qo_indptr, kv_indptr [B+1]; kv_indices: token-slot ids of the cached
-    prefixes. D, Dv in {64, 128}; fp16 or bf16. ``pv``: "fp16" or "fp8" (e4m3 P·V).
+    prefixes. D, Dv in {64, 128}; fp16 or bf16. ``pv``: "fp16", "fp8" (e4m3 P and V,
+    sm_89+) or "int8" (INT8 P scaled per key tile, INT8 V per channel).
 
     ``max_len_extend`` sizes the grid and must be >= every chunk length: a
     chunk's query rows from ``max_len_extend`` (rounded up to the 64-row query

@@ -20,11 +20,13 @@ Buffers (``T = packed_len(...)`` rows per KV head):
 - ``k_int8 [Hkv, T, D]`` int8: keys minus the request's per-channel mean (smoothing).
 - ``k_scale [Hkv, T // KV_BLOCK]`` fp32: one scale per block of ``KV_BLOCK`` keys,
   i.e. per attention tile, so it folds into the query row's scale.
-- ``v``: ``PV.FP16``: ``[Hkv, T, Dv]`` fp16.  ``PV.FP8``: ``[Hkv, Dv, T]`` e4m3,
-  token-contiguous ("K-major"), the operand layout Hopper's fp8 MMA wants.
-- ``v_scale [B, Hkv, Dv]`` fp32: per (request, head, channel). FP8: absmax / 448.
-  FP16: a power of two, 1 unless the channel exceeds fp16's range (bf16 models
-  can hold values past 65504); the kernel multiplies the output by it.
+- ``v``: ``PV.FP16``: ``[Hkv, T, Dv]`` fp16.  ``PV.FP8`` / ``PV.INT8``:
+  ``[Hkv, Dv, T]`` e4m3 / int8, token-contiguous ("K-major"), the operand layout
+  8-bit MMAs want for P·V (Hopper's wgmma cannot transpose 8-bit operands).
+- ``v_scale [B, Hkv, Dv]`` fp32: per (request, head, channel). FP8: absmax / 448;
+  INT8: absmax / 127. FP16: a power of two, 1 unless the channel exceeds fp16's
+  range (bf16 models can hold values past 65504). The kernel multiplies the
+  output by it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ INT8_MAX = 127.0
 FP8_E4M3_MAX = 448.0
 # fp16 values are kept below this (max finite 65504) after the power-of-two V scale.
 FP16_V_LIMIT = 32768.0
+# 1.5 * 2^23: x + ROUND_MAGIC (fp32, round-to-nearest-even) holds round(x) in its low
+# mantissa bits for |x| < 2^22, and the bits of ROUND_MAGIC + i are ROUND_MAGIC_BITS + i.
+# Kernels convert int <-> float this way with one full-rate add instead of a
+# quarter-rate cvt, which an 8-bit attention loop is short of.
+ROUND_MAGIC = 12582912.0
+ROUND_MAGIC_BITS = 0x4B400000
 # Guards a scale against an all-zero block; far below any real activation.
 SCALE_EPS = 1e-12
 
@@ -52,10 +60,19 @@ class PV(str, enum.Enum):
 
     FP16 = "fp16"  # SageAttention1: fp16 P and V, accurate everywhere
     FP8 = "fp8"  # SageAttention2: e4m3 P and V, needs an FP8 tensor core (sm_89+)
+    # INT8 P (each row scaled to 127 by its max within the key tile) and V (per
+    # channel): the FP8 MMA rate on Hopper, 2x fp16's on Ampere and Ada, and 4 more
+    # mantissa bits than e4m3 for the large probabilities that dominate the output.
+    INT8 = "int8"
 
     @property
     def v_dtype(self) -> torch.dtype:
-        return torch.float8_e4m3fn if self is PV.FP8 else torch.float16
+        return {PV.FP16: torch.float16, PV.FP8: torch.float8_e4m3fn, PV.INT8: torch.int8}[self]
+
+    @property
+    def v_token_major(self) -> bool:
+        """V stored ``[Hkv, Dv, T]`` (8-bit P·V) rather than ``[Hkv, T, Dv]``."""
+        return self is not PV.FP16
 
 
 @dataclass
@@ -65,7 +82,7 @@ class PackedKV:
     pv: PV
     k_int8: torch.Tensor  # [Hkv, T, D] int8
     k_scale: torch.Tensor  # [Hkv, T // KV_BLOCK] fp32
-    v: torch.Tensor  # FP16: [Hkv, T, Dv] fp16; FP8: [Hkv, Dv, T] e4m3
+    v: torch.Tensor  # FP16: [Hkv, T, Dv] fp16; FP8 / INT8: [Hkv, Dv, T] e4m3 / int8
     v_scale: torch.Tensor  # [B, Hkv, Dv] fp32
 
     @property
@@ -74,7 +91,7 @@ class PackedKV:
 
     def v_strides(self) -> tuple[int, int, int]:
         """(head, token, channel) strides of ``v``, whichever way it is stored."""
-        if self.pv is PV.FP8:
+        if self.pv.v_token_major:
             return self.v.stride(0), self.v.stride(2), self.v.stride(1)
         return self.v.stride(0), self.v.stride(1), self.v.stride(2)
 
@@ -99,10 +116,10 @@ class PackedKV:
     def tile_views(self, block_n: int):
         """2-D views a TMA descriptor spans and the tile shape of each, for K then V:
         K ``[Hkv * T, D]`` in ``[block_n, D]`` tiles; V FP16 ``[Hkv * T, Dv]`` in
-        ``[block_n, Dv]`` tiles, FP8 ``[Hkv * Dv, T]`` in ``[Dv, block_n]`` tiles."""
+        ``[block_n, Dv]`` tiles, 8-bit ``[Hkv * Dv, T]`` in ``[Dv, block_n]`` tiles."""
         num_kv_heads, num_rows, head_dim = self.k_int8.shape
         k = (self.k_int8.view(num_kv_heads * num_rows, head_dim), [block_n, head_dim])
-        if self.pv is PV.FP8:
+        if self.pv.v_token_major:
             head_dim_v = self.v.shape[1]
             v = (self.v.view(num_kv_heads * head_dim_v, num_rows), [head_dim_v, block_n])
         else:
@@ -121,7 +138,7 @@ def packed_nbytes(
     num_rows: int, batch_size: int, num_kv_heads: int, head_dim: int, head_dim_v: int, pv: PV
 ) -> int:
     """Bytes of a ``PackedKV`` of ``num_rows`` rows (the transient workspace a call needs)."""
-    v_bytes = 1 if pv is PV.FP8 else 2
+    v_bytes = pv.v_dtype.itemsize
     per_row = head_dim + head_dim_v * v_bytes + 4 / KV_BLOCK
     return int(num_kv_heads * (num_rows * per_row + batch_size * head_dim_v * 4))
 
@@ -138,7 +155,7 @@ def allocate_packed_kv(
     """Uninitialised buffers in the packed layout (the pre-pass writes every row it owns)."""
     if num_rows % KV_BLOCK:
         raise ValueError(f"sage_attn: packed rows must be a multiple of {KV_BLOCK}")
-    if pv is PV.FP8:
+    if pv.v_token_major:
         v = torch.empty((num_kv_heads, head_dim_v, num_rows), dtype=pv.v_dtype, device=device)
     else:
         v = torch.empty((num_kv_heads, num_rows, head_dim_v), dtype=pv.v_dtype, device=device)

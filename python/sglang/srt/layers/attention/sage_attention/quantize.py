@@ -192,7 +192,7 @@ def _kv_pack_kernel(
     v_amax_partial,
     k_int8,  # [Hkv, T, D]
     k_scale,  # [Hkv, T // BLOCK]
-    v_packed,  # fp16 [Hkv, T, Dv] or fp8 [Hkv, Dv, T]
+    v_packed,  # fp16 [Hkv, T, Dv] or 8-bit [Hkv, Dv, T]
     v_scale,  # [B, Hkv, Dv]
     stride_kbuf_tok,
     stride_kbuf_head,
@@ -212,7 +212,7 @@ def _kv_pack_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK: tl.constexpr,
-    PV_FP8: tl.constexpr,
+    PV_MODE: tl.constexpr,
     SMOOTH_K: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -230,8 +230,10 @@ def _kv_pack_kernel(
     if not SMOOTH_K:
         k_mean = tl.zeros([HEAD_DIM], dtype=tl.float32)
     v_amax = tl.max(tl.load(v_amax_partial + part_rows[:, None] * HEAD_DIM_V + offs_dv[None, :]), 0)
-    if PV_FP8:
+    if PV_MODE == "fp8":
         v_channel_scale = tl.maximum(v_amax, _SCALE_EPS) / _FP8_E4M3_MAX
+    elif PV_MODE == "int8":
+        v_channel_scale = tl.maximum(v_amax, _SCALE_EPS) / _INT8_MAX
     else:
         # A power of two (exact), 1 unless the channel would overflow fp16.
         v_channel_scale = tl.math.exp2(
@@ -279,7 +281,10 @@ def _kv_pack_kernel(
         tl.store(k8_base + rows[:, None] * HEAD_DIM + offs_d[None, :], k_q)
         tl.store(k_scale + head * stride_ks_head + seg_start // BLOCK + block, block_scale)
 
-        v_out = (v / v_channel_scale[None, :]).to(v_packed.dtype.element_ty)
+        v_out = v / v_channel_scale[None, :]
+        if PV_MODE == "int8":
+            v_out = v_out + tl.where(v_out >= 0, 0.5, -0.5)  # round half away, as K
+        v_out = v_out.to(v_packed.dtype.element_ty)
         tl.store(vp_base + rows[:, None] * stride_vp_tok + offs_dv[None, :] * stride_vp_dim, v_out)
 
 
@@ -382,7 +387,7 @@ def quantize_kv(
         stride_vp_tok=v_stride_tok,
         stride_vp_dim=v_stride_dim,
         **shapes,
-        PV_FP8=pv is PV.FP8,
+        PV_MODE=pv.value,
         SMOOTH_K=smooth_k,
     )
     return packed

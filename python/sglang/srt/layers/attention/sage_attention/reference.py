@@ -4,7 +4,7 @@
   bottom-right causal mask). What the kernel's accuracy is measured against.
 - ``sage_extend_attention_quant_ref``: replays the kernel's arithmetic step by
   step -- smoothing, INT8 Q (per row) and K (per ``KV_BLOCK`` keys), exact integer
-  Q·Kᵀ, the tiled online softmax in exp2, FP16 or FP8 P and V with their scales.
+  Q·Kᵀ, the tiled online softmax in exp2, FP16, FP8 or INT8 P and V with their scales.
   Kernel vs this twin should agree to rounding; a larger gap is a kernel bug,
   not quantization error.
 - ``quantize_kv_ref``: the pre-pass, writing the same packed layout.
@@ -90,13 +90,12 @@ def sage_extend_attention_ref(
         o_extend[rows] = out.transpose(0, 1).to(o_extend.dtype)
 
 
-def _quantize_int8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [H, L, D] -> (integer-valued fp64 [H, L, D], scale [H, L, 1]) per block of rows."""
     heads, length, dim = x.shape
     padded = F.pad(x, (0, 0, 0, -length % block)).view(heads, -1, block, dim)
     scale = padded.abs().amax(dim=(2, 3), keepdim=True).clamp_min(SCALE_EPS) / INT8_MAX
-    q = padded / scale
-    q = torch.trunc(q + torch.where(q >= 0, 0.5, -0.5))  # half away from zero, as the kernel
+    q = _round_half_away(padded / scale)
     q = q.reshape(heads, -1, dim)[:, :length].double()
     return q, scale.expand(-1, -1, block, 1).reshape(heads, -1, 1)[:, :length]
 
@@ -106,14 +105,22 @@ def _smoothed_int8_keys(k: torch.Tensor, smooth_k: bool = True):
     if smooth_k:
         # One mean per (request, KV head), summed as k / L like the pre-pass.
         k = k - (k / max(k.shape[1], 1)).sum(dim=1, keepdim=True)
-    return _quantize_int8_blocks(k, KV_BLOCK)
+    return quantize_int8_blocks(k, KV_BLOCK)
 
 
-def _lowp_values(v: torch.Tensor, pv: PV):
-    """One request's values [Hkv, L, Dv] -> (fp16 or e4m3 values, scale [Hkv, 1, Dv])."""
+def _round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest integer, halves away from zero (the kernels' +-0.5 then truncate)."""
+    return torch.trunc(x + torch.where(x >= 0, 0.5, -0.5))
+
+
+def lowp_values(v: torch.Tensor, pv: PV):
+    """One request's values [Hkv, L, Dv] -> (fp16, e4m3 or int8 values, scale [Hkv, 1, Dv])."""
     amax = v.abs().amax(dim=1, keepdim=True).clamp_min(SCALE_EPS)
     if pv is PV.FP8:
         scale = amax / FP8_E4M3_MAX
+    elif pv is PV.INT8:
+        scale = amax / INT8_MAX
+        return _round_half_away(v / scale).to(torch.int8), scale
     else:  # a power of two, 1 unless the channel would overflow fp16
         scale = torch.exp2(torch.ceil(torch.log2(amax / FP16_V_LIMIT)).clamp_min(0.0))
     return (v / scale).to(pv.v_dtype), scale
@@ -151,10 +158,10 @@ def quantize_kv_ref(
         block_scales = k_row_scale[:, ::KV_BLOCK, 0]  # one per block of keys
         first_block = starts[b] // KV_BLOCK
         k_scale[:, first_block : first_block + block_scales.shape[1]] = block_scales
-        v_lowp, v_chan_scale = _lowp_values(v, pv)
+        v_lowp, v_chan_scale = lowp_values(v, pv)
         v_packed[:, rows] = v_lowp
         v_scale[b] = v_chan_scale[:, 0]
-    if pv is PV.FP8:  # token-contiguous, as the kernel's pre-pass writes it
+    if pv.v_token_major:  # token-contiguous, as the kernel's pre-pass writes it
         v_packed = v_packed.transpose(1, 2).contiguous()
     return PackedKV(pv=pv, k_int8=k_int8, k_scale=k_scale, v=v_packed, v_scale=v_scale)
 
@@ -188,10 +195,10 @@ def sage_extend_attention_quant_ref(
         if num_queries == 0:
             continue
         k_int, k_scale = _smoothed_int8_keys(k)
-        q_int, q_scale = _quantize_int8_blocks(q * (sm_scale * math.log2(math.e)), 1)
+        q_int, q_scale = quantize_int8_blocks(q * (sm_scale * math.log2(math.e)), 1)
         k_int = k_int.repeat_interleave(group, 0)
         k_scale = k_scale.repeat_interleave(group, 0)
-        v_lowp, v_chan_scale = _lowp_values(v, pv)
+        v_lowp, v_chan_scale = lowp_values(v, pv)
         v_lowp = v_lowp.float().repeat_interleave(group, 0)
 
         # [Hq, E, L] exact integer dot; each score is dequantized inside the softmax
@@ -202,18 +209,31 @@ def sage_extend_attention_quant_ref(
         )
         # P is produced pre-scaled to e4m3's range for FP8 (the factor cancels in 1/l).
         p_offset = math.log2(FP8_E4M3_MAX) if pv is PV.FP8 else 0.0
+        v_is_int = pv is PV.INT8
         m = torch.full((q.shape[0], num_queries, 1), _M_INIT, device=q.device)
         l = torch.zeros_like(m)
         acc = torch.zeros((q.shape[0], num_queries, v.shape[2]), device=q.device)
         for start in range(0, kv_len, config.block_n):
             tile = slice(start, start + config.block_n)
             row_scale = q_scale * k_scale[:, start : start + 1, :].transpose(1, 2)
-            m_new = torch.maximum(m, s[:, :, tile].amax(dim=2, keepdim=True) * row_scale)
+            m_tile = s[:, :, tile].amax(dim=2, keepdim=True) * row_scale
+            m_new = torch.maximum(m, m_tile)
             alpha = torch.exp2(m - m_new)
-            p = torch.exp2(s[:, :, tile] * row_scale - (m_new - p_offset))
-            l = l * alpha + p.sum(dim=2, keepdim=True)
-            p_lowp = p.to(pv.v_dtype).float()
-            acc = acc * alpha + p_lowp @ v_lowp[:, tile]
+            if v_is_int:
+                # P scaled to 127 by its row's max in this tile, rounded half to even
+                # (the kernel's fp32 add of 1.5*2^23); beta takes the tile from its own
+                # max to the running one; the row sums use the unrounded P.
+                m_ref = m_tile.clamp_min(_M_INIT)
+                p = torch.exp2(s[:, :, tile] * row_scale - (m_ref - math.log2(INT8_MAX)))
+                beta = torch.exp2(m_ref - m_new) / INT8_MAX
+                l = l * alpha + p.sum(dim=2, keepdim=True) * beta
+                pv_int = torch.round(p).double() @ v_lowp[:, tile].double()
+                acc = acc * alpha + pv_int.float() * beta
+            else:
+                p = torch.exp2(s[:, :, tile] * row_scale - (m_new - p_offset))
+                l = l * alpha + p.sum(dim=2, keepdim=True)
+                p_lowp = p.to(pv.v_dtype).float()
+                acc = acc * alpha + p_lowp @ v_lowp[:, tile]
             m = m_new
         out = acc / l * v_chan_scale.repeat_interleave(group, 0)
         o_extend[rows] = out.transpose(0, 1).to(o_extend.dtype)

@@ -25,7 +25,10 @@ DEFAULT_MIN_EXTEND_LEN = 2048
 
 @dataclass(frozen=True)
 class SageAttnSettings:
-    # P·V precision: "fp16" (accurate everywhere) or "fp8" (e4m3 P and V).
+    # P·V precision: "fp16" (accurate everywhere, the default), "fp8" (e4m3 P and V,
+    # sm_89+) or "int8" (INT8 P per key tile and V per channel; any GPU). On the H200
+    # neither 8-bit mode is both faster and as accurate as fp16 on a real model
+    # (benchmark/kernels/sage_attention/RESULTS.md, benchmark/sage_attention/VALIDATION.md).
     pv: str = "fp16"
     # Requests whose new chunk is shorter run on SGLang's Triton extend kernel.
     min_extend_len: int = DEFAULT_MIN_EXTEND_LEN
