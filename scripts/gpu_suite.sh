@@ -9,6 +9,19 @@ summary="$OUT/summary.txt"
 # SKIP_INSTALL=1: the bundle is installed already (several timed invocations in one call).
 if [ -z "${SKIP_INSTALL:-}" ]; then bash .gpu-bundle/install.sh; : > "$summary"; fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+failed=0
+# A server run that did not take the 8-bit path proves nothing about it: the backend
+# logs "sage_attn: N extend batches on the 8-bit kernel so far" at N = 1, 2, 4, ...;
+# report the last N and fail the step (and the suite's exit status) when there is none.
+require_sage_batches() {  # <server log> <step>
+  local n
+  n=$(grep -o "sage_attn: [0-9]* extend batches on the 8-bit kernel so far" "$1" | tail -1 | awk '{print $2}')
+  if [ -z "$n" ]; then
+    echo "FAIL $2: no extend batch ran on the sage kernel" | tee -a "$summary"; failed=1
+  else
+    echo "$2: at least $n extend batches ran on the sage kernel" | tee -a "$summary"
+  fi
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$summary"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$summary"
 
@@ -58,10 +71,7 @@ PY
       grep "Prefill batch" "$log" | head -3; grep "Decode batch" "$log" | head -2
       echo "prefill batches: $(grep -c 'Prefill batch' "$log"), decode batches: $(grep -c 'Decode batch' "$log")"
     } | cut -c1-220 | tee -a "$summary"
-    # A run that did not take the 8-bit path proves nothing about it: fail loudly.
-    if ! grep -q "extend batches run on the 8-bit kernel" "$log"; then
-      echo "FAIL $step: the sage kernel never ran in the sage_attn server" | tee -a "$summary"
-    fi
+    require_sage_batches "$log" "$step"
     ;;
   train)
     python3 benchmark/sage_attention/train_byte_model.py --out "$OUT/byte-granite" \
@@ -86,15 +96,19 @@ PY
     echo "layer rc=$?" | tee -a "$summary"; tail -30 "$OUT/layer.log" | tee -a "$summary"
     ;;
   serve_model)
-    # The trained byte model through a real server: held-out windows, chunked prefill.
+    # The trained byte model through a real server: held-out windows, chunked prefill
+    # of 1024-token chunks, all on the sage kernel (crossover 0; the default 2048 would
+    # send every chunk to Triton and compare Triton with Triton).
     serve="python3 benchmark/sage_attention/serve_logprobs.py"
     for backend in triton sage_attn; do
+      SGLANG_SAGE_ATTN_MIN_EXTEND_LEN=0 \
       $serve run --backend $backend --model "${CKPT:-benchmark/sage_attention/byte-granite}" \
         --load-format auto --heldout-windows 8 --window-len 4096 --top-logprobs 1 \
         --max-new-tokens 16 --out "$OUT/model_$backend.json" \
         --extra "--chunked-prefill-size 1024 --disable-cuda-graph" 2>&1 | tail -2 | tee -a "$summary"
       grep -E "SageAttentionBackend|sage_attn:|Prefill batch|Decode batch|Error" \
         "$OUT/model_$backend.server.log" | cut -c1-200 | head -6 | tee -a "$summary"
+      [ $backend = sage_attn ] && require_sage_batches "$OUT/model_$backend.server.log" serve_model
       rm -f "$OUT/model_$backend.server.log"
     done
     $serve compare "$OUT/model_triton.json" "$OUT/model_sage_attn.json" | tee -a "$summary"
@@ -102,3 +116,4 @@ PY
   esac
 done
 echo "==== summary"; cat "$summary"
+exit $failed

@@ -117,15 +117,40 @@ def test_delegated_layer_logs_its_reason_once_and_matches_triton(sage_calls, cap
     assert len(reasons) == 1 and "head dim qk=16" in reasons[0], reasons
 
 
+def _batch_counts(caplog) -> list[str]:
+    return [
+        r.getMessage() for r in caplog.records if "on the 8-bit kernel so far" in r.getMessage()
+    ]
+
+
 @pytest.mark.skipif(**requires_kernels)
-def test_short_chunks_take_the_bf16_path(monkeypatch, sage_calls):
-    monkeypatch.setenv("SGLANG_SAGE_ATTN_MIN_EXTEND_LEN", "64")
+def test_sage_batches_are_counted_in_the_log(sage_calls, caplog):
+    """A server log proves its path: batches on the 8-bit kernel are counted (1, 2, 4, ...),
+    once per batch whatever its layer count; delegated batches are not."""
     case = next(c for c in DENSE_CASES if c.name == "mha_extend_page_size_1")
     with torch.no_grad():
+        fixture = _fixture(case, head_dim=64)
+        kit.replace_backend(fixture, SageAttentionBackend(fixture.runner))
+        with caplog.at_level(logging.INFO, logger=backend_module.__name__):
+            for _ in range(3):
+                kit.run_dense_fixture_eager(fixture)
+    assert len(sage_calls) >= 3
+    assert _batch_counts(caplog) == [
+        "sage_attn: 1 extend batches on the 8-bit kernel so far",
+        "sage_attn: 2 extend batches on the 8-bit kernel so far",
+    ]
+
+
+@pytest.mark.skipif(**requires_kernels)
+def test_short_chunks_take_the_bf16_path(monkeypatch, sage_calls, caplog):
+    monkeypatch.setenv("SGLANG_SAGE_ATTN_MIN_EXTEND_LEN", "64")
+    case = next(c for c in DENSE_CASES if c.name == "mha_extend_page_size_1")
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger=backend_module.__name__):
         kit.run_dense_attention_case(
             KitTestCase(), case, head_dim=64, dtype=KIT_DTYPE, device=DEVICE
         )
     assert sage_calls == []
+    assert _batch_counts(caplog) == []
 
 
 def test_speculative_modes_are_delegated():

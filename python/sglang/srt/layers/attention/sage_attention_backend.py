@@ -109,6 +109,12 @@ class SageForwardMetadata:
     # The 8-bit pre-pass's packed K/V, allocated by the batch's first layer and
     # reused by the others (sized for the ``sage`` requests only).
     workspace: PackedKV | None = None
+    # Set by the batch's first layer that runs the 8-bit kernel (the batch count).
+    counted: bool = False
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
 
 
 class TritonHook:
@@ -170,6 +176,9 @@ class SageAttentionBackend(AttentionBackend):
         self.forward_metadata: SageForwardMetadata | None = None
         self._logged_reasons: set[str] = set()
         self._announced_sage_path = False
+        # Extend batches that ran the 8-bit kernel in this process, logged at 1, 2, 4, ...
+        # so a server log proves (and counts) the path its figures came from.
+        self.sage_extend_batches = 0
         # Heads this rank holds (layers carry their own; these are for the log and
         # for checking a TP bring-up).
         self.num_q_heads, self.num_kv_heads = heads_per_rank(
@@ -177,11 +186,12 @@ class SageAttentionBackend(AttentionBackend):
         )
         logger.info(
             "SageAttentionBackend: %d query / %d KV heads per rank, P·V %s, kernel %s, "
-            "chunks shorter than %d tokens on the Triton extend kernel",
+            "Q/K rotation %s, chunks shorter than %d tokens on the Triton extend kernel",
             self.num_q_heads,
             self.num_kv_heads,
             self.settings.pv,
             self.settings.kernel,
+            self.settings.qk_rotation,
             self.settings.min_extend_len,
         )
 
@@ -322,6 +332,14 @@ class SageAttentionBackend(AttentionBackend):
                 plan.sage.max_extend_len,
                 self.settings.pv,
             )
+        if not plan.counted:
+            plan.counted = True
+            self.sage_extend_batches += 1
+            if _is_power_of_two(self.sage_extend_batches):
+                logger.info(
+                    "sage_attn: %d extend batches on the 8-bit kernel so far",
+                    self.sage_extend_batches,
+                )
         qkvo = (
             q.view(-1, num_q_heads, layer.qk_head_dim),
             k.view(-1, num_kv_heads, layer.qk_head_dim),
@@ -355,6 +373,7 @@ class SageAttentionBackend(AttentionBackend):
             pv=self.settings.pv,
             workspace=self._workspace(plan, k, v),
             kernel=self.settings.kernel,
+            rotate_qk=self.settings.rotate_qk,
         )
 
     def _workspace(self, plan, k: torch.Tensor, v: torch.Tensor) -> PackedKV:
