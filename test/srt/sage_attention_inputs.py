@@ -36,7 +36,9 @@ class ExtendCase:
     # "randn"; "k_bias": per-channel K offset of 10 sigma and a few 8x Q channels;
     # "sink": every query leans towards its request's first, large key;
     # "big_v": three V channels near 5e5 (past fp16's range: use bf16);
-    # "big_qk": Q x 3 and a per-channel K offset of 2e4..6e4 (q·k ~1e6 before smoothing).
+    # "big_qk": Q x 3 and a per-channel K offset of 2e4..6e4 (q·k ~1e6 before smoothing);
+    # "qk_channels": four channels 20x larger in both Q and K (the massive channels of
+    # real LLMs' queries and keys; smoothing cannot remove them, rotation spreads them).
     values: str = "randn"
 
 
@@ -104,6 +106,12 @@ def make_extend_inputs(case: ExtendCase, dtype=torch.float16, device=DEVICE, see
         for ids in slots:
             k_buffer[ids] += bias
         q *= 3.0
+    elif case.values == "qk_channels":
+        channels = torch.randperm(d, generator=gen)[:4]
+        q[:, :, channels] *= 20.0
+        k_extend[:, :, channels] *= 20.0
+        for ids in slots:
+            k_buffer[ids[:, None], :, channels] *= 20.0
     elif case.values != "randn":
         raise ValueError(f"unknown values {case.values!r}")
 

@@ -204,3 +204,43 @@ def test_backend_refuses_fp8_pv_on_an_a100_when_built(monkeypatch):
     monkeypatch.setenv("SGLANG_SAGE_ATTN_PV", "fp8")
     with pytest.raises(ValueError, match="sm_80"):
         SageAttentionBackend(fixture.runner)
+
+
+@pytest.mark.parametrize(
+    "environ, field, value",
+    [
+        ({}, "qk_rotation", "none"),
+        ({"SGLANG_SAGE_ATTN_QK_ROTATION": "Hadamard"}, "qk_rotation", "hadamard"),
+        ({"SGLANG_SAGE_ATTN_PV": "INT8"}, "pv", "int8"),
+    ],
+)
+def test_settings_from_environment(environ, field, value):
+    assert getattr(SageAttnSettings.from_env(environ), field) == value
+
+
+@pytest.mark.parametrize(
+    "environ, message",
+    [
+        ({"SGLANG_SAGE_ATTN_QK_ROTATION": "random"}, "SGLANG_SAGE_ATTN_QK_ROTATION='random'"),
+        ({"SGLANG_SAGE_ATTN_PV": "int4"}, "SGLANG_SAGE_ATTN_PV='int4'"),
+    ],
+)
+def test_invalid_settings_are_refused_with_the_variable_named(environ, message):
+    with pytest.raises(ValueError, match=message):
+        SageAttnSettings.from_env(environ)
+
+
+@pytest.mark.skipif(**requires_kernels)
+def test_backend_passes_the_rotation_setting_to_the_op(sage_calls, monkeypatch):
+    monkeypatch.setenv("SGLANG_SAGE_ATTN_QK_ROTATION", "hadamard")
+    seen = []
+    real = backend_module.sage_extend_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["rotate_qk"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backend_module, "sage_extend_attention", spy)
+    with torch.no_grad():
+        kit.run_dense_attention_case(KitTestCase(), RAGGED, **KIT)
+    assert seen and all(seen)

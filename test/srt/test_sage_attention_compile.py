@@ -87,23 +87,30 @@ TARGETS = {90: True, 89: False, 80: False}
 # the check is that it is there at all; the P·V count is checked below).
 PV_PTX_TYPES = {"fp16": ".f16.f16", "fp8": ".e4m3.e4m3", "int8": ".s8.s8"}
 CONFIGS = [
-    (arch, dtype, head_dim, causal, pv)
+    (arch, dtype, head_dim, causal, pv, False)
     for arch in TARGETS
     for dtype in (torch.bfloat16, torch.float16)
     for head_dim in (64, 128)
     for causal in (True, False)
     for pv in ("fp16", "fp8", "int8")
     if not (arch < 89 and pv == "fp8")
+] + [  # the Hadamard Q/K rotation: one variant per arch and head dim
+    (arch, torch.bfloat16, head_dim, True, "fp16", True)
+    for arch in TARGETS
+    for head_dim in (64, 128)
 ]
 
 
 @compiled_kernels
 @pytest.mark.parametrize(
-    "arch,dtype,head_dim,causal,pv",
+    "arch,dtype,head_dim,causal,pv,rotate",
     CONFIGS,
-    ids=[f"sm{a}-{str(d)[6:]}-hd{h}-{'causal' if c else 'full'}-{p}" for a, d, h, c, p in CONFIGS],
+    ids=[
+        f"sm{a}-{str(d)[6:]}-hd{h}-{'causal' if c else 'full'}-{p}{'-rotated' if r else ''}"
+        for a, d, h, c, p, r in CONFIGS
+    ],
 )
-def test_every_launch_compiles(arch, dtype, head_dim, causal, pv, monkeypatch):
+def test_every_launch_compiles(arch, dtype, head_dim, causal, pv, rotate, monkeypatch):
     shipped = extend_attention.tile_config
     monkeypatch.setattr(
         extend_attention,
@@ -112,7 +119,9 @@ def test_every_launch_compiles(arch, dtype, head_dim, causal, pv, monkeypatch):
     )
     case = ExtendCase("compile", (70,), (40,), num_q_heads=8, num_kv_heads=2, head_dim=head_dim)
     inputs = make_extend_inputs(case, dtype=dtype, device="cpu")
-    launches = captured_launches(lambda: sage_extend_attention(**inputs, causal=causal, pv=pv))
+    launches = captured_launches(
+        lambda: sage_extend_attention(**inputs, causal=causal, pv=pv, rotate_qk=rotate)
+    )
     assert [fn.__name__ for fn, _, _ in launches] == [
         "_kv_stats_kernel",
         "_kv_pack_kernel",

@@ -132,15 +132,17 @@ def _ids(cases):
 
 
 def check_against_twins(
-    case: ExtendCase, causal: bool, pv: str, dtype=torch.float16, device=DEVICE
+    case: ExtendCase, causal: bool, pv: str, dtype=torch.float16, device=DEVICE, rotate_qk=False
 ):
     inputs = make_extend_inputs(case, dtype=dtype, device=device)
-    out = run_op(sage_extend_attention, inputs, causal=causal, pv=pv)
+    out = run_op(sage_extend_attention, inputs, causal=causal, pv=pv, rotate_qk=rotate_qk)
     rows = slice(0, inputs["q_extend"].shape[0])
     assert torch.isfinite(out[rows]).all(), "an output row was left unwritten or is not finite"
 
     exact = run_op(sage_extend_attention_ref, inputs, causal=causal)
-    twin = run_op(sage_extend_attention_quant_ref, inputs, causal=causal, pv=pv)
+    twin = run_op(
+        sage_extend_attention_quant_ref, inputs, causal=causal, pv=pv, rotate_qk=rotate_qk
+    )
     min_cos, max_l1 = VS_EXACT[(pv, "randn" if case.values == "randn" else "outlier")]
     cos, rel_l1 = attention_error(out, exact)
     assert cos >= min_cos and rel_l1 <= max_l1, f"vs fp32: cos {cos:.6f}, rel-L1 {rel_l1:.4f}"
@@ -149,7 +151,7 @@ def check_against_twins(
         f"vs quantization twin: cos {twin_cos:.7f}, rel-L1 {twin_l1:.2e}"
     )
     # Collected by the GPU run script (pytest -s) for the per-group worst case.
-    tag = f"{case.name} causal={causal} pv={pv} {dtype}"
+    tag = f"{case.name}{'_rotated' if rotate_qk else ''} causal={causal} pv={pv} {dtype}"
     print(f"\nACCURACY {tag} cos={cos:.6f} rel_l1={rel_l1:.4f}")
     return cos, rel_l1
 
@@ -167,6 +169,40 @@ def test_small_batches(case, causal, pv):
 @pytest.mark.parametrize("case", OUTLIER_CASES, ids=_ids(OUTLIER_CASES))
 def test_outlier_inputs(case, pv):
     check_against_twins(case, causal=True, pv=pv)
+
+
+ROTATION_CASES = [
+    SMALL_CASES[0],
+    SMALL_CASES[2],
+    OUTLIER_CASES[0],
+    OUTLIER_CASES[-1],
+    ExtendCase(
+        "qk_channels_hd128", (100,), (60,), num_q_heads=8, num_kv_heads=2, head_dim=128,
+        values="qk_channels",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.skipif(**requires_kernels)
+@pytest.mark.parametrize("pv", ["fp16", "fp8"])
+@pytest.mark.parametrize("case", ROTATION_CASES, ids=_ids(ROTATION_CASES))
+def test_rotated_qk(case, pv):
+    """The Hadamard rotation of Q and K (``rotate_qk``): same bars, same twin agreement."""
+    check_against_twins(case, causal=True, pv=pv, rotate_qk=True)
+
+
+@pytest.mark.skipif(**requires_kernels)
+def test_rotation_is_what_handles_shared_qk_channels():
+    """Large channels in both Q and K survive smoothing (they are not a K offset) and
+    coarsen the INT8 Q·Kᵀ; rotating Q and K spreads them over every channel."""
+    inputs = make_extend_inputs(ROTATION_CASES[-1])
+    exact = run_op(sage_extend_attention_ref, inputs)
+    errors = {
+        rotate: attention_error(run_op(sage_extend_attention, inputs, rotate_qk=rotate), exact)
+        for rotate in (False, True)
+    }
+    assert errors[True][0] >= 0.9999 and errors[True][1] <= 0.02, errors
+    assert errors[False][1] > 2 * errors[True][1], errors
 
 
 @pytest.mark.skipif(**requires_kernels)

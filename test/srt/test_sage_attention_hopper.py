@@ -72,7 +72,7 @@ def test_supported_head_dims():
     assert not hopper_kernel_supports(96, 96) and not hopper_kernel_supports(256, 256)
 
 
-def _pack(inputs: dict, pv: PV):
+def _pack(inputs: dict, pv: PV, rotate: bool = False):
     return quantize_kv(
         inputs["k_extend"],
         inputs["v_extend"],
@@ -82,6 +82,7 @@ def _pack(inputs: dict, pv: PV):
         inputs["kv_indptr"],
         inputs["kv_indices"],
         pv=pv,
+        rotate=rotate,
     )
 
 
@@ -103,32 +104,35 @@ def _attend(kernel, inputs: dict, packed, causal: bool, **kwargs) -> torch.Tenso
 
 
 COMPILE_CONFIGS = [
-    (dtype, head_dim, causal, pv)
+    (dtype, head_dim, causal, pv, False)
     for dtype in (torch.bfloat16, torch.float16)
     for head_dim in (64, 128)
     for causal in (True, False)
     for pv in PV
-]
+] + [(torch.bfloat16, head_dim, True, PV.FP16, True) for head_dim in (64, 128)]  # Q/K rotation
 
 
 @compiled_here
 @needs_gluon
 @pytest.mark.parametrize(
-    "dtype,head_dim,causal,pv",
+    "dtype,head_dim,causal,pv,rotate",
     COMPILE_CONFIGS,
     ids=[
         f"compile-{str(d)[6:]}-hd{h}-{'causal' if c else 'full'}-{p.value}"
-        for d, h, c, p in COMPILE_CONFIGS
+        + ("-rotated" if r else "")
+        for d, h, c, p, r in COMPILE_CONFIGS
     ],
 )
-def test_every_hopper_launch_compiles(dtype, head_dim, causal, pv):
+def test_every_hopper_launch_compiles(dtype, head_dim, causal, pv, rotate):
     from triton.experimental.gluon._runtime import GluonASTSource
 
     case = ExtendCase("compile", (70,), (40,), num_q_heads=8, num_kv_heads=2, head_dim=head_dim)
     inputs = make_extend_inputs(case, dtype=dtype, device="cpu")
     # quantize_kv's launches are recorded, not run: only shapes and dtypes matter here.
     launches = captured_launches(
-        lambda: _attend(sage_attention_from_packed_hopper, inputs, _pack(inputs, pv), causal)
+        lambda: _attend(
+            sage_attention_from_packed_hopper, inputs, _pack(inputs, pv, rotate), causal
+        )
     )
     names = [fn.__name__ for fn, _, _ in launches]
     assert names[-2:] == ["_quantize_q_kernel", "_sage_hopper_kernel"], names

@@ -41,14 +41,19 @@ def owned_rows(inputs) -> torch.Tensor:
 
 
 @pytest.mark.skipif(**requires_kernels)
-@pytest.mark.parametrize("smooth_k", [True, False], ids=["smooth", "raw"])
+@pytest.mark.parametrize(
+    "smooth_k, rotate",
+    [(True, False), (False, False), (True, True)],
+    ids=["smooth", "raw", "rotated"],
+)
 @pytest.mark.parametrize("pv", list(PV), ids=[f"v_{p.value}" for p in PV])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_packed_kv_matches_twin(case, pv, smooth_k):
+def test_packed_kv_matches_twin(case, pv, smooth_k, rotate):
     inputs = make_extend_inputs(case)
     args = [inputs[name] for name in PACK_ARGS]
-    got = quantize_kv(*args, pv=pv, smooth_k=smooth_k)
-    want = quantize_kv_ref(*args, pv=pv, smooth_k=smooth_k)
+    got = quantize_kv(*args, pv=pv, smooth_k=smooth_k, rotate=rotate)
+    want = quantize_kv_ref(*args, pv=pv, smooth_k=smooth_k, rotate=rotate)
+    assert got.rotated == want.rotated == rotate
     rows = owned_rows(inputs).to(got.k_int8.device)
 
     k_diff = (got.k_int8[:, rows].int() - want.k_int8[:, rows].int()).abs()

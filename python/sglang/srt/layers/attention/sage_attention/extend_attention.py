@@ -45,6 +45,7 @@ from sglang.srt.layers.attention.sage_attention.layout import (
     segment_start,
 )
 from sglang.srt.layers.attention.sage_attention.quantize import quantize_kv, quantize_q_rows
+from sglang.srt.layers.attention.sage_attention.rotation import rotate_rows
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -261,6 +262,7 @@ def _sage_extend_kernel(
     CAUSAL: tl.constexpr,
     PV_MODE: tl.constexpr,
     USE_TMA: tl.constexpr,
+    ROTATE: tl.constexpr,
 ):
     q_head = tl.program_id(1)
     b = tl.program_id(2)
@@ -282,7 +284,11 @@ def _sage_extend_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q_rows = (extend_start + offs_m)[:, None] * stride_q_tok + q_head * stride_q_head
     q = tl.load(q_extend + q_rows + offs_d[None, :], mask=row_valid[:, None], other=0.0)
-    q_int8, q_scale = quantize_q_rows(q, qk_scale_log2)
+    if ROTATE:  # K was rotated in the pre-pass; (q H)·(k H) = D q·k
+        q = rotate_rows(q, HEAD_DIM, q_extend.dtype.element_ty)
+        q_int8, q_scale = quantize_q_rows(q, qk_scale_log2 / HEAD_DIM)
+    else:
+        q_int8, q_scale = quantize_q_rows(q, qk_scale_log2)
 
     seg_start = segment_start(qo_indptr, kv_indptr, b, BLOCK_N)
     k_scale_row = k_scale + kv_head.to(tl.int64) * (num_rows // BLOCK_N) + seg_start // BLOCK_N
@@ -500,6 +506,7 @@ def sage_attention_from_packed(
         CAUSAL=causal,
         PV_MODE=packed.pv.value,
         USE_TMA=config.use_tma,
+        ROTATE=packed.rotated,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -539,6 +546,7 @@ def sage_extend_attention(
     pv: str = "fp16",
     workspace: PackedKV | None = None,
     kernel: str = "auto",
+    rotate_qk: bool = False,
 ) -> None:
     """8-bit SageAttention over a paged KV cache; writes ``o_extend`` in place.
 
@@ -554,7 +562,9 @@ def sage_extend_attention(
     It is a host int, so no device value is read. ``workspace``: a ``PackedKV``
     (``layout.allocate_packed_kv``) to pack into instead of allocating one, so a
     caller can reuse one buffer across layers. ``kernel``: "auto" (the Gluon
-    kernel on Hopper, D == Dv; else Triton) or "triton".
+    kernel on Hopper, D == Dv; else Triton) or "triton". ``rotate_qk``: rotate Q
+    and K by a Hadamard matrix before their INT8 quantization (``rotation.py``;
+    attention is unchanged, outlier channels quantize better).
     """
     _check_inputs(
         q_extend,
@@ -586,6 +596,7 @@ def sage_extend_attention(
         kv_indices,
         pv=mode,
         workspace=workspace,
+        rotate=rotate_qk,
     )
     if use_hopper_kernel(kernel, head_dim, o_extend.shape[2], q_extend.device):
         sage_attention_from_packed_hopper(

@@ -47,6 +47,7 @@ from sglang.srt.layers.attention.sage_attention.layout import (
     segment_start,
 )
 from sglang.srt.layers.attention.sage_attention.quantize import quantize_q_rows
+from sglang.srt.layers.attention.sage_attention.rotation import rotate_rows
 
 try:  # Gluon (triton >= 3.5); absent or different elsewhere.
     from triton.experimental import gluon
@@ -127,6 +128,7 @@ def _quantize_q_kernel(
     stride_q_head,
     HEAD_DIM: tl.constexpr,
     BLOCK: tl.constexpr,
+    ROTATE: tl.constexpr,
 ):
     """INT8 Q with sm_scale*log2(e) folded in, one scale per row: the plain kernel's
     prologue, written head-major (``q_int8 [Hq, N, D]``, ``q_scale [Hq, N]``)."""
@@ -136,7 +138,11 @@ def _quantize_q_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q_rows = offs_m.to(tl.int64)[:, None] * stride_q_tok + head * stride_q_head
     q = tl.load(q_extend + q_rows + offs_d[None, :], mask=valid[:, None], other=0.0)
-    q_i8, scale = quantize_q_rows(q, qk_scale_log2)
+    if ROTATE:  # K was rotated in the pre-pass; (q H)·(k H) = D q·k
+        q = rotate_rows(q, HEAD_DIM, q_extend.dtype.element_ty)
+        q_i8, scale = quantize_q_rows(q, qk_scale_log2 / HEAD_DIM)
+    else:
+        q_i8, scale = quantize_q_rows(q, qk_scale_log2)
     out_rows = head.to(tl.int64) * num_tokens + offs_m
     tl.store(q_int8 + out_rows[:, None] * HEAD_DIM + offs_d[None, :], q_i8, mask=valid[:, None])
     tl.store(q_scale + out_rows, scale, mask=valid)
@@ -750,6 +756,7 @@ def sage_attention_from_packed_hopper(
         stride_q_head=q_extend.stride(1),
         HEAD_DIM=head_dim,
         BLOCK=quant_rows,
+        ROTATE=packed.rotated,
         num_warps=4,
     )
 

@@ -84,6 +84,9 @@ class PackedKV:
     k_scale: torch.Tensor  # [Hkv, T // KV_BLOCK] fp32
     v: torch.Tensor  # FP16: [Hkv, T, Dv] fp16; FP8 / INT8: [Hkv, Dv, T] e4m3 / int8
     v_scale: torch.Tensor  # [B, Hkv, Dv] fp32
+    # K was rotated by the Hadamard matrix before quantization (``rotation.py``), so
+    # the attention kernel rotates Q the same way. Written by ``quantize_kv``.
+    rotated: bool = False
 
     @property
     def num_rows(self) -> int:

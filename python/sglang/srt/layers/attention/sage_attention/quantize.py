@@ -35,6 +35,7 @@ from sglang.srt.layers.attention.sage_attention.layout import (
     request_bounds,
     segment_start,
 )
+from sglang.srt.layers.attention.sage_attention.rotation import rotate_rows
 
 # The same numbers as kernel constants (Triton only reads constexpr globals).
 _INT8_MAX = tl.constexpr(INT8_MAX)
@@ -135,6 +136,7 @@ def _kv_stats_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK: tl.constexpr,
+    ROTATE: tl.constexpr,
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
@@ -172,6 +174,8 @@ def _kv_stats_kernel(
             HEAD_DIM=HEAD_DIM,
             HEAD_DIM_V=HEAD_DIM_V,
         )
+        if ROTATE:  # the mean of the rotated keys is the rotated mean
+            k = rotate_rows(k, HEAD_DIM, k_buffer.dtype.element_ty)
         k_mean += tl.sum(k * inv_len, axis=0)
         v_amax = tl.maximum(v_amax, tl.max(tl.abs(v), axis=0))
     row = (b * num_kv_heads + head) * SPLITS + split
@@ -214,6 +218,7 @@ def _kv_pack_kernel(
     BLOCK: tl.constexpr,
     PV_MODE: tl.constexpr,
     SMOOTH_K: tl.constexpr,
+    ROTATE: tl.constexpr,
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
@@ -271,6 +276,8 @@ def _kv_pack_kernel(
             HEAD_DIM=HEAD_DIM,
             HEAD_DIM_V=HEAD_DIM_V,
         )
+        if ROTATE:
+            k = rotate_rows(k, HEAD_DIM, k_buffer.dtype.element_ty)
         k = tl.where(valid[:, None], k - k_mean[None, :], 0.0)
         block_scale = tl.maximum(tl.max(tl.abs(k)), _SCALE_EPS) / _INT8_MAX
         k_q = k / block_scale
@@ -299,13 +306,15 @@ def quantize_kv(
     pv: PV,
     smooth_k: bool = True,
     workspace: PackedKV | None = None,
+    rotate: bool = False,
 ) -> PackedKV:
     """Smooth, quantize and pack every request's keys and values (inputs are only read).
 
     Writes into ``workspace`` when given (it must be in ``pv``'s layout and large
     enough: ``packed_len`` rows, batch size scales), else into new buffers.
     ``smooth_k=False`` skips the mean subtraction; it exists so a test can show
-    what smoothing buys on outlier keys.
+    what smoothing buys on outlier keys. ``rotate``: rotate K by the Hadamard
+    matrix first (``rotation.py``); the result says so (``PackedKV.rotated``).
     """
     batch_size = qo_indptr.shape[0] - 1
     num_kv_heads, head_dim = k_extend.shape[1], k_extend.shape[2]
@@ -363,6 +372,7 @@ def quantize_kv(
         HEAD_DIM=head_dim,
         HEAD_DIM_V=head_dim_v,
         BLOCK=KV_BLOCK,
+        ROTATE=rotate,
     )
     _kv_stats_kernel[grid](
         **sources,
@@ -390,4 +400,5 @@ def quantize_kv(
         PV_MODE=pv.value,
         SMOOTH_K=smooth_k,
     )
+    packed.rotated = rotate
     return packed

@@ -31,6 +31,7 @@ from sglang.srt.layers.attention.sage_attention.layout import (
     packed_len,
     segment_starts,
 )
+from sglang.srt.layers.attention.sage_attention.rotation import hadamard_matrix
 
 _M_INIT = -1.0e30
 
@@ -69,9 +70,10 @@ def sage_extend_attention_ref(
     sm_scale: float | None = None,
     causal: bool = True,
     pv: str = "fp16",
+    rotate_qk: bool = False,
 ) -> None:
-    """Exact attention in fp32 (``pv`` is accepted for signature parity and ignored)."""
-    del max_len_extend, pv
+    """Exact attention in fp32 (``pv``, ``rotate_qk``: signature parity, ignored)."""
+    del max_len_extend, pv, rotate_qk
     sm_scale = q_extend.shape[-1] ** -0.5 if sm_scale is None else sm_scale
     group = q_extend.shape[1] // k_extend.shape[1]
     for rows, q, k, v, prefix_len in _requests(
@@ -100,8 +102,10 @@ def quantize_int8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, tor
     return q, scale.expand(-1, -1, block, 1).reshape(heads, -1, 1)[:, :length]
 
 
-def _smoothed_int8_keys(k: torch.Tensor, smooth_k: bool = True):
+def _smoothed_int8_keys(k: torch.Tensor, smooth_k: bool = True, rotate: bool = False):
     """One request's keys [Hkv, L, D] -> INT8 values and per-key scales, as the pre-pass."""
+    if rotate:
+        k = k @ hadamard_matrix(k.shape[-1], device=k.device)
     if smooth_k:
         # One mean per (request, KV head), summed as k / L like the pre-pass.
         k = k - (k / max(k.shape[1], 1)).sum(dim=1, keepdim=True)
@@ -136,6 +140,7 @@ def quantize_kv_ref(
     kv_indices,
     pv: PV,
     smooth_k: bool = True,
+    rotate: bool = False,
 ) -> PackedKV:
     """Twin of ``quantize_kv``: the same packed layout; rows no request owns stay 0."""
     batch_size = qo_indptr.shape[0] - 1
@@ -153,7 +158,7 @@ def quantize_kv_ref(
         )
     ):
         rows = slice(starts[b], starts[b] + k.shape[1])
-        k_int, k_row_scale = _smoothed_int8_keys(k, smooth_k)
+        k_int, k_row_scale = _smoothed_int8_keys(k, smooth_k, rotate)
         k_int8[:, rows] = k_int.to(torch.int8)
         block_scales = k_row_scale[:, ::KV_BLOCK, 0]  # one per block of keys
         first_block = starts[b] // KV_BLOCK
@@ -163,7 +168,9 @@ def quantize_kv_ref(
         v_scale[b] = v_chan_scale[:, 0]
     if pv.v_token_major:  # token-contiguous, as the kernel's pre-pass writes it
         v_packed = v_packed.transpose(1, 2).contiguous()
-    return PackedKV(pv=pv, k_int8=k_int8, k_scale=k_scale, v=v_packed, v_scale=v_scale)
+    return PackedKV(
+        pv=pv, k_int8=k_int8, k_scale=k_scale, v=v_packed, v_scale=v_scale, rotated=rotate
+    )
 
 
 def sage_extend_attention_quant_ref(
@@ -180,6 +187,7 @@ def sage_extend_attention_quant_ref(
     sm_scale: float | None = None,
     causal: bool = True,
     pv: str = "fp16",
+    rotate_qk: bool = False,
 ) -> None:
     """The kernel's quantized arithmetic, replayed in torch with the kernel's tile shape."""
     del max_len_extend
@@ -194,8 +202,11 @@ def sage_extend_attention_quant_ref(
         num_queries, kv_len = q.shape[1], k.shape[1]
         if num_queries == 0:
             continue
-        k_int, k_scale = _smoothed_int8_keys(k)
-        q_int, q_scale = quantize_int8_blocks(q * (sm_scale * math.log2(math.e)), 1)
+        k_int, k_scale = _smoothed_int8_keys(k, rotate=rotate_qk)
+        qk_scale = sm_scale * math.log2(math.e)
+        if rotate_qk:  # (q H)·(k H) = D q·k
+            q, qk_scale = q @ hadamard_matrix(head_dim, device=q.device), qk_scale / head_dim
+        q_int, q_scale = quantize_int8_blocks(q * qk_scale, 1)
         k_int = k_int.repeat_interleave(group, 0)
         k_scale = k_scale.repeat_interleave(group, 0)
         v_lowp, v_chan_scale = lowp_values(v, pv)

@@ -16,6 +16,8 @@ from sglang.srt.layers.attention.sage_attention.extend_attention import (
 PV_ENV = "SGLANG_SAGE_ATTN_PV"
 MIN_EXTEND_LEN_ENV = "SGLANG_SAGE_ATTN_MIN_EXTEND_LEN"
 KERNEL_ENV = "SGLANG_SAGE_ATTN_KERNEL"
+QK_ROTATION_ENV = "SGLANG_SAGE_ATTN_QK_ROTATION"
+SUPPORTED_QK_ROTATIONS = ("none", "hadamard")
 # Measured crossover against the bf16 Triton extend kernel short requests fall back
 # to (benchmark/kernels/sage_attention/RESULTS.md): an 8B-shaped layer prefilling
 # one request is 0.85x at 1024 tokens, 1.02x at 2048, 1.31x at 4096 (H100, v1);
@@ -34,12 +36,24 @@ class SageAttnSettings:
     min_extend_len: int = DEFAULT_MIN_EXTEND_LEN
     # "auto" (the Gluon kernel on Hopper, Triton elsewhere) or "triton" (Triton everywhere).
     kernel: str = "auto"
+    # "hadamard": rotate Q and K before their INT8 quantization (rotation.py). Off by
+    # default until its speed is measured on a GPU (its accuracy gain is measured:
+    # benchmark/sage_attention/VALIDATION.md).
+    qk_rotation: str = "none"
+
+    @property
+    def rotate_qk(self) -> bool:
+        return self.qk_rotation == "hadamard"
 
     def __post_init__(self):
         if self.pv not in SUPPORTED_PV:
             raise ValueError(f"{PV_ENV}={self.pv!r}: must be one of {SUPPORTED_PV}")
         if self.kernel not in SUPPORTED_KERNELS:
             raise ValueError(f"{KERNEL_ENV}={self.kernel!r}: must be one of {SUPPORTED_KERNELS}")
+        if self.qk_rotation not in SUPPORTED_QK_ROTATIONS:
+            raise ValueError(
+                f"{QK_ROTATION_ENV}={self.qk_rotation!r}: must be one of {SUPPORTED_QK_ROTATIONS}"
+            )
         if self.min_extend_len < 0:
             raise ValueError(f"{MIN_EXTEND_LEN_ENV}={self.min_extend_len}: must be >= 0")
 
@@ -67,4 +81,5 @@ class SageAttnSettings:
             pv=environ.get(PV_ENV, "fp16").lower(),
             min_extend_len=min_extend_len,
             kernel=environ.get(KERNEL_ENV, "auto").lower(),
+            qk_rotation=environ.get(QK_ROTATION_ENV, "none").lower(),
         )
