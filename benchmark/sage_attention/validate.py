@@ -368,6 +368,8 @@ def main():
     smol.add_argument("--smollm2-cache", help="default $SAGE_ATTN_SMOLLM2_CACHE or ~/.cache/...")
     smol.add_argument("--layers", type=int, help="run only the first N layers")
     smol.add_argument("--chat-prompt", default="What is the capital of France?")
+    smol.add_argument("--task-lengths", type=int, nargs="+", help="default 1K 2K 4K 8K")
+    smol.add_argument("--task-trials", type=int, help="cases per (task, length, depth); 4")
     args = parser.parse_args()
     if args.cpu and os.environ.get("TRITON_INTERPRET") != "1":
         # The interpreter is chosen when triton is imported (already done above):

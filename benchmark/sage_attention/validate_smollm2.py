@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct (``smollm2.py``: GGUF dequantized once into a local cache), run
 through SGLang's ``RadixAttention`` layers, pools and a registered backend by
 ``sglang_stack.SGLangStack`` exactly as the byte model is. Per backend (``triton``
-bf16 baseline, ``sage_fp16``, ``sage_fp8``; ``fp32`` torch reference): perplexity of
+bf16 baseline, ``sage_fp16``, ``sage_fp8``, ``sage_int8``; ``fp32`` torch reference): perplexity of
 English prose (``pydoc_data.topics``) and stdlib code at 1K/4K/8K tokens, KL and top-1
 against triton and fp32, greedy divergence, layer drift, bitwise determinism, a chat
 answer, and long-context tasks (needle, key-value retrieval, copying a random digit
@@ -36,6 +36,7 @@ TASKS = ("needle", "kv", "copy")
 
 
 def configure(args) -> None:
+    lengths, trials = getattr(args, "task_lengths", None), getattr(args, "task_trials", None)
     if args.quick:
         args.layers = args.layers or 2
         args.contexts, args.windows_per_context = [64, 128], [2, 2]
@@ -48,6 +49,8 @@ def configure(args) -> None:
         args.task_lengths = [1024, 2048, 4096, 8192]
         args.task_depths, args.task_trials = [0.1, 0.3, 0.5, 0.7, 0.9], 4
         args.chat_steps, args.task_batch = 48, 4
+    args.task_lengths = lengths or args.task_lengths
+    args.task_trials = trials or args.task_trials
 
 
 def _digits(rng, n):
