@@ -147,3 +147,50 @@ def test_every_launch_compiles(arch, dtype, head_dim, causal, pv, rotate, monkey
         if pv == "int8":  # P·V is an MMA too, and of no other type than Q·Kᵀ's
             assert ".e4m3.e4m3" not in ptx and ".f16.f16" not in ptx
         assert kernel.metadata.shared <= 227 * 1024
+
+
+# The 8-bit KV cache's write and decode kernels (and SGLang's split reduction they end
+# with), for every architecture: hd 64/128, GQA 1 and 8, plain and rotated K.
+KV8_CONFIGS = [
+    (arch, head_dim, group, rotated)
+    for arch in TARGETS
+    for head_dim in (64, 128)
+    for group in (1, 8)
+    for rotated in (False, True)
+]
+
+
+@compiled_kernels
+@pytest.mark.parametrize(
+    "arch,head_dim,group,rotated",
+    KV8_CONFIGS,
+    ids=[f"sm{a}-hd{h}-gqa{g}{'-rotated' if r else ''}" for a, h, g, r in KV8_CONFIGS],
+)
+def test_kv8_cache_launches_compile(arch, head_dim, group, rotated):
+    from sglang.srt.layers.attention.sage_attention.decode_kv8 import sage_decode_kv8
+    from sglang.srt.layers.attention.sage_attention.kv8_cache import (
+        allocate_kv8_cache,
+        write_kv8,
+    )
+
+    batch, num_kv_heads, splits = 2, 2, 4
+    cache = allocate_kv8_cache(64, num_kv_heads, head_dim, head_dim, "cpu", rotated=rotated)
+    kv = torch.zeros(8, num_kv_heads, head_dim, dtype=torch.bfloat16)
+    q = torch.zeros(batch, num_kv_heads * group, head_dim, dtype=torch.bfloat16)
+    logits = torch.zeros(batch, q.shape[1], splits, head_dim)
+
+    def launch():
+        write_kv8(cache, torch.arange(8), kv, kv)
+        sage_decode_kv8(
+            q, torch.zeros_like(q), cache, torch.tensor([0, 3, 8], dtype=torch.int32),
+            torch.arange(8), logits, logits[..., 0].clone(),
+            torch.full((batch,), splits, dtype=torch.int32), splits,
+        )  # fmt: skip
+
+    launches = captured_launches(launch)
+    names = [fn.__name__ for fn, _, _ in launches]
+    assert names == ["_kv8_write_kernel", "_kv8_decode_stage1", "_fwd_kernel_stage2"], names
+    for fn, bound, options in launches:
+        kernel = compile_for(fn, bound, options, target=GPUTarget("cuda", arch, 32))
+        assert kernel.asm["cubin"], fn.__name__
+        assert kernel.metadata.shared <= 227 * 1024

@@ -1,0 +1,223 @@
+"""Decode over sage_attn's 8-bit KV cache (``kv8_cache.py``): split-KV, GQA-grouped.
+
+Stage 1 (this module): one program per (request, KV head, split) takes the query
+heads of that KV head together (padded to 16 rows, the smallest tensor-core tile)
+and runs an exp2 online softmax over its split of the request's slots, reading
+INT8 K and V through ``kv_indices`` with their per-token scales:
+``s = (q · k_int8) * k_scale`` (q·k_mean, the same for every key, is left out:
+softmax does not see it), ``o += (p * v_scale) · v_int8``. Stage 2 is SGLang's
+own split reduction (``_decode_softmax_reducev_fwd``), so the split contract is
+SGLang's Triton decode's: ``num_kv_splits [B]`` chosen by the caller (fixed per
+captured batch size under CUDA graphs), splits of
+``ceil(ceil(L / splits) / 32) * 32`` keys, partial outputs normalised per split
+and their log-sum-exp in natural log.
+
+Q stays in fp32 and K/V are small integers (exact in tf32), so the products
+run as tf32 on the tensor cores (rounding ~1e-4 relative), far below the 8-bit
+cache's own error. No host sync, fixed grid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from sglang.kernels.ops.attention.decode_attention import (
+    _MIN_BLOCK_KV,
+    _decode_softmax_reducev_fwd,
+)
+from sglang.srt.layers.attention.sage_attention.kv8_cache import KV8Cache, dequantize_kv8
+from sglang.srt.layers.attention.sage_attention.rotation import hadamard_matrix, rotate_rows
+
+_LN2 = tl.constexpr(math.log(2.0))
+# Keys per inner step.
+BLOCK_N = 64
+
+
+@triton.jit
+def _kv8_decode_stage1(
+    q,
+    k_int8,
+    k_scale,
+    v_int8,
+    v_scale,
+    kv_indptr,
+    kv_indices,
+    num_kv_splits,
+    attn_logits,  # [B, Hq, MAX_SPLITS, Dv] fp32
+    attn_lse,  # [B, Hq, MAX_SPLITS] fp32
+    qk_scale_log2,
+    stride_q_tok,
+    stride_q_head,
+    stride_logits_b,
+    stride_logits_h,
+    stride_logits_s,
+    num_kv_heads,
+    KV_GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MIN_BLOCK_KV: tl.constexpr,
+    ROTATE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    kv_start = tl.load(kv_indptr + b).to(tl.int64)
+    kv_len = tl.load(kv_indptr + b + 1).to(tl.int64) - kv_start
+    splits = tl.load(num_kv_splits + b)
+    per_split = tl.cdiv(tl.cdiv(kv_len, splits), MIN_BLOCK_KV) * MIN_BLOCK_KV
+    lo = per_split * split
+    hi = tl.minimum(lo + per_split, kv_len)
+    if lo >= hi:
+        return
+
+    rows = tl.arange(0, BLOCK_H)
+    row_valid = rows < KV_GROUP
+    heads = kv_head * KV_GROUP + rows
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    query = tl.load(
+        q + b.to(tl.int64) * stride_q_tok + heads[:, None] * stride_q_head + offs_d[None, :],
+        mask=row_valid[:, None],
+        other=0.0,
+    )
+    if ROTATE:  # the cache holds K rotated: (q H)·(k H) = D q·k
+        query = rotate_rows(query, HEAD_DIM, q.dtype.element_ty) * (qk_scale_log2 / HEAD_DIM)
+    else:
+        query = query.to(tl.float32) * qk_scale_log2
+
+    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM_V], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        valid = pos < hi
+        slot = tl.load(kv_indices + kv_start + pos, mask=valid, other=0).to(tl.int64)
+        cell = slot * num_kv_heads + kv_head
+        key = tl.load(
+            k_int8 + cell[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None], other=0
+        )
+        key_scale = tl.load(k_scale + cell, mask=valid, other=0.0)
+        s = tl.dot(query, tl.trans(key.to(tl.float32))) * key_scale[None, :]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        value = tl.load(
+            v_int8 + cell[:, None] * HEAD_DIM_V + offs_dv[None, :], mask=valid[:, None], other=0.0
+        )
+        value_scale = tl.load(v_scale + cell, mask=valid, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p * value_scale[None, :], value.to(tl.float32))
+        m_i = m_new
+
+    out_rows = b.to(tl.int64) * stride_logits_b + heads.to(tl.int64) * stride_logits_h
+    out_rows += split * stride_logits_s
+    tl.store(
+        attn_logits + out_rows[:, None] + offs_dv[None, :],
+        acc / l_i[:, None],
+        mask=row_valid[:, None],
+    )
+    # SGLang's stage 2 merges in natural log: lse = ln(l) + m·ln 2 (m is in log2 units).
+    lse = (m_i + tl.math.log2(l_i)) * _LN2
+    tl.store(attn_lse + out_rows // HEAD_DIM_V, lse, mask=row_valid)
+
+
+def sage_decode_kv8(
+    q: torch.Tensor,
+    o: torch.Tensor,
+    cache: KV8Cache,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    attn_logits: torch.Tensor,
+    attn_lse: torch.Tensor,
+    num_kv_splits: torch.Tensor,
+    max_kv_splits: int,
+    sm_scale: float | None = None,
+) -> None:
+    """One decode step over the 8-bit cache; writes ``o [B, Hq, Dv]`` in place.
+
+    q [B, Hq, D] fp16/bf16; request b's keys are slots
+    ``kv_indices[kv_indptr[b]:kv_indptr[b+1]]`` (its new token already written by
+    ``write_kv8``). ``attn_logits [B, Hq, max_kv_splits, Dv]`` and ``attn_lse [B, Hq,
+    max_kv_splits]`` fp32 are scratch (SGLang's Triton backend allocates the same);
+    ``num_kv_splits [B]`` int32, each in [1, max_kv_splits].
+    """
+    batch, num_q_heads, head_dim = q.shape
+    if head_dim != cache.head_dim or o.shape[2] != cache.head_dim_v:
+        raise ValueError("sage_attn: q/o head dims do not match the 8-bit cache")
+    if num_q_heads % cache.num_kv_heads:
+        raise ValueError("sage_attn: query heads are not a multiple of the cache's KV heads")
+    if tuple(attn_logits.shape) != (batch, num_q_heads, max_kv_splits, cache.head_dim_v):
+        raise ValueError(f"sage_attn: attn_logits has shape {tuple(attn_logits.shape)}")
+    if batch == 0:
+        return
+    group = num_q_heads // cache.num_kv_heads
+    sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
+    _kv8_decode_stage1[(batch, cache.num_kv_heads, max_kv_splits)](
+        q,
+        cache.k_int8,
+        cache.k_scale,
+        cache.v_int8,
+        cache.v_scale,
+        kv_indptr,
+        kv_indices,
+        num_kv_splits,
+        attn_logits,
+        attn_lse,
+        qk_scale_log2=sm_scale * math.log2(math.e),
+        stride_q_tok=q.stride(0),
+        stride_q_head=q.stride(1),
+        stride_logits_b=attn_logits.stride(0),
+        stride_logits_h=attn_logits.stride(1),
+        stride_logits_s=attn_logits.stride(2),
+        num_kv_heads=cache.num_kv_heads,
+        KV_GROUP=group,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_V=cache.head_dim_v,
+        BLOCK_N=BLOCK_N,
+        MIN_BLOCK_KV=_MIN_BLOCK_KV,
+        ROTATE=cache.rotated,
+    )
+    # SGLang's stage 2 (v_scale 1.0: the per-token V scales are already in).
+    _decode_softmax_reducev_fwd(
+        attn_logits,
+        attn_lse,
+        q,
+        o,
+        1.0,
+        attn_logits,  # only its last dim (Dv) is read
+        kv_indptr,
+        num_kv_splits,
+        max_kv_splits,
+    )
+
+
+def sage_decode_kv8_ref(
+    q: torch.Tensor,
+    o: torch.Tensor,
+    cache: KV8Cache,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    sm_scale: float | None = None,
+) -> None:
+    """Twin: exact softmax attention (fp64) over the dequantized cache, in its own space."""
+    sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    group = q.shape[1] // cache.num_kv_heads
+    bounds = kv_indptr.tolist()
+    for b in range(q.shape[0]):
+        k, v = dequantize_kv8(cache, kv_indices[bounds[b] : bounds[b + 1]])
+        query = q[b].double()
+        if cache.rotated:
+            query = query @ hadamard_matrix(cache.head_dim, torch.float64, q.device)
+            query = query / cache.head_dim
+        keys = k.double().transpose(0, 1).repeat_interleave(group, 0)  # [Hq, L, D]
+        values = v.double().transpose(0, 1).repeat_interleave(group, 0)
+        scores = torch.einsum("hd,hld->hl", query, keys) * sm_scale
+        o[b] = torch.einsum("hl,hld->hd", scores.softmax(-1), values).to(o.dtype)

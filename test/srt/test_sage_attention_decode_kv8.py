@@ -1,0 +1,134 @@
+"""decode_kv8.py: one decode step over the 8-bit KV cache.
+
+Thresholds (cosine similarity / relative L1 of the whole output):
+- vs the exact fp32 op on the original, unquantized K/V (``sage_extend_attention_ref``
+  with one-token chunks): cos >= 0.9995, rel-L1 <= 0.03 on random inputs and on
+  outliers (10-sigma per-channel K bias with 8x Q channels; an attention sink), with
+  the K mean as smoothing vector. Measured on the CPU interpreter (plain and rotated
+  K): random >= 0.99996 / <= 0.0091, K bias >= 0.99992 / <= 0.012, sink >= 0.99996 /
+  <= 0.0098. Without the smoothing vector the K-bias case falls below 0.999 (test below).
+- vs the twin (exact softmax over the dequantized cache): cos >= 0.99999, rel-L1 <= 2e-3
+  (the kernel's products run as tf32 on a GPU).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sage_attention_inputs import DEVICE, ExtendCase, make_extend_inputs, requires_kernels
+
+from sglang.srt.layers.attention.sage_attention.decode_kv8 import (
+    sage_decode_kv8,
+    sage_decode_kv8_ref,
+)
+from sglang.srt.layers.attention.sage_attention.kv8_cache import allocate_kv8_cache, write_kv8
+from sglang.srt.layers.attention.sage_attention.reference import (
+    attention_error,
+    sage_extend_attention_ref,
+)
+from sglang.srt.layers.attention.sage_attention.rotation import hadamard_matrix
+
+VS_EXACT = (0.9995, 0.03)
+VS_TWIN = (0.99999, 2e-3)
+MAX_SPLITS = 4
+
+CASES = [
+    ExtendCase("mha_scrambled", (300, 77, 1000), (1, 1, 1), num_q_heads=2, num_kv_heads=2),
+    ExtendCase("gqa4_paged", (129, 64, 33), (1, 1, 1), num_q_heads=8, num_kv_heads=2, page_size=16),
+    ExtendCase("gqa8_hd128", (500, 1), (1, 1), num_q_heads=8, num_kv_heads=1, head_dim=128),
+    ExtendCase("one_key", (0, 5), (1, 1), num_q_heads=4, num_kv_heads=1),
+]
+OUTLIER_CASES = [
+    ExtendCase(f"{values}_hd{d}", (400, 90), (1, 1), 8, 2, head_dim=d, values=values)
+    for values in ("k_bias", "sink")
+    for d in (64, 128)
+]
+
+
+def decode_batch(case: ExtendCase, rotated: bool = False, smooth: bool = True):
+    """The case's requests as one decode step over an 8-bit cache: each request's new
+    token is written to a fresh slot after its prefix; slots no request owns hold NaN
+    scales, so a kernel that reads outside its request's slots cannot pass."""
+    inputs = make_extend_inputs(case)
+    hkv, d = case.num_kv_heads, case.head_dim
+    num_prefix_slots = inputs["k_buffer"].shape[0]
+    batch = len(case.extend_lens)
+    owned = inputs["kv_indices"]
+    new_slots = num_prefix_slots + torch.arange(batch, device=DEVICE)
+    keys = torch.cat([inputs["k_buffer"][owned], inputs["k_extend"]])
+    mean = keys.float().mean(0) if smooth else torch.zeros(hkv, d, device=DEVICE)
+    if rotated:
+        mean = mean @ hadamard_matrix(d, device=DEVICE)
+    cache = allocate_kv8_cache(
+        num_prefix_slots + batch, hkv, d, d, DEVICE, k_mean=mean, rotated=rotated
+    )
+    cache.k_scale.fill_(float("nan"))
+    cache.v_scale.fill_(float("nan"))
+    write_kv8(cache, owned, inputs["k_buffer"][owned], inputs["v_buffer"][owned])
+    write_kv8(cache, new_slots, inputs["k_extend"], inputs["v_extend"])
+
+    bounds = inputs["kv_indptr"].tolist()
+    indices = torch.cat(
+        [torch.cat([owned[bounds[b] : bounds[b + 1]], new_slots[b : b + 1]]) for b in range(batch)]
+    )
+    indptr = inputs["kv_indptr"] + torch.arange(batch + 1, device=DEVICE, dtype=torch.int32)
+    exact = inputs["o_extend"].clone()
+    sage_extend_attention_ref(**dict(inputs, o_extend=exact), causal=True)
+    return inputs["q_extend"], cache, indptr, indices, exact
+
+
+def run_decode(q, cache, indptr, indices, splits=None):
+    batch, num_heads = q.shape[:2]
+    splits = splits or [1 + b % MAX_SPLITS for b in range(batch)]
+    shape = (batch, num_heads, cache.head_dim_v)
+    out = torch.full(shape, float("nan"), dtype=q.dtype, device=DEVICE)
+    logits = torch.empty(batch, num_heads, MAX_SPLITS, cache.head_dim_v, device=DEVICE)
+    lse = torch.empty(batch, num_heads, MAX_SPLITS, device=DEVICE)
+    num_splits = torch.tensor(splits, dtype=torch.int32, device=DEVICE)
+    sage_decode_kv8(q, out, cache, indptr, indices, logits, lse, num_splits, MAX_SPLITS)
+    return out
+
+
+def check(case, rotated=False):
+    q, cache, indptr, indices, exact = decode_batch(case, rotated)
+    out = run_decode(q, cache, indptr, indices)
+    twin = torch.empty_like(out)
+    sage_decode_kv8_ref(q, twin, cache, indptr, indices)
+    assert torch.isfinite(out).all()
+    cos, rel_l1 = attention_error(out, exact)
+    assert cos >= VS_EXACT[0] and rel_l1 <= VS_EXACT[1], f"vs fp32: {cos:.6f} / {rel_l1:.4f}"
+    twin_cos, twin_l1 = attention_error(out, twin)
+    assert twin_cos >= VS_TWIN[0] and twin_l1 <= VS_TWIN[1], (twin_cos, twin_l1)
+    print(f"\nACCURACY kv8_decode_{case.name} rotated={rotated} cos={cos:.6f} rel_l1={rel_l1:.4f}")
+
+
+@pytest.mark.skipif(**requires_kernels)
+@pytest.mark.parametrize("rotated", [False, True], ids=["plain", "rotated"])
+@pytest.mark.parametrize("case", CASES + OUTLIER_CASES, ids=[c.name for c in CASES + OUTLIER_CASES])
+def test_decode_matches_exact_op_and_twin(case, rotated):
+    check(case, rotated)
+
+
+@pytest.mark.skipif(**requires_kernels)
+def test_smoothing_is_what_handles_k_outliers():
+    case = OUTLIER_CASES[0]
+    errors = {}
+    for smooth in (True, False):
+        q, cache, indptr, indices, exact = decode_batch(case, smooth=smooth)
+        errors[smooth] = attention_error(run_decode(q, cache, indptr, indices), exact)
+    assert errors[True][0] >= 0.9995, errors
+    assert errors[False][0] < 0.999 and errors[False][1] > 3 * errors[True][1], errors
+
+
+@pytest.mark.skipif(**requires_kernels)
+def test_split_count_changes_only_rounding_and_runs_are_bitwise_repeatable():
+    q, cache, indptr, indices, _ = decode_batch(CASES[0])
+    before = (q.clone(), cache.k_int8.clone(), cache.v_int8.clone(), indices.clone())
+    one = run_decode(q, cache, indptr, indices, splits=[1, 1, 1])
+    four = run_decode(q, cache, indptr, indices, splits=[4, 4, 4])
+    again = run_decode(q, cache, indptr, indices, splits=[4, 4, 4])
+    assert torch.equal(four, again)
+    cos, rel_l1 = attention_error(four, one)
+    assert cos >= 0.999999 and rel_l1 <= 1e-3
+    after = (q, cache.k_int8, cache.v_int8, indices)
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), "inputs modified"
