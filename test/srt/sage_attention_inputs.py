@@ -140,3 +140,55 @@ def run_op(op, inputs: dict, **kwargs) -> torch.Tensor:
     args = dict(inputs, o_extend=inputs["o_extend"].clone())
     op(**args, **kwargs)
     return args["o_extend"]
+
+
+def make_kv8_inputs(case: ExtendCase, rotated: bool = False, smooth: bool = True) -> dict:
+    """The case's batch over sage_attn's 8-bit KV cache: every prefix slot and each
+    chunk (written to fresh slots after the prefixes, as SGLang writes a chunk before
+    attention) quantized by ``write_kv8``; ``kv_indptr``/``kv_indices`` list each
+    request's whole sequence. Slots no request owns hold NaN scales, so a kernel that
+    reads outside its request cannot pass. ``exact``: the fp32 op on the original K/V.
+    ``smooth``: the keys' mean as the smoothing vector (a calibration mean), else 0."""
+    from sglang.srt.layers.attention.sage_attention.kv8_cache import allocate_kv8_cache, write_kv8
+    from sglang.srt.layers.attention.sage_attention.reference import sage_extend_attention_ref
+    from sglang.srt.layers.attention.sage_attention.rotation import hadamard_matrix
+
+    inputs = make_extend_inputs(case)
+    device = inputs["q_extend"].device
+    hkv, d = case.num_kv_heads, case.head_dim
+    num_prefix_slots, num_tokens = inputs["k_buffer"].shape[0], inputs["k_extend"].shape[0]
+    owned = inputs["kv_indices"]
+    chunk_slots = num_prefix_slots + torch.arange(num_tokens, device=device)
+    keys = torch.cat([inputs["k_buffer"][owned], inputs["k_extend"]])
+    mean = keys.float().mean(0) if smooth else torch.zeros(hkv, d, device=device)
+    if rotated:
+        mean = mean @ hadamard_matrix(d, device=device)
+    cache = allocate_kv8_cache(
+        num_prefix_slots + num_tokens, hkv, d, case.head_dim_v or d, device,
+        k_mean=mean, rotated=rotated,
+    )  # fmt: skip
+    cache.k_scale.fill_(float("nan"))
+    cache.v_scale.fill_(float("nan"))
+    write_kv8(cache, owned, inputs["k_buffer"][owned], inputs["v_buffer"][owned])
+    write_kv8(cache, chunk_slots, inputs["k_extend"], inputs["v_extend"])
+
+    prefix, chunk = inputs["kv_indptr"].tolist(), inputs["qo_indptr"].tolist()
+    kv_indices = torch.cat(
+        [torch.zeros(0, dtype=torch.int64, device=device)]
+        + [
+            torch.cat([owned[prefix[b] : prefix[b + 1]], chunk_slots[chunk[b] : chunk[b + 1]]])
+            for b in range(len(prefix) - 1)
+        ]
+    )
+    exact = inputs["o_extend"].clone()
+    sage_extend_attention_ref(**dict(inputs, o_extend=exact), causal=True)
+    return dict(
+        q_extend=inputs["q_extend"],
+        o_extend=inputs["o_extend"],
+        cache=cache,
+        qo_indptr=inputs["qo_indptr"],
+        kv_indptr=inputs["kv_indptr"] + inputs["qo_indptr"],
+        kv_indices=kv_indices,
+        max_len_extend=inputs["max_len_extend"],
+        exact=exact,
+    )

@@ -149,8 +149,8 @@ def test_every_launch_compiles(arch, dtype, head_dim, causal, pv, rotate, monkey
         assert kernel.metadata.shared <= 227 * 1024
 
 
-# The 8-bit KV cache's write and decode kernels (and SGLang's split reduction they end
-# with), for every architecture: hd 64/128, GQA 1 and 8, plain and rotated K.
+# The 8-bit KV cache's write, decode (with SGLang's split reduction) and extend kernels,
+# for every architecture: hd 64/128, GQA 1 and 8, plain and rotated K.
 KV8_CONFIGS = [
     (arch, head_dim, group, rotated)
     for arch in TARGETS
@@ -168,6 +168,7 @@ KV8_CONFIGS = [
 )
 def test_kv8_cache_launches_compile(arch, head_dim, group, rotated):
     from sglang.srt.layers.attention.sage_attention.decode_kv8 import sage_decode_kv8
+    from sglang.srt.layers.attention.sage_attention.extend_kv8 import sage_extend_attention_kv8
     from sglang.srt.layers.attention.sage_attention.kv8_cache import (
         allocate_kv8_cache,
         write_kv8,
@@ -186,10 +187,20 @@ def test_kv8_cache_launches_compile(arch, head_dim, group, rotated):
             torch.arange(8), logits, logits[..., 0].clone(),
             torch.full((batch,), splits, dtype=torch.int32), splits,
         )  # fmt: skip
+        sage_extend_attention_kv8(
+            kv.repeat_interleave(group, 1), torch.zeros_like(kv.repeat_interleave(group, 1)),
+            cache, torch.tensor([0, 3, 8], dtype=torch.int32),
+            torch.tensor([0, 5, 12], dtype=torch.int32), torch.arange(12), 5,
+        )  # fmt: skip
 
     launches = captured_launches(launch)
     names = [fn.__name__ for fn, _, _ in launches]
-    assert names == ["_kv8_write_kernel", "_kv8_decode_stage1", "_fwd_kernel_stage2"], names
+    assert names == [
+        "_kv8_write_kernel",
+        "_kv8_decode_stage1",
+        "_fwd_kernel_stage2",
+        "_sage_extend_kv8_kernel",
+    ], names
     for fn, bound, options in launches:
         kernel = compile_for(fn, bound, options, target=GPUTarget("cuda", arch, 32))
         assert kernel.asm["cubin"], fn.__name__

@@ -15,18 +15,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sage_attention_inputs import DEVICE, ExtendCase, make_extend_inputs, requires_kernels
+from sage_attention_inputs import DEVICE, ExtendCase, make_kv8_inputs, requires_kernels
 
 from sglang.srt.layers.attention.sage_attention.decode_kv8 import (
     sage_decode_kv8,
     sage_decode_kv8_ref,
 )
-from sglang.srt.layers.attention.sage_attention.kv8_cache import allocate_kv8_cache, write_kv8
-from sglang.srt.layers.attention.sage_attention.reference import (
-    attention_error,
-    sage_extend_attention_ref,
-)
-from sglang.srt.layers.attention.sage_attention.rotation import hadamard_matrix
+from sglang.srt.layers.attention.sage_attention.reference import attention_error
 
 VS_EXACT = (0.9995, 0.03)
 VS_TWIN = (0.99999, 2e-3)
@@ -46,35 +41,11 @@ OUTLIER_CASES = [
 
 
 def decode_batch(case: ExtendCase, rotated: bool = False, smooth: bool = True):
-    """The case's requests as one decode step over an 8-bit cache: each request's new
-    token is written to a fresh slot after its prefix; slots no request owns hold NaN
-    scales, so a kernel that reads outside its request's slots cannot pass."""
-    inputs = make_extend_inputs(case)
-    hkv, d = case.num_kv_heads, case.head_dim
-    num_prefix_slots = inputs["k_buffer"].shape[0]
-    batch = len(case.extend_lens)
-    owned = inputs["kv_indices"]
-    new_slots = num_prefix_slots + torch.arange(batch, device=DEVICE)
-    keys = torch.cat([inputs["k_buffer"][owned], inputs["k_extend"]])
-    mean = keys.float().mean(0) if smooth else torch.zeros(hkv, d, device=DEVICE)
-    if rotated:
-        mean = mean @ hadamard_matrix(d, device=DEVICE)
-    cache = allocate_kv8_cache(
-        num_prefix_slots + batch, hkv, d, d, DEVICE, k_mean=mean, rotated=rotated
-    )
-    cache.k_scale.fill_(float("nan"))
-    cache.v_scale.fill_(float("nan"))
-    write_kv8(cache, owned, inputs["k_buffer"][owned], inputs["v_buffer"][owned])
-    write_kv8(cache, new_slots, inputs["k_extend"], inputs["v_extend"])
-
-    bounds = inputs["kv_indptr"].tolist()
-    indices = torch.cat(
-        [torch.cat([owned[bounds[b] : bounds[b + 1]], new_slots[b : b + 1]]) for b in range(batch)]
-    )
-    indptr = inputs["kv_indptr"] + torch.arange(batch + 1, device=DEVICE, dtype=torch.int32)
-    exact = inputs["o_extend"].clone()
-    sage_extend_attention_ref(**dict(inputs, o_extend=exact), causal=True)
-    return inputs["q_extend"], cache, indptr, indices, exact
+    """The case's requests (one-token chunks) as a decode step over an 8-bit cache."""
+    assert set(case.extend_lens) == {1}
+    batch = make_kv8_inputs(case, rotated, smooth)
+    names = ("q_extend", "cache", "kv_indptr", "kv_indices", "exact")
+    return tuple(batch[name] for name in names)
 
 
 def run_decode(q, cache, indptr, indices, splits=None):

@@ -1,0 +1,281 @@
+"""Extend (prefill, radix hits, chunked prefill) over sage_attn's 8-bit KV cache.
+
+``sage_extend_attention_kv8`` has ``sage_extend_attention``'s semantics, but every
+key and value comes from the 8-bit cache (``kv8_cache.py``): request b's keys are
+the slots ``kv_indices[kv_indptr[b]:kv_indptr[b+1]]`` -- its cached prefix, then
+its new chunk, which the caller has already written with ``write_kv8`` (as SGLang
+writes the chunk into its pool before attention). With ``causal``, chunk token i
+sees the prefix and chunk tokens <= i (bottom-right). Nothing is re-quantized or
+packed per call: the prefix is read as it is stored.
+
+One program per (query block, query head, request), the portable kernel's shape:
+Q quantized once per block to INT8 (per row, ``sm_scale * log2(e)`` folded in;
+rotated first when the cache holds rotated K), then an exp2 online softmax over
+key tiles gathered through ``kv_indices`` (page size 1: no TMA, plain loads):
+``s = (q_int8 · k_int8) * q_scale * k_scale`` with one K scale per key, and
+FP16 P·V on the exact INT8 V with the per-row V scales folded into P (divided by
+the tile's largest, which multiplies the tile's product, so P stays in [0, 1]
+whatever V's magnitude). No host sync; the grid comes from ``max_len_extend``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from sglang.srt.layers.attention.sage_attention.kv8_cache import KV8Cache, dequantize_kv8
+from sglang.srt.layers.attention.sage_attention.quantize import quantize_q_rows
+from sglang.srt.layers.attention.sage_attention.reference import quantize_int8_blocks
+from sglang.srt.layers.attention.sage_attention.rotation import hadamard_matrix, rotate_rows
+
+# Keys per inner step and query rows per program.
+BLOCK_N = 64
+BLOCK_M = 64
+_M_INIT = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _kv8_tiles(
+    acc,
+    l_i,
+    m_i,
+    q_int8,
+    q_scale,
+    k_int8,
+    k_scale,
+    v_int8,
+    v_scale,
+    kv_indices,
+    kv_start,
+    kv_head,
+    num_kv_heads,
+    offs_m,
+    prefix_len,
+    kv_len,
+    lo,
+    hi,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
+    """Online softmax over keys [lo, hi); MASKED tiles check kv end and the causal edge."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        in_range = pos < kv_len
+        slot = tl.load(kv_indices + kv_start + pos, mask=in_range, other=0).to(tl.int64)
+        cell = slot * num_kv_heads + kv_head
+        key = tl.load(
+            k_int8 + cell[:, None] * HEAD_DIM + offs_d[None, :], mask=in_range[:, None], other=0
+        )
+        key_scale = tl.load(k_scale + cell, mask=in_range, other=0.0)
+        s = tl.dot(q_int8, tl.trans(key)).to(tl.float32)
+        s = s * q_scale[:, None] * key_scale[None, :]
+        if MASKED:
+            visible = in_range[None, :]
+            if CAUSAL:
+                visible = visible & (pos[None, :] <= prefix_len + offs_m[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        value = tl.load(
+            v_int8 + cell[:, None] * HEAD_DIM_V + offs_dv[None, :], mask=in_range[:, None], other=0
+        )
+        value_scale = tl.load(v_scale + cell, mask=in_range, other=0.0)
+        # V's row scales go into P, relative to the tile's largest (P stays in [0, 1]).
+        tile_scale = tl.maximum(tl.max(value_scale, 0), 1.0e-30)
+        p_v = (p * (value_scale / tile_scale)[None, :]).to(tl.float16)
+        acc = acc * alpha[:, None] + tl.dot(p_v, value.to(tl.float16)) * tile_scale
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _sage_extend_kv8_kernel(
+    q_extend,
+    o_extend,
+    k_int8,
+    k_scale,
+    v_int8,
+    v_scale,
+    qo_indptr,
+    kv_indptr,
+    kv_indices,
+    qk_scale_log2,
+    stride_q_tok,
+    stride_q_head,
+    stride_o_tok,
+    stride_o_head,
+    num_kv_heads,
+    KV_GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    ROTATE: tl.constexpr,
+):
+    q_head = tl.program_id(1)
+    b = tl.program_id(2)
+    extend_start = tl.load(qo_indptr + b).to(tl.int64)
+    extend_len = tl.load(qo_indptr + b + 1).to(tl.int64) - extend_start
+    kv_start = tl.load(kv_indptr + b).to(tl.int64)
+    kv_len = tl.load(kv_indptr + b + 1).to(tl.int64) - kv_start
+    prefix_len = kv_len - extend_len
+    num_m_blocks = tl.minimum(tl.cdiv(extend_len, BLOCK_M), tl.num_programs(0))
+    if tl.program_id(0) >= num_m_blocks:
+        return
+    # Causal: the blocks nearest the diagonal see the most keys; launch them first.
+    block_m = num_m_blocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    kv_head = q_head // KV_GROUP
+
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = offs_m < extend_len
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_rows = (extend_start + offs_m)[:, None] * stride_q_tok + q_head * stride_q_head
+    q = tl.load(q_extend + q_rows + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    if ROTATE:  # the cache holds K rotated: (q H)·(k H) = D q·k
+        q = rotate_rows(q, HEAD_DIM, q_extend.dtype.element_ty)
+        q_int8, q_scale = quantize_q_rows(q, qk_scale_log2 / HEAD_DIM)
+    else:
+        q_int8, q_scale = quantize_q_rows(q, qk_scale_log2)
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
+    if CAUSAL:
+        # Tiles wholly left of this block's first row's diagonal need no mask.
+        free_hi = (prefix_len + block_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(kv_len, prefix_len + (block_m + 1) * BLOCK_M)
+    else:
+        free_hi = kv_len // BLOCK_N * BLOCK_N
+        hi = kv_len
+    # Two calls of one loop: unmasked tiles, then those crossing kv end or the diagonal.
+    acc, l_i, m_i = _kv8_tiles(
+        acc, l_i, m_i, q_int8, q_scale, k_int8, k_scale, v_int8, v_scale,
+        kv_indices, kv_start, kv_head, num_kv_heads, offs_m, prefix_len, kv_len,
+        0, free_hi,
+        HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL,
+    )  # fmt: skip
+    acc, l_i, m_i = _kv8_tiles(
+        acc, l_i, m_i, q_int8, q_scale, k_int8, k_scale, v_int8, v_scale,
+        kv_indices, kv_start, kv_head, num_kv_heads, offs_m, prefix_len, kv_len,
+        free_hi, hi,
+        HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_N=BLOCK_N, MASKED=True, CAUSAL=CAUSAL,
+    )  # fmt: skip
+
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    out = acc * (1.0 / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
+    o_rows = (extend_start + offs_m)[:, None] * stride_o_tok + q_head * stride_o_head
+    tl.store(
+        o_extend + o_rows + offs_dv[None, :],
+        out.to(o_extend.dtype.element_ty),
+        mask=row_valid[:, None],
+    )
+
+
+def sage_extend_attention_kv8(
+    q_extend: torch.Tensor,
+    o_extend: torch.Tensor,
+    cache: KV8Cache,
+    qo_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    max_len_extend: int,
+    sm_scale: float | None = None,
+    causal: bool = True,
+) -> None:
+    """8-bit attention of a chunk over the 8-bit cache; writes ``o_extend [N, Hq, Dv]``.
+
+    q_extend [N, Hq, D] fp16/bf16; ``kv_indptr``/``kv_indices`` list each request's
+    whole sequence (prefix, then chunk, the chunk already in the cache), so
+    ``kv_len_b >= extend_len_b``. ``max_len_extend`` (a host int) sizes the grid.
+    """
+    num_tokens, num_q_heads, head_dim = q_extend.shape
+    if head_dim != cache.head_dim or o_extend.shape[2] != cache.head_dim_v:
+        raise ValueError("sage_attn: q/o head dims do not match the 8-bit cache")
+    if num_q_heads % cache.num_kv_heads:
+        raise ValueError("sage_attn: query heads are not a multiple of the cache's KV heads")
+    if q_extend.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"sage_attn: q_extend dtype {q_extend.dtype} is not supported")
+    if num_tokens == 0 or max_len_extend == 0:
+        return
+    batch = qo_indptr.shape[0] - 1
+    sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
+    grid = (triton.cdiv(max_len_extend, BLOCK_M), num_q_heads, batch)
+    _sage_extend_kv8_kernel[grid](
+        q_extend,
+        o_extend,
+        cache.k_int8,
+        cache.k_scale,
+        cache.v_int8,
+        cache.v_scale,
+        qo_indptr,
+        kv_indptr,
+        kv_indices,
+        qk_scale_log2=sm_scale * math.log2(math.e),
+        stride_q_tok=q_extend.stride(0),
+        stride_q_head=q_extend.stride(1),
+        stride_o_tok=o_extend.stride(0),
+        stride_o_head=o_extend.stride(1),
+        num_kv_heads=cache.num_kv_heads,
+        KV_GROUP=num_q_heads // cache.num_kv_heads,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_V=cache.head_dim_v,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        CAUSAL=causal,
+        ROTATE=cache.rotated,
+        num_warps=4,
+        num_stages=2,
+    )
+
+
+def sage_extend_attention_kv8_ref(
+    q_extend: torch.Tensor,
+    o_extend: torch.Tensor,
+    cache: KV8Cache,
+    qo_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    max_len_extend: int,
+    sm_scale: float | None = None,
+    causal: bool = True,
+) -> None:
+    """Twin: the kernel's INT8 Q (rotated when the cache is) and the dequantized cache,
+    with an exact softmax in fp64 (the kernel adds only exp2/fp16-P rounding)."""
+    del max_len_extend
+    head_dim = q_extend.shape[-1]
+    sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
+    group = q_extend.shape[1] // cache.num_kv_heads
+    qo, kv = qo_indptr.tolist(), kv_indptr.tolist()
+    for b in range(len(qo) - 1):
+        rows = slice(qo[b], qo[b + 1])
+        num_queries, kv_len = qo[b + 1] - qo[b], kv[b + 1] - kv[b]
+        if num_queries == 0:
+            continue
+        k, v = dequantize_kv8(cache, kv_indices[kv[b] : kv[b + 1]])
+        q = q_extend[rows].float().transpose(0, 1)  # [Hq, E, D]
+        qk_scale = sm_scale * math.log2(math.e)
+        if cache.rotated:
+            q, qk_scale = q @ hadamard_matrix(head_dim, device=q.device), qk_scale / head_dim
+        q_int, q_scale = quantize_int8_blocks(q * qk_scale, 1)
+        q = q_int * q_scale.double()
+        keys = k.double().transpose(0, 1).repeat_interleave(group, 0)
+        values = v.double().transpose(0, 1).repeat_interleave(group, 0)
+        s = (q @ keys.transpose(1, 2)) * math.log(2.0)  # log2 units -> natural
+        if causal:
+            prefix_len = kv_len - num_queries
+            keys_seen = torch.arange(kv_len, device=q.device)[None, :]
+            queries = torch.arange(num_queries, device=q.device)[:, None]
+            s = s.masked_fill(keys_seen > prefix_len + queries, float("-inf"))
+        out = s.softmax(-1) @ values
+        o_extend[rows] = out.transpose(0, 1).to(o_extend.dtype)
