@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import itertools
 import json
 import math
@@ -144,6 +145,56 @@ def pack(inputs, pv: str):
     return quantize_kv(*(inputs[n] for n in names), pv=PV(pv))
 
 
+def sage_kv8(inputs, batch, causal):
+    """The 8-bit KV cache's path: (write the chunk + extend over the cache, extend only).
+
+    The prefix is quantized into the cache once, outside the timing (a serving cache
+    holds it already); each request's chunk goes to fresh slots after the prefixes."""
+    from sglang.srt.layers.attention.sage_attention.extend_kv8 import sage_extend_attention_kv8
+    from sglang.srt.layers.attention.sage_attention.kv8_cache import (
+        allocate_kv8_cache,
+        write_kv8,
+    )
+
+    q, o = inputs["q_extend"], inputs["o_extend"]
+    k_buffer, v_buffer = inputs["k_buffer"], inputs["v_buffer"]
+    num_tokens, kv_heads, head_dim = inputs["k_extend"].shape
+    chunk_slots = k_buffer.shape[0] + torch.arange(num_tokens, device=q.device)
+    cache = allocate_kv8_cache(
+        k_buffer.shape[0] + num_tokens, kv_heads, head_dim, head_dim, q.device,
+        k_mean=k_buffer[:4096].float().mean(0),
+    )  # fmt: skip
+    prefix = inputs["kv_indices"]
+    write_kv8(cache, prefix, k_buffer[prefix], v_buffer[prefix])
+    chunk_len, prefix_len = inputs["max_len_extend"], prefix.shape[0] // batch
+    kv_indices = torch.cat(
+        [
+            torch.cat(
+                [
+                    prefix[b * prefix_len : (b + 1) * prefix_len],
+                    chunk_slots[b * chunk_len : (b + 1) * chunk_len],
+                ]
+            )
+            for b in range(batch)
+        ]
+    )
+    kv_indptr = inputs["kv_indptr"] + inputs["qo_indptr"]
+
+    def extend():
+        sage_extend_attention_kv8(
+            q, o, cache, inputs["qo_indptr"], kv_indptr, kv_indices, chunk_len,
+            sm_scale=head_dim**-0.5, causal=causal,
+        )  # fmt: skip
+        return o
+
+    def write_and_extend():
+        write_kv8(cache, chunk_slots, inputs["k_extend"], inputs["v_extend"])
+        return extend()
+
+    write_and_extend()  # the chunk's slots hold it before "extend only" is timed
+    return write_and_extend, extend
+
+
 def prefill_impls(inputs, batch, prefix_len, chunk_len, causal, with_baselines=True):
     """name -> callable returning the output [tokens, Hq, D]."""
     from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
@@ -198,6 +249,7 @@ def prefill_impls(inputs, batch, prefix_len, chunk_len, causal, with_baselines=T
         impls[f"sage_{pv}"] = sage(pv)
         impls[f"sage_{pv}_kernel_only"] = sage_kernel_only(pv)
         impls[f"sage_{pv}_triton"] = sage(pv, kernel="triton")
+    impls["sage_kv8"], impls["sage_kv8_kernel_only"] = sage_kv8(inputs, batch, causal)
     if not with_baselines:
         return impls
 
@@ -334,16 +386,33 @@ def copy_bandwidth_gbps() -> float:
 
 
 def bench_decode(args, batch, kv_len, head_dim=128) -> list[Row]:
+    """SGLang's Triton decode on the bf16 cache (what sage_attn decodes with today), at
+    SGLang's split cap (16 here, as its backend) and a raised one (64), against the
+    8-bit cache's decode (``sage_kv8_decode``) at both caps. GB/s count the bytes each
+    cache actually holds for the keys read."""
     from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
     from sglang.kernels.ops.attention.metadata import get_num_kv_splits_triton
-
-    q_heads, kv_heads, max_splits = args.q_heads, args.kv_heads, 16
-    kv_bytes = batch * kv_len * kv_heads * head_dim * 2 * 2
-    copies = max(1, math.ceil(256e6 / kv_bytes))  # rotate past the 50 MB L2
-    pool = torch.randn(
-        copies * batch * kv_len + 1, 2, kv_heads, head_dim, dtype=torch.bfloat16, device="cuda"
+    from sglang.srt.layers.attention.sage_attention.decode_kv8 import sage_decode_kv8
+    from sglang.srt.layers.attention.sage_attention.kv8_cache import (
+        allocate_kv8_cache,
+        kv8_bytes_per_token_head,
+        write_kv8,
     )
+
+    q_heads, kv_heads = args.q_heads, args.kv_heads
+    bf16_bytes = batch * kv_len * kv_heads * head_dim * 2 * 2
+    kv8_bytes = batch * kv_len * kv_heads * kv8_bytes_per_token_head(head_dim, head_dim)
+    copies = max(1, math.ceil(256e6 / bf16_bytes))  # rotate past the 50 MB L2
+    num_slots = copies * batch * kv_len + 1
+    pool = torch.randn(num_slots, 2, kv_heads, head_dim, dtype=torch.bfloat16, device="cuda")
     k_buffer, v_buffer = pool[:, 0], pool[:, 1]
+    cache = allocate_kv8_cache(
+        num_slots, kv_heads, head_dim, head_dim, "cuda",
+        k_mean=k_buffer[: min(num_slots, 4096)].float().mean(0),
+    )  # fmt: skip
+    all_slots = torch.arange(num_slots, device="cuda")
+    for chunk in all_slots.split(1 << 20):
+        write_kv8(cache, chunk, k_buffer[chunk], v_buffer[chunk])
     index_sets = [
         (torch.randperm(batch * kv_len, device="cuda") + 1 + c * batch * kv_len)
         for c in range(copies)
@@ -352,68 +421,70 @@ def bench_decode(args, batch, kv_len, head_dim=128) -> list[Row]:
     o = torch.empty_like(q)
     kv_indptr = torch.arange(0, batch + 1, dtype=torch.int32, device="cuda") * kv_len
     seq_lens = torch.full((batch,), kv_len, dtype=torch.int32, device="cuda")
-    num_kv_splits = torch.empty(batch, dtype=torch.int32, device="cuda")
-    get_num_kv_splits_triton[(1,)](
-        num_kv_splits,
-        seq_lens,
-        batch,
-        1,
-        q_heads,
-        kv_heads,
-        max_splits,
-        torch.cuda.get_device_properties(0).multi_processor_count,
-        MAX_NUM_SEQ=256,
-    )
-    attn_logits = torch.empty(
-        batch, q_heads, max_splits, head_dim, dtype=torch.float32, device="cuda"
-    )
-    attn_lse = torch.empty(batch, q_heads, max_splits, dtype=torch.float32, device="cuda")
-
-    def run_with(kv_indices):
-        decode_attention_fwd(
-            q,
-            k_buffer,
-            v_buffer,
-            o,
-            kv_indptr,
-            kv_indices,
-            attn_logits,
-            attn_lse,
-            num_kv_splits,
-            max_splits,
-            head_dim**-0.5,
-            1.0,
-            1.0,
-        )
-        return o
-
-    turn = itertools.cycle(index_sets)
-    ms = median_ms(lambda: run_with(next(turn)), args)
-    run_with(index_sets[0])
-    slots = index_sets[0][:kv_len]  # request 0
+    slots = index_sets[0][:kv_len]  # request 0's exact output, for the error columns
     k0 = k_buffer[slots].float().repeat_interleave(q_heads // kv_heads, 1)
     v0 = v_buffer[slots].float().repeat_interleave(q_heads // kv_heads, 1)
     probs = (torch.einsum("hd,khd->hk", q[0].float(), k0) * head_dim**-0.5).softmax(-1)
     ref = torch.einsum("hk,khd->hd", probs, v0)
-    cos, rel_l1 = attention_error(o[0], ref)
-    return [
-        Row(
-            "decode",
-            "sglang_triton_decode (sage_attn's decode)",
-            batch,
-            q_heads,
-            kv_heads,
-            head_dim,
-            1,
-            kv_len,
-            False,
-            ms,
-            0.0,
-            kv_bytes / (ms * 1e-3) / 1e9,
-            cos,
-            rel_l1,
-        )
+
+    def splits_for(max_splits):
+        num_kv_splits = torch.empty(batch, dtype=torch.int32, device="cuda")
+        get_num_kv_splits_triton[(1,)](
+            num_kv_splits, seq_lens, batch, 1, q_heads, kv_heads, max_splits,
+            torch.cuda.get_device_properties(0).multi_processor_count, MAX_NUM_SEQ=256,
+        )  # fmt: skip
+        logits = torch.empty(batch, q_heads, max_splits, head_dim, device="cuda")
+        lse = torch.empty(batch, q_heads, max_splits, device="cuda")
+        return num_kv_splits, logits, lse
+
+    def bf16(kv_indices, max_splits, splits):
+        num_kv_splits, logits, lse = splits
+        decode_attention_fwd(
+            q, k_buffer, v_buffer, o, kv_indptr, kv_indices, logits, lse, num_kv_splits,
+            max_splits, head_dim**-0.5, 1.0, 1.0,
+        )  # fmt: skip
+        return o
+
+    def kv8(kv_indices, max_splits, splits):
+        num_kv_splits, logits, lse = splits
+        sage_decode_kv8(
+            q, o, cache, kv_indptr, kv_indices, logits, lse, num_kv_splits, max_splits,
+            sm_scale=head_dim**-0.5,
+        )  # fmt: skip
+        return o
+
+    rows = []
+    impls = [
+        ("sglang_triton_decode (sage_attn's decode)", bf16, 16, bf16_bytes),
+        ("sglang_triton_decode_splits64", bf16, 64, bf16_bytes),
+        ("sage_kv8_decode", kv8, 16, kv8_bytes),
+        ("sage_kv8_decode_splits64", kv8, 64, kv8_bytes),
     ]
+    for name, run, max_splits, nbytes in impls:
+        splits = splits_for(max_splits)
+        step = functools.partial(run, max_splits=max_splits, splits=splits)
+        turn = itertools.cycle(index_sets)
+        ms = median_ms(lambda step=step, turn=turn: step(next(turn)), args)
+        cos, rel_l1 = attention_error(step(index_sets[0])[0], ref)
+        rows.append(
+            Row(
+                "decode",
+                name,
+                batch,
+                q_heads,
+                kv_heads,
+                head_dim,
+                1,
+                kv_len,
+                False,
+                ms,
+                0.0,
+                nbytes / (ms * 1e-3) / 1e9,
+                cos,
+                rel_l1,
+            )  # fmt: skip
+        )
+    return rows
 
 
 def bench_sweep(args, head_dim, causal, pv, tiles) -> list[Row]:
