@@ -29,7 +29,11 @@ from sglang.kernels.ops.attention.decode_attention import (
     _MIN_BLOCK_KV,
     _decode_softmax_reducev_fwd,
 )
-from sglang.srt.layers.attention.sage_attention.kv8_cache import KV8Cache, dequantize_kv8
+from sglang.srt.layers.attention.sage_attention.kv8_cache import (
+    KV8Cache,
+    dequantize_kv8,
+    load_kv8_tile,
+)
 from sglang.srt.layers.attention.sage_attention.rotation import hadamard_matrix, rotate_rows
 
 _LN2 = tl.constexpr(math.log(2.0))
@@ -97,22 +101,16 @@ def _kv8_decode_stage1(
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         valid = pos < hi
-        slot = tl.load(kv_indices + kv_start + pos, mask=valid, other=0).to(tl.int64)
-        cell = slot * num_kv_heads + kv_head
-        key = tl.load(
-            k_int8 + cell[:, None] * HEAD_DIM + offs_d[None, :], mask=valid[:, None], other=0
-        )
-        key_scale = tl.load(k_scale + cell, mask=valid, other=0.0)
+        key, key_scale, value, value_scale = load_kv8_tile(
+            k_int8, k_scale, v_int8, v_scale, kv_indices + kv_start, pos, valid, kv_head,
+            num_kv_heads, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V,
+        )  # fmt: skip
         s = tl.dot(query, tl.trans(key.to(tl.float32))) * key_scale[None, :]
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        value = tl.load(
-            v_int8 + cell[:, None] * HEAD_DIM_V + offs_dv[None, :], mask=valid[:, None], other=0.0
-        )
-        value_scale = tl.load(v_scale + cell, mask=valid, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p * value_scale[None, :], value.to(tl.float32))
         m_i = m_new
 

@@ -44,8 +44,11 @@ from sglang.srt.layers.attention.sage_attention.layout import (
     request_bounds,
     segment_start,
 )
-from sglang.srt.layers.attention.sage_attention.quantize import quantize_kv, quantize_q_rows
-from sglang.srt.layers.attention.sage_attention.rotation import rotate_rows
+from sglang.srt.layers.attention.sage_attention.quantize import (
+    block_key_bounds,
+    quantize_kv,
+    quantized_q_block,
+)
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -281,14 +284,10 @@ def _sage_extend_kernel(
     # Q channels from coarsening every other row of the block.
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = offs_m < extend_len
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_rows = (extend_start + offs_m)[:, None] * stride_q_tok + q_head * stride_q_head
-    q = tl.load(q_extend + q_rows + offs_d[None, :], mask=row_valid[:, None], other=0.0)
-    if ROTATE:  # K was rotated in the pre-pass; (q H)·(k H) = D q·k
-        q = rotate_rows(q, HEAD_DIM, q_extend.dtype.element_ty)
-        q_int8, q_scale = quantize_q_rows(q, qk_scale_log2 / HEAD_DIM)
-    else:
-        q_int8, q_scale = quantize_q_rows(q, qk_scale_log2)
+    q_int8, q_scale = quantized_q_block(
+        q_extend, extend_start, offs_m, row_valid, q_head, stride_q_tok, stride_q_head,
+        qk_scale_log2, HEAD_DIM=HEAD_DIM, ROTATE=ROTATE,
+    )  # fmt: skip
 
     seg_start = segment_start(qo_indptr, kv_indptr, b, BLOCK_N)
     k_scale_row = k_scale + kv_head.to(tl.int64) * (num_rows // BLOCK_N) + seg_start // BLOCK_N
@@ -296,13 +295,7 @@ def _sage_extend_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
-    if CAUSAL:
-        # Tiles wholly left of this block's first row's diagonal need no mask.
-        free_hi = (prefix_len + block_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(kv_len, prefix_len + (block_m + 1) * BLOCK_M)
-    else:
-        free_hi = kv_len // BLOCK_N * BLOCK_N
-        hi = kv_len
+    free_hi, hi = block_key_bounds(prefix_len, kv_len, block_m, BLOCK_M, BLOCK_N, CAUSAL)
     # Two calls of one loop: unmasked tiles, then those crossing kv end or the diagonal.
     acc, l_i, m_i = _attn_tiles(
         acc,

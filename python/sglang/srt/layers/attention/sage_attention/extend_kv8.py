@@ -26,10 +26,17 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang.srt.layers.attention.sage_attention.kv8_cache import KV8Cache, dequantize_kv8
-from sglang.srt.layers.attention.sage_attention.quantize import quantize_q_rows
+from sglang.srt.layers.attention.sage_attention.kv8_cache import (
+    KV8Cache,
+    dequantize_kv8,
+    load_kv8_tile,
+)
+from sglang.srt.layers.attention.sage_attention.quantize import (
+    block_key_bounds,
+    quantized_q_block,
+)
 from sglang.srt.layers.attention.sage_attention.reference import quantize_int8_blocks
-from sglang.srt.layers.attention.sage_attention.rotation import hadamard_matrix, rotate_rows
+from sglang.srt.layers.attention.sage_attention.rotation import hadamard_matrix
 
 # Keys per inner step and query rows per program.
 BLOCK_N = 64
@@ -64,17 +71,13 @@ def _kv8_tiles(
     CAUSAL: tl.constexpr,
 ):
     """Online softmax over keys [lo, hi); MASKED tiles check kv end and the causal edge."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_dv = tl.arange(0, HEAD_DIM_V)
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         in_range = pos < kv_len
-        slot = tl.load(kv_indices + kv_start + pos, mask=in_range, other=0).to(tl.int64)
-        cell = slot * num_kv_heads + kv_head
-        key = tl.load(
-            k_int8 + cell[:, None] * HEAD_DIM + offs_d[None, :], mask=in_range[:, None], other=0
-        )
-        key_scale = tl.load(k_scale + cell, mask=in_range, other=0.0)
+        key, key_scale, value, value_scale = load_kv8_tile(
+            k_int8, k_scale, v_int8, v_scale, kv_indices + kv_start, pos, in_range, kv_head,
+            num_kv_heads, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V,
+        )  # fmt: skip
         s = tl.dot(q_int8, tl.trans(key)).to(tl.float32)
         s = s * q_scale[:, None] * key_scale[None, :]
         if MASKED:
@@ -86,10 +89,6 @@ def _kv8_tiles(
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        value = tl.load(
-            v_int8 + cell[:, None] * HEAD_DIM_V + offs_dv[None, :], mask=in_range[:, None], other=0
-        )
-        value_scale = tl.load(v_scale + cell, mask=in_range, other=0.0)
         # V's row scales go into P, relative to the tile's largest (P stays in [0, 1]).
         tile_scale = tl.maximum(tl.max(value_scale, 0), 1.0e-30)
         p_v = (p * (value_scale / tile_scale)[None, :]).to(tl.float16)
@@ -139,25 +138,15 @@ def _sage_extend_kv8_kernel(
 
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = offs_m < extend_len
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_rows = (extend_start + offs_m)[:, None] * stride_q_tok + q_head * stride_q_head
-    q = tl.load(q_extend + q_rows + offs_d[None, :], mask=row_valid[:, None], other=0.0)
-    if ROTATE:  # the cache holds K rotated: (q H)·(k H) = D q·k
-        q = rotate_rows(q, HEAD_DIM, q_extend.dtype.element_ty)
-        q_int8, q_scale = quantize_q_rows(q, qk_scale_log2 / HEAD_DIM)
-    else:
-        q_int8, q_scale = quantize_q_rows(q, qk_scale_log2)
+    q_int8, q_scale = quantized_q_block(
+        q_extend, extend_start, offs_m, row_valid, q_head, stride_q_tok, stride_q_head,
+        qk_scale_log2, HEAD_DIM=HEAD_DIM, ROTATE=ROTATE,
+    )  # fmt: skip
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
-    if CAUSAL:
-        # Tiles wholly left of this block's first row's diagonal need no mask.
-        free_hi = (prefix_len + block_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(kv_len, prefix_len + (block_m + 1) * BLOCK_M)
-    else:
-        free_hi = kv_len // BLOCK_N * BLOCK_N
-        hi = kv_len
+    free_hi, hi = block_key_bounds(prefix_len, kv_len, block_m, BLOCK_M, BLOCK_N, CAUSAL)
     # Two calls of one loop: unmasked tiles, then those crossing kv end or the diagonal.
     acc, l_i, m_i = _kv8_tiles(
         acc, l_i, m_i, q_int8, q_scale, k_int8, k_scale, v_int8, v_scale,

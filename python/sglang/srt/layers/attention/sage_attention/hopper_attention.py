@@ -46,8 +46,7 @@ from sglang.srt.layers.attention.sage_attention.layout import (
     request_bounds,
     segment_start,
 )
-from sglang.srt.layers.attention.sage_attention.quantize import quantize_q_rows
-from sglang.srt.layers.attention.sage_attention.rotation import rotate_rows
+from sglang.srt.layers.attention.sage_attention.quantize import quantized_q_block
 
 try:  # Gluon (triton >= 3.5); absent or different elsewhere.
     from triton.experimental import gluon
@@ -136,13 +135,10 @@ def _quantize_q_kernel(
     offs_m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs_m < num_tokens
     offs_d = tl.arange(0, HEAD_DIM)
-    q_rows = offs_m.to(tl.int64)[:, None] * stride_q_tok + head * stride_q_head
-    q = tl.load(q_extend + q_rows + offs_d[None, :], mask=valid[:, None], other=0.0)
-    if ROTATE:  # K was rotated in the pre-pass; (q H)·(k H) = D q·k
-        q = rotate_rows(q, HEAD_DIM, q_extend.dtype.element_ty)
-        q_i8, scale = quantize_q_rows(q, qk_scale_log2 / HEAD_DIM)
-    else:
-        q_i8, scale = quantize_q_rows(q, qk_scale_log2)
+    q_i8, scale = quantized_q_block(
+        q_extend, 0, offs_m.to(tl.int64), valid, head, stride_q_tok, stride_q_head,
+        qk_scale_log2, HEAD_DIM=HEAD_DIM, ROTATE=ROTATE,
+    )  # fmt: skip
     out_rows = head.to(tl.int64) * num_tokens + offs_m
     tl.store(q_int8 + out_rows[:, None] * HEAD_DIM + offs_d[None, :], q_i8, mask=valid[:, None])
     tl.store(q_scale + out_rows, scale, mask=valid)

@@ -110,6 +110,46 @@ def allocate_kv8_cache(
 
 
 @triton.jit
+def kv8_cell(slot, kv_head, num_kv_heads):
+    """Row of (slot, KV head) in the [S * Hkv, ...] views of the buffers (int64 slots)."""
+    return slot.to(tl.int64) * num_kv_heads + kv_head
+
+
+@triton.jit
+def load_kv8_tile(
+    k_int8,
+    k_scale,
+    v_int8,
+    v_scale,
+    slots_of_seq,
+    pos,
+    valid,
+    kv_head,
+    num_kv_heads,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+):
+    """Keys and values at positions ``pos`` of a sequence whose slot ids start at
+    ``slots_of_seq``: INT8 K [N, D] and its scales [N], INT8 V [N, Dv] and its scales
+    [N]; zeros where not ``valid``. The kernels read the cache only through this."""
+    slot = tl.load(slots_of_seq + pos, mask=valid, other=0)
+    cell = kv8_cell(slot, kv_head, num_kv_heads)
+    key = tl.load(
+        k_int8 + cell[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :],
+        mask=valid[:, None],
+        other=0,
+    )
+    value = tl.load(
+        v_int8 + cell[:, None] * HEAD_DIM_V + tl.arange(0, HEAD_DIM_V)[None, :],
+        mask=valid[:, None],
+        other=0,
+    )
+    key_scale = tl.load(k_scale + cell, mask=valid, other=0.0)
+    value_scale = tl.load(v_scale + cell, mask=valid, other=0.0)
+    return key, key_scale, value, value_scale
+
+
+@triton.jit
 def _kv8_write_kernel(
     k,
     v,
@@ -159,8 +199,7 @@ def _kv8_write_kernel(
     value_q = (value + tl.where(value >= 0, 0.5, -0.5)).to(tl.int8)
 
     # Slot ids are int64: a cache may hold more than 2^31 elements.
-    slot = tl.load(loc + rows64, mask=valid, other=0).to(tl.int64)
-    cell = slot * num_heads + head
+    cell = kv8_cell(tl.load(loc + rows64, mask=valid, other=0), head, num_heads)
     tl.store(k_int8 + cell[:, None] * HEAD_DIM + offs_d[None, :], key_q, mask=valid[:, None])
     tl.store(v_int8 + cell[:, None] * HEAD_DIM_V + offs_dv[None, :], value_q, mask=valid[:, None])
     tl.store(k_scale + cell, key_scale, mask=valid)

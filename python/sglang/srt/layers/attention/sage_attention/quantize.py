@@ -61,6 +61,47 @@ def quantize_q_rows(q, qk_scale_log2):
 
 
 @triton.jit
+def quantized_q_block(
+    q_extend,
+    extend_start,
+    offs_m,
+    row_valid,
+    q_head,
+    stride_q_tok,
+    stride_q_head,
+    qk_scale_log2,
+    HEAD_DIM: tl.constexpr,
+    ROTATE: tl.constexpr,
+):
+    """One query block of a request's chunk as INT8 rows and per-row scales (rows not
+    ``row_valid`` read as 0), rotated first when K was (``rotation.py``): the
+    prologue of every extend kernel."""
+    q_rows = (extend_start + offs_m)[:, None] * stride_q_tok + q_head * stride_q_head
+    q = tl.load(
+        q_extend + q_rows + tl.arange(0, HEAD_DIM)[None, :], mask=row_valid[:, None], other=0.0
+    )
+    if ROTATE:  # (q H)·(k H) = D q·k
+        q = rotate_rows(q, HEAD_DIM, q_extend.dtype.element_ty)
+        return quantize_q_rows(q, qk_scale_log2 / HEAD_DIM)
+    return quantize_q_rows(q, qk_scale_log2)
+
+
+@triton.jit
+def block_key_bounds(
+    prefix_len, kv_len, block_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr
+):
+    """(free_hi, hi) for a query block: keys [0, free_hi) need no mask (wholly left of
+    the block's first row's bottom-right diagonal, or before kv end), [0, hi) are seen."""
+    if CAUSAL:
+        free_hi = (prefix_len + block_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(kv_len, prefix_len + (block_m + 1) * BLOCK_M)
+    else:
+        free_hi = kv_len // BLOCK_N * BLOCK_N
+        hi = kv_len
+    return free_hi, hi
+
+
+@triton.jit
 def _load_rows(source, rows, head, offs_d, mask, stride_tok, stride_head):
     """Rows ``rows`` of one head of a [tokens, heads, dim] tensor, in fp32; 0 where masked."""
     ptrs = source + rows[:, None] * stride_tok + head * stride_head + offs_d[None, :]
