@@ -192,3 +192,16 @@ def make_kv8_inputs(case: ExtendCase, rotated: bool = False, smooth: bool = True
         max_len_extend=inputs["max_len_extend"],
         exact=exact,
     )
+
+
+def huge_kv8_cache(length=300):
+    """A 1-KV-head hd64 cache whose int8 buffers pass 2^31 elements, and ``length`` keys
+    written to its last slots (int64 addressing or bust). GPU only (~4.5 GB)."""
+    from sglang.srt.layers.attention.sage_attention.kv8_cache import allocate_kv8_cache, write_kv8
+
+    num_slots = 2**31 // 64 + 4096
+    cache = allocate_kv8_cache(num_slots, 1, 64, 64, "cuda")
+    slots = torch.arange(num_slots - length, num_slots, device="cuda")
+    k = torch.randn(length, 1, 64, dtype=torch.float16, device="cuda")
+    write_kv8(cache, slots, k, torch.randn_like(k))
+    return cache, slots, torch.tensor([0, length], dtype=torch.int32, device="cuda")

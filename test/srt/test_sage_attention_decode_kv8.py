@@ -15,7 +15,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sage_attention_inputs import DEVICE, ExtendCase, make_kv8_inputs, requires_kernels
+from sage_attention_inputs import (
+    DEVICE,
+    HAS_GPU,
+    ExtendCase,
+    huge_kv8_cache,
+    make_kv8_inputs,
+    requires_kernels,
+)
 
 from sglang.srt.layers.attention.sage_attention.decode_kv8 import (
     sage_decode_kv8,
@@ -103,3 +110,13 @@ def test_split_count_changes_only_rounding_and_runs_are_bitwise_repeatable():
     assert cos >= 0.999999 and rel_l1 <= 1e-3
     after = (q, cache.k_int8, cache.v_int8, indices)
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), "inputs modified"
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="a cache of more than 2^31 elements needs a GPU")
+def test_slots_beyond_two_to_the_31_elements():
+    cache, slots, indptr = huge_kv8_cache()
+    q = torch.randn(1, 4, 64, dtype=torch.float16, device="cuda")
+    out = run_decode(q, cache, indptr, slots, splits=[3])
+    twin = torch.empty_like(out)
+    sage_decode_kv8_ref(q, twin, cache, indptr, slots)
+    assert attention_error(out, twin)[0] >= VS_TWIN[0]

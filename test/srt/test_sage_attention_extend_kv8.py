@@ -17,7 +17,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sage_attention_inputs import ExtendCase, make_kv8_inputs, requires_kernels
+from sage_attention_inputs import (
+    HAS_GPU,
+    ExtendCase,
+    huge_kv8_cache,
+    make_kv8_inputs,
+    requires_kernels,
+)
 
 from sglang.srt.layers.attention.sage_attention.extend_kv8 import (
     sage_extend_attention_kv8,
@@ -101,3 +107,13 @@ def test_smoothing_is_what_handles_k_outliers():
     }  # fmt: skip
     assert errors[True][0] >= VS_EXACT[0], errors
     assert errors[False][0] < 0.999 and errors[False][1] > 3 * errors[True][1], errors
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="a cache of more than 2^31 elements needs a GPU")
+def test_slots_beyond_two_to_the_31_elements():
+    cache, slots, indptr = huge_kv8_cache(length=300)
+    chunk = torch.randn(300, 4, 64, dtype=torch.float16, device="cuda")
+    got, want = torch.empty_like(chunk), torch.empty_like(chunk)
+    sage_extend_attention_kv8(chunk, got, cache, indptr, indptr, slots, 300)
+    sage_extend_attention_kv8_ref(chunk, want, cache, indptr, indptr, slots, 300)
+    assert attention_error(got, want)[0] >= VS_TWIN[0]
