@@ -92,7 +92,7 @@ def time_8b_layer(quick: bool = False) -> list[dict]:
             make_stack(key, 1, max(prefill_lens) + 16),
             make_stack(key, max(decode_batches), DECODE_KV + 16),
         )
-        for key in ("triton", "sage_fp16", "sage_fp8", "sage_int8")
+        for key in ("triton", "sage_fp16", "sage_fp8", "sage_int8", "sage_fp16_rot")
     }
     with torch.no_grad():
         for n in prefill_lens:

@@ -16,6 +16,11 @@ SGLANG_BACKENDS = {
     "sage_fp16": ("sage_attn", {"SGLANG_SAGE_ATTN_PV": "fp16"}),
     "sage_fp8": ("sage_attn", {"SGLANG_SAGE_ATTN_PV": "fp8"}),
     "sage_int8": ("sage_attn", {"SGLANG_SAGE_ATTN_PV": "int8"}),
+    # The default P·V with Q and K rotated before quantization (rotation.py).
+    "sage_fp16_rot": (
+        "sage_attn",
+        {"SGLANG_SAGE_ATTN_PV": "fp16", "SGLANG_SAGE_ATTN_QK_ROTATION": "hadamard"},
+    ),
 }
 
 

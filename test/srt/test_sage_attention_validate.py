@@ -47,7 +47,7 @@ def test_validate_quick_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "validation.json").read_text())
     backends = {r["backend"] for r in report["perplexity"]}
-    sage_modes = {"sage_fp16", "sage_fp8", "sage_int8"}
+    sage_modes = {"sage_fp16", "sage_fp8", "sage_int8", "sage_fp16_rot"}
     assert backends == {"fp32", "triton", *sage_modes}
     # A random model over 256 bytes: perplexity near 256, never below 1.
     assert all(1.0 < r["ppl"] < 1000 for r in report["perplexity"])

@@ -213,9 +213,11 @@ def prefill_impls(inputs, batch, prefix_len, chunk_len, causal, with_baselines=T
     q_heads, head_dim = q.shape[1], q.shape[2]
     kv_len = prefix_len + chunk_len
 
-    def sage(pv, kernel="auto"):
+    def sage(pv, kernel="auto", rotate_qk=False):
         def run():
-            sage_extend_attention(**inputs, causal=causal, pv=pv, kernel=kernel)
+            sage_extend_attention(
+                **inputs, causal=causal, pv=pv, kernel=kernel, rotate_qk=rotate_qk
+            )
             return o
 
         return run
@@ -249,6 +251,7 @@ def prefill_impls(inputs, batch, prefix_len, chunk_len, causal, with_baselines=T
         impls[f"sage_{pv}"] = sage(pv)
         impls[f"sage_{pv}_kernel_only"] = sage_kernel_only(pv)
         impls[f"sage_{pv}_triton"] = sage(pv, kernel="triton")
+    impls["sage_fp16_rotated"] = sage("fp16", rotate_qk=True)  # the Q/K rotation's cost
     impls["sage_kv8"], impls["sage_kv8_kernel_only"] = sage_kv8(inputs, batch, causal)
     if not with_baselines:
         return impls
