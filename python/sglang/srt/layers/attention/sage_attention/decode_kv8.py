@@ -153,6 +153,11 @@ def sage_decode_kv8(
         raise ValueError("sage_attn: query heads are not a multiple of the cache's KV heads")
     if tuple(attn_logits.shape) != (batch, num_q_heads, max_kv_splits, cache.head_dim_v):
         raise ValueError(f"sage_attn: attn_logits has shape {tuple(attn_logits.shape)}")
+    # Stage 2 finds a split's log-sum-exp at its partial output's offset / Dv.
+    if tuple(attn_lse.shape) != tuple(attn_logits.shape[:3]) or not (
+        attn_logits.is_contiguous() and attn_lse.is_contiguous()
+    ):
+        raise ValueError("sage_attn: attn_logits/attn_lse must be contiguous [B, Hq, splits(, Dv)]")
     if batch == 0:
         return
     group = num_q_heads // cache.num_kv_heads
