@@ -14,6 +14,7 @@ Steps (combinations as named):
   k_int8_b32        K smoothed, INT8 per 32-key block
   k_int8_token      K smoothed, INT8 per key
   pv_fp16/fp8/int8  P and V as the P·V modes round them
+  v_int8_row / v_fp8_row  V per row (the 8-bit KV cache's format, and its e4m3 alternative)
 
     python benchmark/sage_attention/smollm2_error_sources.py --windows 4 --context 1024
 """
@@ -56,6 +57,16 @@ VARIANTS = {
     # unchanged; outlier channels are spread over all channels): ``rotate_qk``.
     "hadamard qk_shipped": ("hadamard", "q_int8", "k_b128"),
     "hadamard q_int8+k_int8_token": ("hadamard", "q_int8", "k_b1"),
+    # The 8-bit KV cache's format (kv8_cache.py) as its extend kernel reads it: per-key
+    # K scales, V per row (INT8, or the e4m3 alternative), FP16 P.
+    "kv8 cache (q_int8+k_int8_token+v_int8_row)": ("q_int8", "k_b1", "v_int8_row"),
+    "kv8 cache, e4m3 V (q_int8+k_int8_token+v_fp8_row)": ("q_int8", "k_b1", "v_fp8_row"),
+    "kv8 cache rotated (hadamard+q_int8+k_int8_token+v_int8_row)": (
+        "hadamard",
+        "q_int8",
+        "k_b1",
+        "v_int8_row",
+    ),
 }
 
 
@@ -84,6 +95,11 @@ def quantized_attention(steps: tuple, length: int):
                 # key of a row, so softmax is unchanged and it is not added back.
                 smooth = k - k.mean(dim=1, keepdim=True) if not step.endswith("_raw") else k
                 k = fake_int8(smooth, block)
+        if "v_int8_row" in steps:
+            v = fake_int8(v, 1)
+        if "v_fp8_row" in steps:
+            v_scale = v.abs().amax(-1, keepdim=True).clamp_min(1e-12) / FP8_E4M3_MAX
+            v = (v / v_scale).to(torch.float8_e4m3fn).float() * v_scale
         k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
         s = (q @ k.transpose(1, 2)) * (scale * math.log2(math.e))
         causal = torch.ones(length, length, dtype=torch.bool).tril()
