@@ -18,7 +18,7 @@ from sglang.srt.layers.attention.sage_attention.rotation import (
 @triton.jit
 def _rotate_kernel(x, out, h_out, ROWS: tl.constexpr, DIM: tl.constexpr):
     offs = tl.arange(0, ROWS)[:, None] * DIM + tl.arange(0, DIM)[None, :]
-    tl.store(out + offs, rotate_rows(tl.load(x + offs), DIM, x.dtype.element_ty))
+    tl.store(out + offs, rotate_rows(tl.load(x + offs), hadamard_tile(DIM, x.dtype.element_ty)))
     square = tl.arange(0, DIM)[:, None] * DIM + tl.arange(0, DIM)[None, :]
     tl.store(h_out + square, hadamard_tile(DIM, tl.float32))
 

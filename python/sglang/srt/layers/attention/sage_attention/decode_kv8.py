@@ -34,7 +34,11 @@ from sglang.srt.layers.attention.sage_attention.kv8_cache import (
     dequantize_kv8,
     load_kv8_tile,
 )
-from sglang.srt.layers.attention.sage_attention.rotation import hadamard_matrix, rotate_rows
+from sglang.srt.layers.attention.sage_attention.rotation import (
+    hadamard_matrix,
+    hadamard_tile,
+    rotate_rows,
+)
 
 _LN2 = tl.constexpr(math.log(2.0))
 # Keys per inner step.
@@ -91,7 +95,8 @@ def _kv8_decode_stage1(
         other=0.0,
     )
     if ROTATE:  # the cache holds K rotated: (q H)·(k H) = D q·k
-        query = rotate_rows(query, HEAD_DIM, q.dtype.element_ty) * (qk_scale_log2 / HEAD_DIM)
+        query = rotate_rows(query, hadamard_tile(HEAD_DIM, q.dtype.element_ty))
+        query = query * (qk_scale_log2 / HEAD_DIM)
     else:
         query = query.to(tl.float32) * qk_scale_log2
 

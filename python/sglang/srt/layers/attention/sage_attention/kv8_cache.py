@@ -45,7 +45,11 @@ import triton
 import triton.language as tl
 
 from sglang.srt.layers.attention.sage_attention.layout import INT8_MAX, SCALE_EPS
-from sglang.srt.layers.attention.sage_attention.rotation import hadamard_matrix, rotate_rows
+from sglang.srt.layers.attention.sage_attention.rotation import (
+    hadamard_matrix,
+    hadamard_tile,
+    rotate_rows,
+)
 
 _INT8_MAX = tl.constexpr(INT8_MAX)
 _SCALE_EPS = tl.constexpr(SCALE_EPS)
@@ -182,7 +186,7 @@ def _kv8_write_kernel(
         other=0.0,
     )
     if ROTATE:
-        key = rotate_rows(key, HEAD_DIM, k.dtype.element_ty)
+        key = rotate_rows(key, hadamard_tile(HEAD_DIM, k.dtype.element_ty))
     key = key.to(tl.float32) - tl.load(k_mean + head * HEAD_DIM + offs_d)[None, :]
     key_scale = tl.maximum(tl.max(tl.abs(key), 1), _SCALE_EPS) / _INT8_MAX
     key = key / key_scale[:, None]

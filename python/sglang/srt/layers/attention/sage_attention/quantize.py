@@ -35,7 +35,7 @@ from sglang.srt.layers.attention.sage_attention.layout import (
     request_bounds,
     segment_start,
 )
-from sglang.srt.layers.attention.sage_attention.rotation import rotate_rows
+from sglang.srt.layers.attention.sage_attention.rotation import hadamard_tile, rotate_rows
 
 # The same numbers as kernel constants (Triton only reads constexpr globals).
 _INT8_MAX = tl.constexpr(INT8_MAX)
@@ -81,7 +81,7 @@ def quantized_q_block(
         q_extend + q_rows + tl.arange(0, HEAD_DIM)[None, :], mask=row_valid[:, None], other=0.0
     )
     if ROTATE:  # (q H)·(k H) = D q·k
-        q = rotate_rows(q, HEAD_DIM, q_extend.dtype.element_ty)
+        q = rotate_rows(q, hadamard_tile(HEAD_DIM, q_extend.dtype.element_ty))
         return quantize_q_rows(q, qk_scale_log2 / HEAD_DIM)
     return quantize_q_rows(q, qk_scale_log2)
 
@@ -190,6 +190,8 @@ def _kv_stats_kernel(
     offs_dv = tl.arange(0, HEAD_DIM_V)
     k_mean = tl.zeros([HEAD_DIM], dtype=tl.float32)
     v_amax = tl.zeros([HEAD_DIM_V], dtype=tl.float32)
+    if ROTATE:
+        hadamard = hadamard_tile(HEAD_DIM, k_buffer.dtype.element_ty)
     for block in range(split, tl.cdiv(kv_len, BLOCK), SPLITS):
         pos = block * BLOCK + tl.arange(0, BLOCK)
         k, v = _load_request_kv(
@@ -216,7 +218,7 @@ def _kv_stats_kernel(
             HEAD_DIM_V=HEAD_DIM_V,
         )
         if ROTATE:  # the mean of the rotated keys is the rotated mean
-            k = rotate_rows(k, HEAD_DIM, k_buffer.dtype.element_ty)
+            k = rotate_rows(k, hadamard)
         k_mean += tl.sum(k * inv_len, axis=0)
         v_amax = tl.maximum(v_amax, tl.max(tl.abs(v), axis=0))
     row = (b * num_kv_heads + head) * SPLITS + split
@@ -291,6 +293,8 @@ def _kv_pack_kernel(
     seg_start = segment_start(qo_indptr, kv_indptr, b, BLOCK)
     k8_base = k_int8 + head.to(tl.int64) * stride_k8_head
     vp_base = v_packed + head.to(tl.int64) * stride_vp_head
+    if ROTATE:
+        hadamard = hadamard_tile(HEAD_DIM, k_buffer.dtype.element_ty)
     for block in range(split, tl.cdiv(kv_len, BLOCK), SPLITS):
         pos = block * BLOCK + tl.arange(0, BLOCK)
         valid = pos < kv_len
@@ -318,7 +322,7 @@ def _kv_pack_kernel(
             HEAD_DIM_V=HEAD_DIM_V,
         )
         if ROTATE:
-            k = rotate_rows(k, HEAD_DIM, k_buffer.dtype.element_ty)
+            k = rotate_rows(k, hadamard)
         k = tl.where(valid[:, None], k - k_mean[None, :], 0.0)
         block_scale = tl.maximum(tl.max(tl.abs(k)), _SCALE_EPS) / _INT8_MAX
         k_q = k / block_scale

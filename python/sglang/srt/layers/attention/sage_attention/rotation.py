@@ -31,9 +31,10 @@ def hadamard_tile(DIM: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
-def rotate_rows(x, DIM: tl.constexpr, dtype: tl.constexpr):
-    """x [rows, DIM] (values exact in ``dtype``) -> x @ H in fp32 (unnormalised: x H H = D x)."""
-    return tl.dot(x.to(dtype), hadamard_tile(DIM, dtype), out_dtype=tl.float32)
+def rotate_rows(x, hadamard):
+    """x [rows, D] (values exact in the tile's dtype) -> x @ H in fp32 (unnormalised:
+    x H H = D x). ``hadamard``: a ``hadamard_tile``, built once outside any key loop."""
+    return tl.dot(x.to(hadamard.dtype), hadamard, out_dtype=tl.float32)
 
 
 def hadamard_matrix(dim: int, dtype=torch.float32, device=None) -> torch.Tensor:
