@@ -152,10 +152,7 @@ def sage_decode_kv8(
     ``num_kv_splits [B]`` int32, each in [1, max_kv_splits].
     """
     batch, num_q_heads, head_dim = q.shape
-    if head_dim != cache.head_dim or o.shape[2] != cache.head_dim_v:
-        raise ValueError("sage_attn: q/o head dims do not match the 8-bit cache")
-    if num_q_heads % cache.num_kv_heads:
-        raise ValueError("sage_attn: query heads are not a multiple of the cache's KV heads")
+    cache.check_queries(q, o)
     if tuple(attn_logits.shape) != (batch, num_q_heads, max_kv_splits, cache.head_dim_v):
         raise ValueError(f"sage_attn: attn_logits has shape {tuple(attn_logits.shape)}")
     # Stage 2 finds a split's log-sum-exp at its partial output's offset / Dv.

@@ -189,10 +189,7 @@ def sage_extend_attention_kv8(
     ``kv_len_b >= extend_len_b``. ``max_len_extend`` (a host int) sizes the grid.
     """
     num_tokens, num_q_heads, head_dim = q_extend.shape
-    if head_dim != cache.head_dim or o_extend.shape[2] != cache.head_dim_v:
-        raise ValueError("sage_attn: q/o head dims do not match the 8-bit cache")
-    if num_q_heads % cache.num_kv_heads:
-        raise ValueError("sage_attn: query heads are not a multiple of the cache's KV heads")
+    cache.check_queries(q_extend, o_extend)
     if q_extend.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"sage_attn: q_extend dtype {q_extend.dtype} is not supported")
     if num_tokens == 0 or max_len_extend == 0:

@@ -85,6 +85,13 @@ class KV8Cache:
     def head_dim_v(self) -> int:
         return self.v_int8.shape[2]
 
+    def check_queries(self, q: torch.Tensor, o: torch.Tensor) -> None:
+        """Queries ``q [N, Hq, D]`` and outputs ``o [N, Hq, Dv]`` this cache can serve."""
+        if q.shape[2] != self.head_dim or o.shape[2] != self.head_dim_v:
+            raise ValueError("sage_attn: q/o head dims do not match the 8-bit cache")
+        if q.shape[1] % self.num_kv_heads:
+            raise ValueError("sage_attn: query heads are not a multiple of the cache's KV heads")
+
 
 def allocate_kv8_cache(
     num_slots: int,
