@@ -48,6 +48,7 @@ from sglang.srt.layers.attention.sage_attention.quantize import (
     block_key_bounds,
     quantize_kv,
     quantized_q_block,
+    query_block,
 )
 
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -270,12 +271,9 @@ def _sage_extend_kernel(
     q_head = tl.program_id(1)
     b = tl.program_id(2)
     _, prefix_len, extend_start, extend_len = request_bounds(qo_indptr, kv_indptr, b)
-    # The grid (from max_len_extend) bounds the blocks computed, whatever the chunk.
-    num_m_blocks = tl.minimum(tl.cdiv(extend_len, BLOCK_M), tl.num_programs(0))
-    if tl.program_id(0) >= num_m_blocks:
+    in_grid, block_m = query_block(extend_len, BLOCK_M, CAUSAL)
+    if not in_grid:
         return
-    # Causal: the blocks nearest the diagonal see the most keys; launch them first.
-    block_m = num_m_blocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     kv_len = prefix_len + extend_len
     kv_head = q_head // KV_GROUP
 

@@ -34,6 +34,7 @@ from sglang.srt.layers.attention.sage_attention.kv8_cache import (
 from sglang.srt.layers.attention.sage_attention.quantize import (
     block_key_bounds,
     quantized_q_block,
+    query_block,
 )
 from sglang.srt.layers.attention.sage_attention.reference import quantize_int8_blocks
 from sglang.srt.layers.attention.sage_attention.rotation import hadamard_matrix
@@ -129,11 +130,9 @@ def _sage_extend_kv8_kernel(
     kv_start = tl.load(kv_indptr + b).to(tl.int64)
     kv_len = tl.load(kv_indptr + b + 1).to(tl.int64) - kv_start
     prefix_len = kv_len - extend_len
-    num_m_blocks = tl.minimum(tl.cdiv(extend_len, BLOCK_M), tl.num_programs(0))
-    if tl.program_id(0) >= num_m_blocks:
+    in_grid, block_m = query_block(extend_len, BLOCK_M, CAUSAL)
+    if not in_grid:
         return
-    # Causal: the blocks nearest the diagonal see the most keys; launch them first.
-    block_m = num_m_blocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     kv_head = q_head // KV_GROUP
 
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -87,6 +87,16 @@ def quantized_q_block(
 
 
 @triton.jit
+def query_block(extend_len, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """(whether this program has a block of the request's chunk, which block it takes).
+    The grid (from ``max_len_extend``) bounds the blocks computed, whatever the chunk;
+    causal blocks run longest-first (the ones nearest the diagonal see the most keys)."""
+    num_m_blocks = tl.minimum(tl.cdiv(extend_len, BLOCK_M), tl.num_programs(0))
+    block_m = num_m_blocks - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    return tl.program_id(0) < num_m_blocks, block_m
+
+
+@triton.jit
 def block_key_bounds(
     prefix_len, kv_len, block_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr
 ):
