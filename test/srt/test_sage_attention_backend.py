@@ -261,6 +261,7 @@ def _bare_backend(inputs, settings, calls, page_size=1):
     backend.settings = settings
     backend.decode_context_parallel = False
     backend._logged_reasons, backend._announced_sage_path = set(), False
+    backend.sage_extend_batches = 0
     backend.extend_attention = backend_module.sage_extend_attention
     backend.token_to_kv_pool = SimpleNamespace(
         get_key_buffer=lambda layer_id: inputs["k_buffer"],
@@ -327,6 +328,7 @@ def test_gpu_mixed_batch_packs_only_its_long_chunk(kernel_calls):
     transient = torch.cuda.max_memory_allocated() - before
     print(f"\nMIXED 2048 + 64x32K: transient {transient / 2**20:.1f} MiB, calls {kernel_calls}")
     assert kernel_calls == {"sage": [1], "bf16": [64]}  # one launch, 64 short requests
+    assert backend.sage_extend_batches == 1  # the count the server log reports
     assert transient <= 256 * 2**20, f"{transient / 2**20:.0f} MiB"
     exact = run_op(sage_extend_attention_ref, inputs).flatten(1)
     assert torch.isfinite(out).all()
