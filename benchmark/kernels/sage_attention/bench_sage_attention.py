@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fnmatch
 import functools
 import itertools
 import json
@@ -61,6 +62,11 @@ def visible_pairs(q_len: int, kv_len: int, causal: bool) -> int:
     if not causal:
         return q_len * kv_len
     return q_len * (kv_len - q_len) + q_len * (q_len + 1) // 2
+
+
+def wanted(args, impl: str) -> bool:
+    """``--impls`` selects implementations by shell pattern (every one by default)."""
+    return any(fnmatch.fnmatchcase(impl, pattern) for pattern in args.impls)
 
 
 def median_ms(fn, args) -> float:
@@ -351,6 +357,8 @@ def bench_prefill(args, suite, head_dim, prefix_len, chunk_len, causal) -> list[
     pairs = visible_pairs(chunk_len, kv_len, causal)
     out = []
     for name, run in prefill_impls(inputs, batch, prefix_len, chunk_len, causal).items():
+        if not wanted(args, name):
+            continue
         try:
             result = run()
             cos, rel_l1 = attention_error(result[rows], ref)
@@ -464,6 +472,8 @@ def bench_decode(args, batch, kv_len, head_dim=128) -> list[Row]:
         ("sage_kv8_decode_splits64", kv8, 64, kv8_bytes),
     ]
     for name, run, max_splits, nbytes in impls:
+        if not wanted(args, name.split()[0]):
+            continue
         splits = splits_for(max_splits)
         step = functools.partial(run, max_splits=max_splits, splits=splits)
         turn = itertools.cycle(index_sets)
@@ -738,17 +748,34 @@ def markdown_tables(json_path: str) -> str:
         out.append("")
     decode = [r for r in rows if r.suite == "decode"]
     if decode:
+        # One row per shape: each implementation's time, GB/s (bytes its cache holds
+        # for the keys read) and share of the copy rate; speed-ups against the first
+        # implementation (the bf16 decode sage_attn ran before this round).
         copy = json.load(open(json_path)).get("copy_gbps", 0)
+        impls = list(dict.fromkeys(r.impl.split()[0] for r in decode))
+        keyed = {}
+        for r in decode:
+            keyed.setdefault((r.batch, r.kv_len), {})[r.impl.split()[0]] = r
+        head = ["batch", "KV len", *impls, *(f"{i} speed-up" for i in impls[1:])]
         out += [
-            f"#### decode (device copy {copy:.0f} GB/s)",
+            f"#### decode: ms (GB/s, share of the {copy:.0f} GB/s copy rate)",
             "",
-            "| batch | KV len | ms | GB/s | of copy |",
-            "|---|---|---|---|---|",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
         ]
-        for r in sorted(decode, key=lambda r: (r.batch, r.kv_len)):
-            out.append(
-                f"| {r.batch} | {r.kv_len} | {r.ms:.3f} | {r.gbps:.0f} | {r.gbps / copy:.0%} |"
-            )
+        for (batch, kv_len), vals in sorted(keyed.items()):
+            cells = [str(batch), str(kv_len)]
+            cells += [
+                f"{vals[i].ms:.3f} ({vals[i].gbps:.0f}, {vals[i].gbps / copy:.0%})"
+                if i in vals
+                else "-"
+                for i in impls
+            ]
+            base = vals.get(impls[0])
+            cells += [
+                f"{base.ms / vals[i].ms:.2f}x" if base and i in vals else "-" for i in impls[1:]
+            ]
+            out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -775,6 +802,12 @@ def main():
     parser.add_argument("--q-heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32768, help="batch = tokens // kv_len")
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        default=["*"],
+        help="shell patterns of the implementations to run, e.g. 'sage_fp16*' sdpa_cudnn",
+    )
     parser.add_argument("--warmup-ms", type=int, default=100)
     parser.add_argument("--rep-ms", type=int, default=400)
     parser.add_argument("--out", default=os.environ.get("OUT", "bench_out"))

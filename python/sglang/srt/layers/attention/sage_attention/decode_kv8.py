@@ -3,18 +3,20 @@
 Stage 1 (this module): one program per (request, KV head, split) takes the query
 heads of that KV head together (padded to 16 rows, the smallest tensor-core tile)
 and runs an exp2 online softmax over its split of the request's slots, reading
-INT8 K and V through ``kv_indices`` with their per-token scales:
-``s = (q · k_int8) * k_scale`` (q·k_mean, the same for every key, is left out:
-softmax does not see it), ``o += (p * v_scale) · v_int8``. Stage 2 is SGLang's
-own split reduction (``_decode_softmax_reducev_fwd``), so the split contract is
-SGLang's Triton decode's: ``num_kv_splits [B]`` chosen by the caller (fixed per
-captured batch size under CUDA graphs), splits of
+INT8 K and V through ``kv_indices`` with their per-token scales. The query rows
+are quantized to INT8 once per program (one scale per head, as the extend
+kernels do), so Q·Kᵀ is an INT8 tensor-core product on K as stored: K is never
+converted. P·V is FP16 on the exact INT8 V with V's row scales folded into P
+(``kv8_pv``). q·k_mean, the same for every key, is left out: softmax does not see
+it. Stage 2 is SGLang's own split reduction (``_decode_softmax_reducev_fwd``), so
+the split contract is SGLang's Triton decode's: ``num_kv_splits [B]`` chosen by
+the caller (fixed per captured batch size under CUDA graphs), splits of
 ``ceil(ceil(L / splits) / 32) * 32`` keys, partial outputs normalised per split
-and their log-sum-exp in natural log.
+and their log-sum-exp in natural log. No host sync, fixed grid.
 
-Q stays in fp32 and K/V are small integers (exact in tf32), so the products
-run as tf32 on the tensor cores (rounding ~1e-4 relative), far below the 8-bit
-cache's own error. No host sync, fixed grid.
+Decode reads 2.06·D bytes per token and head against bf16's 4·D, so it is bound by
+how many gathered rows are in flight: ``BLOCK_N`` keys per step, ``NUM_STAGES``
+steps prefetched.
 """
 
 from __future__ import annotations
@@ -29,20 +31,24 @@ from sglang.kernels.ops.attention.decode_attention import (
     _MIN_BLOCK_KV,
     _decode_softmax_reducev_fwd,
 )
+from sglang.srt.layers.attention.sage_attention.extend_kv8 import sage_extend_attention_kv8_ref
 from sglang.srt.layers.attention.sage_attention.kv8_cache import (
     KV8Cache,
-    dequantize_kv8,
+    fast_int8_cvt,
+    kv8_pv,
+    kv8_scores,
     load_kv8_tile,
 )
-from sglang.srt.layers.attention.sage_attention.rotation import (
-    hadamard_matrix,
-    hadamard_tile,
-    rotate_rows,
-)
+from sglang.srt.layers.attention.sage_attention.quantize import quantize_q_rows
+from sglang.srt.layers.attention.sage_attention.rotation import hadamard_tile, rotate_rows
 
 _LN2 = tl.constexpr(math.log(2.0))
-# Keys per inner step.
-BLOCK_N = 64
+# Keys per inner step, steps in flight, warps (see the module docstring). Tuned on
+# the H200 with benchmark/kernels/sage_attention/tune_kv8.py (RESULTS.md): 128 keys
+# per step decode 1.4-1.8x faster than 64; more stages or 8 warps gain nothing.
+BLOCK_N = 128
+NUM_STAGES = 3
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -71,6 +77,8 @@ def _kv8_decode_stage1(
     BLOCK_N: tl.constexpr,
     MIN_BLOCK_KV: tl.constexpr,
     ROTATE: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    FAST_CVT: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -96,27 +104,27 @@ def _kv8_decode_stage1(
     )
     if ROTATE:  # the cache holds K rotated: (q H)·(k H) = D q·k
         query = rotate_rows(query, hadamard_tile(HEAD_DIM, q.dtype.element_ty))
-        query = query * (qk_scale_log2 / HEAD_DIM)
+        q_int8, q_scale = quantize_q_rows(query, qk_scale_log2 / HEAD_DIM)
     else:
-        query = query.to(tl.float32) * qk_scale_log2
+        q_int8, q_scale = quantize_q_rows(query, qk_scale_log2)
 
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM_V], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):
+    for start in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
         pos = start + tl.arange(0, BLOCK_N)
         valid = pos < hi
         key, key_scale, value, value_scale = load_kv8_tile(
             k_int8, k_scale, v_int8, v_scale, kv_indices + kv_start, pos, valid, kv_head,
             num_kv_heads, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V,
         )  # fmt: skip
-        s = tl.dot(query, tl.trans(key.to(tl.float32))) * key_scale[None, :]
+        s = kv8_scores(q_int8, q_scale, key, key_scale)
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p * value_scale[None, :], value.to(tl.float32))
+        acc = acc * alpha[:, None] + kv8_pv(p, value, value_scale, FAST_CVT)
         m_i = m_new
 
     out_rows = b.to(tl.int64) * stride_logits_b + heads.to(tl.int64) * stride_logits_h
@@ -189,6 +197,9 @@ def sage_decode_kv8(
         BLOCK_N=BLOCK_N,
         MIN_BLOCK_KV=_MIN_BLOCK_KV,
         ROTATE=cache.rotated,
+        NUM_STAGES=NUM_STAGES,
+        FAST_CVT=fast_int8_cvt(),
+        num_warps=NUM_WARPS,
     )
     # SGLang's stage 2 (v_scale 1.0: the per-token V scales are already in).
     _decode_softmax_reducev_fwd(
@@ -212,17 +223,11 @@ def sage_decode_kv8_ref(
     kv_indices: torch.Tensor,
     sm_scale: float | None = None,
 ) -> None:
-    """Twin: exact softmax attention (fp64) over the dequantized cache, in its own space."""
-    sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    group = q.shape[1] // cache.num_kv_heads
-    bounds = kv_indptr.tolist()
-    for b in range(q.shape[0]):
-        k, v = dequantize_kv8(cache, kv_indices[bounds[b] : bounds[b + 1]])
-        query = q[b].double()
-        if cache.rotated:
-            query = query @ hadamard_matrix(cache.head_dim, torch.float64, q.device)
-            query = query / cache.head_dim
-        keys = k.double().transpose(0, 1).repeat_interleave(group, 0)  # [Hq, L, D]
-        values = v.double().transpose(0, 1).repeat_interleave(group, 0)
-        scores = torch.einsum("hd,hld->hl", query, keys) * sm_scale
-        o[b] = torch.einsum("hl,hld->hd", scores.softmax(-1), values).to(o.dtype)
+    """Twin: a decode step is an extend of one-token chunks (bottom-right causal lets
+    each see its whole sequence), so the extend twin's INT8 Q and exact fp64 softmax
+    over the dequantized cache serve both."""
+    batch = q.shape[0]
+    qo_indptr = torch.arange(batch + 1, dtype=kv_indptr.dtype, device=q.device)
+    sage_extend_attention_kv8_ref(
+        q, o, cache, qo_indptr, kv_indptr, kv_indices, max_len_extend=1, sm_scale=sm_scale,
+    )  # fmt: skip

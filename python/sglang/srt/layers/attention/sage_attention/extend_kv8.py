@@ -8,14 +8,16 @@ writes the chunk into its pool before attention). With ``causal``, chunk token i
 sees the prefix and chunk tokens <= i (bottom-right). Nothing is re-quantized or
 packed per call: the prefix is read as it is stored.
 
-One program per (query block, query head, request), the portable kernel's shape:
-Q quantized once per block to INT8 (per row, ``sm_scale * log2(e)`` folded in;
-rotated first when the cache holds rotated K), then an exp2 online softmax over
-key tiles gathered through ``kv_indices`` (page size 1: no TMA, plain loads):
-``s = (q_int8 · k_int8) * q_scale * k_scale`` with one K scale per key, and
-FP16 P·V on the exact INT8 V with the per-row V scales folded into P (divided by
-the tile's largest, which multiplies the tile's product, so P stays in [0, 1]
-whatever V's magnitude). No host sync; the grid comes from ``max_len_extend``.
+One program per (query block, KV head, request) takes the query heads of that KV
+head together: its ``BLOCK_M`` rows are ``BLOCK_M / GROUP_ROWS`` chunk tokens times
+``GROUP_ROWS`` (the GQA group, padded to a power of two) heads, so each gathered
+K/V tile, and the conversion of its INT8 V, serves every head of the group. Q is
+quantized once per block to INT8 (per row, ``sm_scale * log2(e)`` folded in;
+rotated first when the cache holds rotated K), then an exp2 online softmax runs
+over key tiles gathered through ``kv_indices`` (page size 1: no TMA, plain loads):
+INT8 Q·Kᵀ with one K scale per key (``kv8_scores``), FP16 P·V on the exact INT8 V
+with V's row scales folded into P (``kv8_pv``). No host sync; the grid comes from
+``max_len_extend``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ import triton.language as tl
 from sglang.srt.layers.attention.sage_attention.kv8_cache import (
     KV8Cache,
     dequantize_kv8,
+    fast_int8_cvt,
+    kv8_pv,
+    kv8_scores,
     load_kv8_tile,
 )
 from sglang.srt.layers.attention.sage_attention.quantize import (
@@ -39,9 +44,13 @@ from sglang.srt.layers.attention.sage_attention.quantize import (
 from sglang.srt.layers.attention.sage_attention.reference import quantize_int8_blocks
 from sglang.srt.layers.attention.sage_attention.rotation import hadamard_matrix
 
-# Keys per inner step and query rows per program.
-BLOCK_N = 64
+# Keys per inner step; (token, head) rows per program; warps; steps in flight. Tuned
+# on the H200 with benchmark/kernels/sage_attention/tune_kv8.py (RESULTS.md): 64 rows
+# x 128 keys on 4 warps ran 1.7x faster than 128 x 64 on 8.
+BLOCK_N = 128
 BLOCK_M = 64
+NUM_WARPS = 4
+NUM_STAGES = 2
 _M_INIT = tl.constexpr(-1.0e30)
 
 
@@ -60,7 +69,7 @@ def _kv8_tiles(
     kv_start,
     kv_head,
     num_kv_heads,
-    offs_m,
+    row_token,
     prefix_len,
     kv_len,
     lo,
@@ -70,8 +79,10 @@ def _kv8_tiles(
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
+    FAST_CVT: tl.constexpr,
 ):
-    """Online softmax over keys [lo, hi); MASKED tiles check kv end and the causal edge."""
+    """Online softmax over keys [lo, hi); MASKED tiles check kv end and the causal edge
+    (row r is chunk token ``row_token[r]``)."""
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         in_range = pos < kv_len
@@ -79,21 +90,17 @@ def _kv8_tiles(
             k_int8, k_scale, v_int8, v_scale, kv_indices + kv_start, pos, in_range, kv_head,
             num_kv_heads, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V,
         )  # fmt: skip
-        s = tl.dot(q_int8, tl.trans(key)).to(tl.float32)
-        s = s * q_scale[:, None] * key_scale[None, :]
+        s = kv8_scores(q_int8, q_scale, key, key_scale)
         if MASKED:
             visible = in_range[None, :]
             if CAUSAL:
-                visible = visible & (pos[None, :] <= prefix_len + offs_m[:, None])
+                visible = visible & (pos[None, :] <= prefix_len + row_token[:, None])
             s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        # V's row scales go into P, relative to the tile's largest (P stays in [0, 1]).
-        tile_scale = tl.maximum(tl.max(value_scale, 0), 1.0e-30)
-        p_v = (p * (value_scale / tile_scale)[None, :]).to(tl.float16)
-        acc = acc * alpha[:, None] + tl.dot(p_v, value.to(tl.float16)) * tile_scale
+        acc = acc * alpha[:, None] + kv8_pv(p, value, value_scale, FAST_CVT)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -116,55 +123,62 @@ def _sage_extend_kv8_kernel(
     stride_o_head,
     num_kv_heads,
     KV_GROUP: tl.constexpr,
+    GROUP_ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
     ROTATE: tl.constexpr,
+    FAST_CVT: tl.constexpr,
 ):
-    q_head = tl.program_id(1)
+    BLOCK_T: tl.constexpr = BLOCK_M // GROUP_ROWS  # chunk tokens per program
+    kv_head = tl.program_id(1)
     b = tl.program_id(2)
     extend_start = tl.load(qo_indptr + b).to(tl.int64)
     extend_len = tl.load(qo_indptr + b + 1).to(tl.int64) - extend_start
     kv_start = tl.load(kv_indptr + b).to(tl.int64)
     kv_len = tl.load(kv_indptr + b + 1).to(tl.int64) - kv_start
     prefix_len = kv_len - extend_len
-    in_grid, block_m = query_block(extend_len, BLOCK_M, CAUSAL)
+    in_grid, block_t = query_block(extend_len, BLOCK_T, CAUSAL)
     if not in_grid:
         return
-    kv_head = q_head // KV_GROUP
 
-    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = offs_m < extend_len
+    # Row r: token r // GROUP_ROWS of the block, head r % GROUP_ROWS of the group.
+    rows = tl.arange(0, BLOCK_M)
+    row_token = block_t * BLOCK_T + rows // GROUP_ROWS
+    row_head = kv_head * KV_GROUP + rows % GROUP_ROWS
+    row_valid = (row_token < extend_len) & (rows % GROUP_ROWS < KV_GROUP)
     q_int8, q_scale = quantized_q_block(
-        q_extend, extend_start, offs_m, row_valid, q_head, stride_q_tok, stride_q_head,
+        q_extend, extend_start, row_token, row_valid, row_head, stride_q_tok, stride_q_head,
         qk_scale_log2, HEAD_DIM=HEAD_DIM, ROTATE=ROTATE,
     )  # fmt: skip
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], _M_INIT, dtype=tl.float32)
-    free_hi, hi = block_key_bounds(prefix_len, kv_len, block_m, BLOCK_M, BLOCK_N, CAUSAL)
+    free_hi, hi = block_key_bounds(prefix_len, kv_len, block_t, BLOCK_T, BLOCK_N, CAUSAL)
     # Two calls of one loop: unmasked tiles, then those crossing kv end or the diagonal.
     acc, l_i, m_i = _kv8_tiles(
         acc, l_i, m_i, q_int8, q_scale, k_int8, k_scale, v_int8, v_scale,
-        kv_indices, kv_start, kv_head, num_kv_heads, offs_m, prefix_len, kv_len,
+        kv_indices, kv_start, kv_head, num_kv_heads, row_token, prefix_len, kv_len,
         0, free_hi,
         HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL,
+        FAST_CVT=FAST_CVT,
     )  # fmt: skip
     acc, l_i, m_i = _kv8_tiles(
         acc, l_i, m_i, q_int8, q_scale, k_int8, k_scale, v_int8, v_scale,
-        kv_indices, kv_start, kv_head, num_kv_heads, offs_m, prefix_len, kv_len,
+        kv_indices, kv_start, kv_head, num_kv_heads, row_token, prefix_len, kv_len,
         free_hi, hi,
         HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_N=BLOCK_N, MASKED=True, CAUSAL=CAUSAL,
+        FAST_CVT=FAST_CVT,
     )  # fmt: skip
 
     offs_dv = tl.arange(0, HEAD_DIM_V)
     out = acc * (1.0 / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
-    o_rows = (extend_start + offs_m)[:, None] * stride_o_tok + q_head * stride_o_head
+    o_rows = (extend_start + row_token) * stride_o_tok + row_head * stride_o_head
     tl.store(
-        o_extend + o_rows + offs_dv[None, :],
+        o_extend + o_rows[:, None] + offs_dv[None, :],
         out.to(o_extend.dtype.element_ty),
         mask=row_valid[:, None],
     )
@@ -195,7 +209,11 @@ def sage_extend_attention_kv8(
         return
     batch = qo_indptr.shape[0] - 1
     sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
-    grid = (triton.cdiv(max_len_extend, BLOCK_M), num_q_heads, batch)
+    group = num_q_heads // cache.num_kv_heads
+    group_rows = triton.next_power_of_2(group)
+    if group_rows > BLOCK_M:  # a program's rows hold at least one token's whole group
+        raise ValueError(f"sage_attn: {group} query heads per KV head exceed {BLOCK_M}")
+    grid = (triton.cdiv(max_len_extend, BLOCK_M // group_rows), cache.num_kv_heads, batch)
     _sage_extend_kv8_kernel[grid](
         q_extend,
         o_extend,
@@ -212,15 +230,17 @@ def sage_extend_attention_kv8(
         stride_o_tok=o_extend.stride(0),
         stride_o_head=o_extend.stride(1),
         num_kv_heads=cache.num_kv_heads,
-        KV_GROUP=num_q_heads // cache.num_kv_heads,
+        KV_GROUP=group,
+        GROUP_ROWS=group_rows,
         HEAD_DIM=head_dim,
         HEAD_DIM_V=cache.head_dim_v,
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         CAUSAL=causal,
         ROTATE=cache.rotated,
-        num_warps=4,
-        num_stages=2,
+        FAST_CVT=fast_int8_cvt(),
+        num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES,
     )
 
 

@@ -75,10 +75,12 @@ def quantized_q_block(
 ):
     """One query block of a request's chunk as INT8 rows and per-row scales (rows not
     ``row_valid`` read as 0), rotated first when K was (``rotation.py``): the
-    prologue of every extend kernel."""
-    q_rows = (extend_start + offs_m)[:, None] * stride_q_tok + q_head * stride_q_head
+    prologue of every extend kernel. ``q_head``: one head, or one per row."""
+    q_rows = (extend_start + offs_m) * stride_q_tok + q_head * stride_q_head
     q = tl.load(
-        q_extend + q_rows + tl.arange(0, HEAD_DIM)[None, :], mask=row_valid[:, None], other=0.0
+        q_extend + q_rows[:, None] + tl.arange(0, HEAD_DIM)[None, :],
+        mask=row_valid[:, None],
+        other=0.0,
     )
     if ROTATE:  # (q H)·(k H) = D q·k
         q = rotate_rows(q, hadamard_tile(HEAD_DIM, q_extend.dtype.element_ty))
