@@ -104,20 +104,26 @@ PY
     python3 benchmark/sage_attention/layer_timing.py ${LAYER_ARGS:-} --out "$OUT" > "$OUT/layer.log" 2>&1
     echo "layer rc=$?" | tee -a "$summary"; tail -30 "$OUT/layer.log" | tee -a "$summary"
     ;;
-  serve_model)
-    # The trained byte model through a real server: held-out windows, chunked prefill
-    # of 1024-token chunks, all on the sage kernel (crossover 0; the default 2048 would
-    # send every chunk to Triton and compare Triton with Triton).
+  serve_model|serve_smollm2)
+    # A trained model through a real server: held-out windows, chunked prefill of
+    # 1024-token chunks, all on the sage kernel (crossover 0; the default 2048 would
+    # send every chunk to Triton and compare Triton with Triton). serve_model: the
+    # byte model (CKPT); serve_smollm2: SmolLM2 (its wheel in /tmp/smollm2-cache, as
+    # for the smollm2 step), served in bf16 as SGLang's Granite architecture.
     serve="python3 benchmark/sage_attention/serve_logprobs.py"
+    model=${CKPT:-benchmark/sage_attention/byte-granite}
+    [ "$step" = serve_smollm2 ] && model=smollm2
+    export SAGE_ATTN_SMOLLM2_CACHE=${SAGE_ATTN_SMOLLM2_CACHE:-/tmp/smollm2-cache}
     for backend in triton sage_attn; do
       SGLANG_SAGE_ATTN_MIN_EXTEND_LEN=0 \
-      $serve run --backend $backend --model "${CKPT:-benchmark/sage_attention/byte-granite}" \
+      $serve run --backend $backend --model "$model" \
         --load-format auto --heldout-windows 8 --window-len 4096 --top-logprobs 1 \
         --max-new-tokens 16 --out "$OUT/model_$backend.json" \
-        --extra "--chunked-prefill-size 1024 --disable-cuda-graph" 2>&1 | tail -2 | tee -a "$summary"
+        --extra "--dtype bfloat16 --chunked-prefill-size 1024 --disable-cuda-graph" \
+        2>&1 | tail -2 | tee -a "$summary"
       grep -E "SageAttentionBackend|sage_attn:|Prefill batch|Decode batch|Error" \
         "$OUT/model_$backend.server.log" | cut -c1-200 | head -6 | tee -a "$summary"
-      [ $backend = sage_attn ] && require_sage_batches "$OUT/model_$backend.server.log" serve_model
+      [ $backend = sage_attn ] && require_sage_batches "$OUT/model_$backend.server.log" "$step"
       rm -f "$OUT/model_$backend.server.log"
     done
     $serve compare "$OUT/model_triton.json" "$OUT/model_sage_attn.json" | tee -a "$summary"

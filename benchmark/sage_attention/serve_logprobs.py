@@ -3,6 +3,9 @@
     python benchmark/sage_attention/serve_logprobs.py run --backend triton --out a.json \
         --model examples/tiny-granite --extra "--chunked-prefill-size 256"
     python benchmark/sage_attention/serve_logprobs.py compare a.json b.json
+    # SmolLM2 (validate.py --model smollm2's conversion) on prose windows:
+    python benchmark/sage_attention/serve_logprobs.py run --backend sage_attn --out b.json \
+        --model smollm2 --load-format auto --heldout-windows 8 --window-len 4096
 
 ``run`` starts ``python -m sglang.launch_server`` (the flags that make SGLang run on
 the GPU image here: see ../shared/gpu/serve-smoke.sh), sends the same greedy
@@ -51,7 +54,26 @@ def prompts(seed: int, lengths: list[int], vocab: tuple[int, int]) -> list[list[
     return [[rng.randrange(*vocab) for _ in range(n)] for n in lengths]
 
 
+def heldout_prompts(model: str, count: int, length: int) -> list[list[int]]:
+    """Held-out windows of real text as token ids: SmolLM2's prose windows (the
+    validation harness's text and tokenizer) or the byte model's stdlib windows."""
+    if model == "smollm2":
+        import smollm2
+
+        ckpt = smollm2.prepare()
+        stream = smollm2.token_stream(smollm2.load_tokenizer(ckpt), smollm2.prose_text())
+        return smollm2.token_windows(stream, count, length, seed=length).tolist()
+    from byte_model import stdlib_corpus, windows
+
+    return windows(stdlib_corpus()[1], count, length, seed=length).tolist()
+
+
 def run(args) -> None:
+    model_path = args.model
+    if args.model == "smollm2":  # the converted GGUF, served as SGLang's Granite architecture
+        import smollm2
+
+        model_path = smollm2.serving_checkpoint(smollm2.prepare())
     env = dict(
         os.environ,
         SGLANG_FORCE_FUSED_OP_BACKEND="torch",
@@ -63,7 +85,7 @@ def run(args) -> None:
         "-m",
         "sglang.launch_server",
         "--model-path",
-        args.model,
+        model_path,
         "--load-format",
         args.load_format,
         "--skip-tokenizer-init",
@@ -88,12 +110,7 @@ def run(args) -> None:
     try:
         startup_s = _wait_healthy(args.port, server, log_path)
         if args.heldout_windows:
-            # The byte model's held-out text, the same windows validate.py scores.
-            from byte_model import stdlib_corpus, windows
-
-            batch = windows(
-                stdlib_corpus()[1], args.heldout_windows, args.window_len, seed=args.window_len
-            ).tolist()
+            batch = heldout_prompts(args.model, args.heldout_windows, args.window_len)
         else:
             batch = prompts(args.seed, args.lengths, (3, args.vocab_max))
         response = _post(
@@ -181,7 +198,11 @@ def main():
     r = sub.add_parser("run")
     r.add_argument("--backend", required=True)
     r.add_argument("--out", required=True)
-    r.add_argument("--model", default="examples/tiny-granite")
+    r.add_argument(
+        "--model",
+        default="examples/tiny-granite",
+        help="a checkpoint directory, or 'smollm2' (validate.py's SmolLM2 conversion)",
+    )
     r.add_argument("--load-format", default="dummy")
     r.add_argument("--extra", default="--chunked-prefill-size 256 --disable-cuda-graph")
     r.add_argument("--port", type=int, default=30000)
@@ -194,7 +215,8 @@ def main():
         "--heldout-windows",
         type=int,
         default=0,
-        help="prompts: this many held-out stdlib windows (byte ids) instead of random ids",
+        help="prompts: this many held-out text windows (SmolLM2: prose tokens; else the "
+        "byte model's stdlib bytes) instead of random ids",
     )
     r.add_argument("--window-len", type=int, default=4096)
     c = sub.add_parser("compare")

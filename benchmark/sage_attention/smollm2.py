@@ -262,6 +262,40 @@ def prepare(cache: str | None = None, download: bool = True) -> str:
     return ckpt
 
 
+def serving_checkpoint(ckpt: str, out_dir: str | None = None) -> str:
+    """``ckpt`` as a directory ``python -m sglang.launch_server`` serves: SGLang's
+    Granite architecture, which is a Llama with unit embedding/residual/logit
+    multipliers and ``attention_multiplier = head_dim ** -0.5`` (exactly SmolLM2's
+    model), the route the byte model's server runs take on the GPU image. Same
+    weights (linked, not copied), same tensor names; served in bf16. Prompts go to
+    the server as token ids (``--skip-tokenizer-init``), so no tokenizer is needed."""
+    config = load_config(ckpt)
+    out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(ckpt)), "serve-granite")
+    os.makedirs(out_dir, exist_ok=True)
+    weights = os.path.join(out_dir, "model.safetensors")
+    if not os.path.exists(weights):
+        os.symlink(os.path.abspath(os.path.join(ckpt, "model.safetensors")), weights)
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta",
+            "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
+            "bos_token_id", "eos_token_id", "hidden_act")  # fmt: skip
+    granite = {k: config[k] for k in keep}
+    granite.update(
+        architectures=["GraniteForCausalLM"],
+        model_type="granite",
+        attention_multiplier=config["head_dim"] ** -0.5,
+        embedding_multiplier=1.0,
+        residual_multiplier=1.0,
+        logits_scaling=1.0,
+        attention_bias=False,
+        mlp_bias=False,
+        torch_dtype="bfloat16",
+    )
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(granite, f, indent=1)
+    return out_dir
+
+
 def load_config(ckpt: str) -> dict:
     with open(os.path.join(ckpt, "config.json")) as f:
         return json.load(f)

@@ -197,3 +197,20 @@ def test_torch_model_matches_sglang_triton_path(tiny):
     scale = ref.abs().max()
     assert (got - ref).abs().max() <= 2e-2 * scale, ((got - ref).abs().max(), scale)
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.97
+
+
+def test_serving_checkpoint_is_the_same_model_as_granite(tiny, tmp_path):
+    """The directory the server step serves (SGLang's Granite architecture over the
+    same weights) computes the harness model's logits: checked with transformers'
+    Granite, the reference implementation SGLang's granite.py follows."""
+    transformers = pytest.importorskip("transformers")
+    served = smollm2.serving_checkpoint(tiny["ckpt"], str(tmp_path / "serve"))
+    granite = transformers.AutoModelForCausalLM.from_pretrained(served, torch_dtype=torch.float32)
+    assert type(granite).__name__ == "GraniteForCausalLM"
+    model = smollm2.load_model(tiny["ckpt"])
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, len(tiny["tokens"]), (1, 40), generator=generator)
+    with torch.no_grad():
+        want = smollm2.reference_logits(model, tokens)
+        got = granite(tokens).logits
+    assert torch.allclose(got, want, atol=2e-4, rtol=1e-4), (got - want).abs().max()
