@@ -11,16 +11,15 @@ import os
 
 import torch
 
+_ROTATION = "SGLANG_SAGE_ATTN_QK_ROTATION"
 SGLANG_BACKENDS = {
     "triton": ("triton", {}),
-    "sage_fp16": ("sage_attn", {"SGLANG_SAGE_ATTN_PV": "fp16"}),
-    "sage_fp8": ("sage_attn", {"SGLANG_SAGE_ATTN_PV": "fp8"}),
-    "sage_int8": ("sage_attn", {"SGLANG_SAGE_ATTN_PV": "int8"}),
-    # The default P·V with Q and K rotated before quantization (rotation.py).
-    "sage_fp16_rot": (
-        "sage_attn",
-        {"SGLANG_SAGE_ATTN_PV": "fp16", "SGLANG_SAGE_ATTN_QK_ROTATION": "hadamard"},
-    ),
+    # Each P·V mode without the Q/K rotation ("auto" would rotate at head dim 64)...
+    "sage_fp16": ("sage_attn", {"SGLANG_SAGE_ATTN_PV": "fp16", _ROTATION: "none"}),
+    "sage_fp8": ("sage_attn", {"SGLANG_SAGE_ATTN_PV": "fp8", _ROTATION: "none"}),
+    "sage_int8": ("sage_attn", {"SGLANG_SAGE_ATTN_PV": "int8", _ROTATION: "none"}),
+    # ...and the default P·V with Q and K rotated before quantization (rotation.py).
+    "sage_fp16_rot": ("sage_attn", {"SGLANG_SAGE_ATTN_PV": "fp16", _ROTATION: "hadamard"}),
 }
 
 

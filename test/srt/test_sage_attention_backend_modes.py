@@ -12,6 +12,7 @@ the backend is built.
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -209,9 +210,12 @@ def test_backend_refuses_fp8_pv_on_an_a100_when_built(monkeypatch):
 @pytest.mark.parametrize(
     "environ, field, value",
     [
-        ({}, "qk_rotation", "none"),
+        ({}, "qk_rotation", "auto"),
+        ({"SGLANG_SAGE_ATTN_QK_ROTATION": "none"}, "qk_rotation", "none"),
         ({"SGLANG_SAGE_ATTN_QK_ROTATION": "Hadamard"}, "qk_rotation", "hadamard"),
         ({"SGLANG_SAGE_ATTN_PV": "INT8"}, "pv", "int8"),
+        ({}, "decode_max_splits", 64),
+        ({"SGLANG_SAGE_ATTN_DECODE_MAX_SPLITS": "0"}, "decode_max_splits", 0),
     ],
 )
 def test_settings_from_environment(environ, field, value):
@@ -223,11 +227,45 @@ def test_settings_from_environment(environ, field, value):
     [
         ({"SGLANG_SAGE_ATTN_QK_ROTATION": "random"}, "SGLANG_SAGE_ATTN_QK_ROTATION='random'"),
         ({"SGLANG_SAGE_ATTN_PV": "int4"}, "SGLANG_SAGE_ATTN_PV='int4'"),
+        ({"SGLANG_SAGE_ATTN_DECODE_MAX_SPLITS": "x"}, "SGLANG_SAGE_ATTN_DECODE_MAX_SPLITS='x'"),
+        ({"SGLANG_SAGE_ATTN_MIN_EXTEND_LEN": "-1"}, "SGLANG_SAGE_ATTN_MIN_EXTEND_LEN=-1"),
     ],
 )
 def test_invalid_settings_are_refused_with_the_variable_named(environ, message):
     with pytest.raises(ValueError, match=message):
         SageAttnSettings.from_env(environ)
+
+
+@pytest.mark.parametrize(
+    "rotation, head_dim, want",
+    [("auto", 64, True), ("auto", 128, False), ("none", 64, False), ("hadamard", 128, True)],
+)
+def test_rotation_per_head_dim(rotation, head_dim, want):
+    assert SageAttnSettings(qk_rotation=rotation).rotate_qk(head_dim) is want
+
+
+@pytest.mark.parametrize(
+    "cap, split_tile_size, sglang_cap, want",
+    [
+        (64, None, 8, 64),  # raised above SGLang's default
+        (64, None, 128, 128),  # a larger --triton-attention-num-kv-splits stays
+        (0, None, 8, 8),  # 0: SGLang's own cap
+        (64, 256, 40, 40),  # deterministic inference sizes splits from its tile
+    ],
+)
+def test_decode_split_cap(cap, split_tile_size, sglang_cap, want):
+    triton = SimpleNamespace(max_kv_splits=sglang_cap, split_tile_size=split_tile_size)
+    backend_module.raise_decode_split_cap(triton, cap)
+    assert triton.max_kv_splits == want
+
+
+def test_backend_raises_the_decode_split_cap():
+    """Built by SGLang's kit, the backend's Triton decode gets the cap before any
+    decode buffer is sized (the kit's decode cases then run with it)."""
+    with torch.no_grad():
+        fixture = kit.build_dense_attention_fixture(KitTestCase(), RAGGED, **KIT)
+    backend = SageAttentionBackend(fixture.runner)
+    assert backend.triton_backend.max_kv_splits == 64
 
 
 @pytest.mark.skipif(**requires_kernels)

@@ -113,6 +113,16 @@ class SageForwardMetadata:
     counted: bool = False
 
 
+def raise_decode_split_cap(triton_backend: TritonAttnBackend, cap: int) -> None:
+    """Let SGLang's Triton decode kernel split long contexts up to ``cap`` ways (it picks
+    the count per batch on the GPU, below the cap). Its default cap of 8 leaves a
+    batch-1 long-context decode on a few SMs (settings.py has the figures). Set
+    before any decode buffer is sized; left alone when SGLang fixes the splits itself
+    (deterministic inference sizes them from a tile) or ``cap`` is 0 or lower."""
+    if cap and triton_backend.split_tile_size is None and cap > triton_backend.max_kv_splits:
+        triton_backend.max_kv_splits = cap
+
+
 def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -168,6 +178,7 @@ class SageAttentionBackend(AttentionBackend):
         parallel = get_parallel()
         self.decode_context_parallel = parallel.attn_dcp_size > 1
         self.triton_backend = TritonAttnBackend(model_runner)
+        raise_decode_split_cap(self.triton_backend, self.settings.decode_max_splits)
         # Snapshot/restore code (metadata glue graph) walks these for forward_metadata.
         self.attn_backend_list = [self.triton_backend]
         # Kept out of torch.compile's trace (piecewise prefill graphs), as the
@@ -186,13 +197,17 @@ class SageAttentionBackend(AttentionBackend):
         )
         logger.info(
             "SageAttentionBackend: %d query / %d KV heads per rank, P·V %s, kernel %s, "
-            "Q/K rotation %s, chunks shorter than %d tokens on the Triton extend kernel",
+            "Q/K rotation %s (%s at head dim %d), chunks shorter than %d tokens on the "
+            "Triton extend kernel, decode split cap %d",
             self.num_q_heads,
             self.num_kv_heads,
             self.settings.pv,
             self.settings.kernel,
             self.settings.qk_rotation,
+            "on" if self.settings.rotate_qk(model_runner.model_config.head_dim) else "off",
+            model_runner.model_config.head_dim,
             self.settings.min_extend_len,
+            self.triton_backend.max_kv_splits,
         )
 
     # ---- metadata -------------------------------------------------------------
@@ -373,7 +388,7 @@ class SageAttentionBackend(AttentionBackend):
             pv=self.settings.pv,
             workspace=self._workspace(plan, k, v),
             kernel=self.settings.kernel,
-            rotate_qk=self.settings.rotate_qk,
+            rotate_qk=self.settings.rotate_qk(layer.qk_head_dim),
         )
 
     def _workspace(self, plan, k: torch.Tensor, v: torch.Tensor) -> PackedKV:

@@ -17,12 +17,26 @@ PV_ENV = "SGLANG_SAGE_ATTN_PV"
 MIN_EXTEND_LEN_ENV = "SGLANG_SAGE_ATTN_MIN_EXTEND_LEN"
 KERNEL_ENV = "SGLANG_SAGE_ATTN_KERNEL"
 QK_ROTATION_ENV = "SGLANG_SAGE_ATTN_QK_ROTATION"
-SUPPORTED_QK_ROTATIONS = ("none", "hadamard")
+DECODE_MAX_SPLITS_ENV = "SGLANG_SAGE_ATTN_DECODE_MAX_SPLITS"
+SUPPORTED_QK_ROTATIONS = ("auto", "none", "hadamard")
+# "auto" rotates Q/K at head dims up to this, where it was measured free on the
+# H200 (hd64 dense prefill 4K-32K: -2% to +5% time against no rotation) and closed
+# SmolLM2's (hd64) gap to bf16 (mean KL against fp32 1.34-1.45x bf16's, from
+# 1.87-2.07x). At hd128 it cost 4-15% of the Gluon kernel's speed and has no
+# real-model measurement yet, so "auto" leaves it off there.
+AUTO_ROTATION_MAX_HEAD_DIM = 64
 # Measured crossover against the bf16 Triton extend kernel short requests fall back
 # to (benchmark/kernels/sage_attention/RESULTS.md): an 8B-shaped layer prefilling
 # one request is 0.85x at 1024 tokens, 1.02x at 2048, 1.31x at 4096 (H100, v1);
 # 0.63x at 1024 and 1.40x at 4096 (H200, v2).
 DEFAULT_MIN_EXTEND_LEN = 2048
+# Cap on the KV splits of SGLang's Triton decode kernel under sage_attn (SGLang's own
+# default, --triton-attention-num-kv-splits, is 8). Measured on the H200 (RESULTS.md,
+# 32 q / 8 KV heads, hd128): a cap of 64 decodes batch 1 at 128K context 3.3x faster
+# (0.776 -> 0.237 ms) and batch 8 at 128K 1.33x, and equals 16 at batch 64; it costs
+# scratch of batch x q heads x cap x (Dv + 1) fp32 (the CUDA-graph copy is sized for
+# the largest captured batch: 256 x 32 x 64 x 129 x 4 B = 270 MiB).
+DEFAULT_DECODE_MAX_SPLITS = 64
 
 
 @dataclass(frozen=True)
@@ -36,13 +50,16 @@ class SageAttnSettings:
     min_extend_len: int = DEFAULT_MIN_EXTEND_LEN
     # "auto" (the Gluon kernel on Hopper, Triton elsewhere) or "triton" (Triton everywhere).
     kernel: str = "auto"
-    # "hadamard": rotate Q and K before their INT8 quantization (rotation.py). Off by
-    # default until its speed is measured on a GPU (its accuracy gain is measured:
-    # benchmark/sage_attention/VALIDATION.md).
-    qk_rotation: str = "none"
+    # "hadamard": rotate Q and K before their INT8 quantization (rotation.py); "none";
+    # "auto": rotate at head dims <= AUTO_ROTATION_MAX_HEAD_DIM (see there).
+    qk_rotation: str = "auto"
+    # Cap on the decode kernel's KV splits; 0 keeps SGLang's --triton-attention-num-kv-splits.
+    decode_max_splits: int = DEFAULT_DECODE_MAX_SPLITS
 
-    @property
-    def rotate_qk(self) -> bool:
+    def rotate_qk(self, head_dim: int) -> bool:
+        """Whether layers of this head dim rotate Q and K."""
+        if self.qk_rotation == "auto":
+            return head_dim <= AUTO_ROTATION_MAX_HEAD_DIM
         return self.qk_rotation == "hadamard"
 
     def __post_init__(self):
@@ -56,6 +73,10 @@ class SageAttnSettings:
             )
         if self.min_extend_len < 0:
             raise ValueError(f"{MIN_EXTEND_LEN_ENV}={self.min_extend_len}: must be >= 0")
+        if not 0 <= self.decode_max_splits <= 1024:
+            raise ValueError(
+                f"{DECODE_MAX_SPLITS_ENV}={self.decode_max_splits}: must be in [0, 1024]"
+            )
 
     def check_device(self, device: torch.device | str) -> None:
         """Raise for a setting ``device`` cannot run, so a server refuses it at
@@ -70,16 +91,17 @@ class SageAttnSettings:
 
     @classmethod
     def from_env(cls, environ=os.environ) -> SageAttnSettings:
-        raw_min_len = environ.get(MIN_EXTEND_LEN_ENV, str(DEFAULT_MIN_EXTEND_LEN))
-        try:
-            min_extend_len = int(raw_min_len)
-        except ValueError:
-            raise ValueError(
-                f"{MIN_EXTEND_LEN_ENV}={raw_min_len!r}: must be an integer token count"
-            ) from None
+        def integer(name: str, default: int) -> int:
+            raw = environ.get(name, str(default))
+            try:
+                return int(raw)
+            except ValueError:
+                raise ValueError(f"{name}={raw!r}: must be an integer") from None
+
         return cls(
             pv=environ.get(PV_ENV, "fp16").lower(),
-            min_extend_len=min_extend_len,
+            min_extend_len=integer(MIN_EXTEND_LEN_ENV, DEFAULT_MIN_EXTEND_LEN),
+            decode_max_splits=integer(DECODE_MAX_SPLITS_ENV, DEFAULT_DECODE_MAX_SPLITS),
             kernel=environ.get(KERNEL_ENV, "auto").lower(),
-            qk_rotation=environ.get(QK_ROTATION_ENV, "none").lower(),
+            qk_rotation=environ.get(QK_ROTATION_ENV, "auto").lower(),
         )
