@@ -41,6 +41,7 @@ CASES = [
     ExtendCase("gqa4_paged", (129, 64, 33), (1, 1, 1), num_q_heads=8, num_kv_heads=2, page_size=16),
     ExtendCase("gqa8_hd128", (500, 1), (1, 1), num_q_heads=8, num_kv_heads=1, head_dim=128),
     ExtendCase("one_key", (0, 5), (1, 1), num_q_heads=4, num_kv_heads=1),
+    ExtendCase("gqa3", (90, 17), (1, 1), num_q_heads=6, num_kv_heads=2),
 ]
 OUTLIER_CASES = [
     ExtendCase(f"{values}_hd{d}", (400, 90), (1, 1), 8, 2, head_dim=d, values=values)

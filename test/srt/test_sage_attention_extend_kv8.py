@@ -41,6 +41,10 @@ CASES = [
     ExtendCase("zero_length_chunks", (10, 20, 0), (0, 16, 5)),
     ExtendCase("hd128_gqa8", (200,), (70,), num_q_heads=8, num_kv_heads=1, head_dim=128),
     ExtendCase("mha_two_q_blocks", (130,), (150,), num_q_heads=2, num_kv_heads=2),
+    # A group that is not a power of two (padded rows), and an MQA group that needs
+    # 128-row programs (one token each).
+    ExtendCase("gqa3", (40, 0), (70, 20), num_q_heads=6, num_kv_heads=2),
+    ExtendCase("mqa66", (30,), (20,), num_q_heads=66, num_kv_heads=1),
 ]
 OUTLIER_CASES = [
     ExtendCase(f"{values}_hd{d}", (100, 37), (60, 150), 8, 2, head_dim=d, values=values)
@@ -117,3 +121,13 @@ def test_slots_beyond_two_to_the_31_elements():
     sage_extend_attention_kv8(chunk, got, cache, indptr, indptr, slots, 300)
     sage_extend_attention_kv8_ref(chunk, want, cache, indptr, indptr, slots, 300)
     assert attention_error(got, want)[0] >= VS_TWIN[0]
+
+
+def test_groups_beyond_the_tile_are_refused():
+    from sglang.srt.layers.attention.sage_attention.kv8_cache import allocate_kv8_cache
+
+    cache = allocate_kv8_cache(8, 1, 64, 64, "cpu")
+    q = torch.zeros(2, 130, 64, dtype=torch.float16)
+    indptr = torch.tensor([0, 2], dtype=torch.int32)
+    with pytest.raises(ValueError, match="130 query heads per KV head"):
+        sage_extend_attention_kv8(q, torch.empty_like(q), cache, indptr, indptr, torch.arange(2), 2)

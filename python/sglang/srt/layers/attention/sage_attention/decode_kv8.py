@@ -32,20 +32,19 @@ from sglang.kernels.ops.attention.decode_attention import (
     _decode_softmax_reducev_fwd,
 )
 from sglang.srt.layers.attention.sage_attention.extend_kv8 import sage_extend_attention_kv8_ref
-from sglang.srt.layers.attention.sage_attention.kv8_cache import (
-    KV8Cache,
+from sglang.srt.layers.attention.sage_attention.kv8_cache import KV8Cache, load_kv8_tile
+from sglang.srt.layers.attention.sage_attention.kv8_tiles import (
     fast_int8_cvt,
     kv8_pv,
     kv8_scores,
-    load_kv8_tile,
 )
-from sglang.srt.layers.attention.sage_attention.quantize import quantize_q_rows
-from sglang.srt.layers.attention.sage_attention.rotation import hadamard_tile, rotate_rows
+from sglang.srt.layers.attention.sage_attention.quantize import quantized_q_block
 
 _LN2 = tl.constexpr(math.log(2.0))
 # Keys per inner step, steps in flight, warps (see the module docstring). Tuned on
 # the H200 with benchmark/kernels/sage_attention/tune_kv8.py (RESULTS.md): 128 keys
-# per step decode 1.4-1.8x faster than 64; more stages or 8 warps gain nothing.
+# per step decode 1.5x faster than 64 (3 stages); more stages or 8 warps gain nothing,
+# 256 keys run slower.
 BLOCK_N = 128
 NUM_STAGES = 3
 NUM_WARPS = 4
@@ -92,21 +91,17 @@ def _kv8_decode_stage1(
     if lo >= hi:
         return
 
+    # Rows: the query heads of this KV head, all of request b's one token.
     rows = tl.arange(0, BLOCK_H)
     row_valid = rows < KV_GROUP
     heads = kv_head * KV_GROUP + rows
-    offs_d = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
-    query = tl.load(
-        q + b.to(tl.int64) * stride_q_tok + heads[:, None] * stride_q_head + offs_d[None, :],
-        mask=row_valid[:, None],
-        other=0.0,
-    )
-    if ROTATE:  # the cache holds K rotated: (q H)·(k H) = D q·k
-        query = rotate_rows(query, hadamard_tile(HEAD_DIM, q.dtype.element_ty))
-        q_int8, q_scale = quantize_q_rows(query, qk_scale_log2 / HEAD_DIM)
-    else:
-        q_int8, q_scale = quantize_q_rows(query, qk_scale_log2)
+    q_int8, q_scale = quantized_q_block(
+        q, first_token=b.to(tl.int64), row_token=tl.zeros([BLOCK_H], dtype=tl.int64),
+        row_valid=row_valid, row_head=heads, stride_q_tok=stride_q_tok,
+        stride_q_head=stride_q_head, qk_scale_log2=qk_scale_log2, HEAD_DIM=HEAD_DIM,
+        ROTATE=ROTATE,
+    )  # fmt: skip
 
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)

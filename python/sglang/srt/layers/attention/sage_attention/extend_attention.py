@@ -283,8 +283,9 @@ def _sage_extend_kernel(
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = offs_m < extend_len
     q_int8, q_scale = quantized_q_block(
-        q_extend, extend_start, offs_m, row_valid, q_head, stride_q_tok, stride_q_head,
-        qk_scale_log2, HEAD_DIM=HEAD_DIM, ROTATE=ROTATE,
+        q_extend, first_token=extend_start, row_token=offs_m, row_valid=row_valid,
+        row_head=q_head, stride_q_tok=stride_q_tok, stride_q_head=stride_q_head,
+        qk_scale_log2=qk_scale_log2, HEAD_DIM=HEAD_DIM, ROTATE=ROTATE,
     )  # fmt: skip
 
     seg_start = segment_start(qo_indptr, kv_indptr, b, BLOCK_N)

@@ -11,7 +11,9 @@ packed per call: the prefix is read as it is stored.
 One program per (query block, KV head, request) takes the query heads of that KV
 head together: its ``BLOCK_M`` rows are ``BLOCK_M / GROUP_ROWS`` chunk tokens times
 ``GROUP_ROWS`` (the GQA group, padded to a power of two) heads, so each gathered
-K/V tile, and the conversion of its INT8 V, serves every head of the group. Q is
+K/V tile, and the conversion of its INT8 V, serves every head of the group (at 64
+rows that is no fewer gathers per KV head than one program per query head: the
+tuned tile, measured in RESULTS.md round 4, not the packing, made it fast). Q is
 quantized once per block to INT8 (per row, ``sm_scale * log2(e)`` folded in;
 rotated first when the cache holds rotated K), then an exp2 online softmax runs
 over key tiles gathered through ``kv_indices`` (page size 1: no TMA, plain loads):
@@ -31,10 +33,12 @@ import triton.language as tl
 from sglang.srt.layers.attention.sage_attention.kv8_cache import (
     KV8Cache,
     dequantize_kv8,
+    load_kv8_tile,
+)
+from sglang.srt.layers.attention.sage_attention.kv8_tiles import (
     fast_int8_cvt,
     kv8_pv,
     kv8_scores,
-    load_kv8_tile,
 )
 from sglang.srt.layers.attention.sage_attention.quantize import (
     block_key_bounds,
@@ -44,13 +48,15 @@ from sglang.srt.layers.attention.sage_attention.quantize import (
 from sglang.srt.layers.attention.sage_attention.reference import quantize_int8_blocks
 from sglang.srt.layers.attention.sage_attention.rotation import hadamard_matrix
 
-# Keys per inner step; (token, head) rows per program; warps; steps in flight. Tuned
-# on the H200 with benchmark/kernels/sage_attention/tune_kv8.py (RESULTS.md): 64 rows
-# x 128 keys on 4 warps ran 1.7x faster than 128 x 64 on 8.
+# Keys per inner step; (token, head) rows per program (more for a group larger than
+# this); warps; steps in flight. Tuned on the H200 with
+# benchmark/kernels/sage_attention/tune_kv8.py (RESULTS.md): 64 rows x 128 keys on 4
+# warps ran 1.6x faster than 128 x 64 on 8 and 1.8x faster than 64 x 64.
 BLOCK_N = 128
 BLOCK_M = 64
 NUM_WARPS = 4
 NUM_STAGES = 2
+MAX_GROUP_ROWS = 128
 _M_INIT = tl.constexpr(-1.0e30)
 
 
@@ -150,8 +156,9 @@ def _sage_extend_kv8_kernel(
     row_head = kv_head * KV_GROUP + rows % GROUP_ROWS
     row_valid = (row_token < extend_len) & (rows % GROUP_ROWS < KV_GROUP)
     q_int8, q_scale = quantized_q_block(
-        q_extend, extend_start, row_token, row_valid, row_head, stride_q_tok, stride_q_head,
-        qk_scale_log2, HEAD_DIM=HEAD_DIM, ROTATE=ROTATE,
+        q_extend, first_token=extend_start, row_token=row_token, row_valid=row_valid,
+        row_head=row_head, stride_q_tok=stride_q_tok, stride_q_head=stride_q_head,
+        qk_scale_log2=qk_scale_log2, HEAD_DIM=HEAD_DIM, ROTATE=ROTATE,
     )  # fmt: skip
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
@@ -211,9 +218,15 @@ def sage_extend_attention_kv8(
     sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
     group = num_q_heads // cache.num_kv_heads
     group_rows = triton.next_power_of_2(group)
-    if group_rows > BLOCK_M:  # a program's rows hold at least one token's whole group
-        raise ValueError(f"sage_attn: {group} query heads per KV head exceed {BLOCK_M}")
-    grid = (triton.cdiv(max_len_extend, BLOCK_M // group_rows), cache.num_kv_heads, batch)
+    # A program's rows hold at least one token's whole group (MQA-style models with up
+    # to 128 query heads per KV head on a rank get 128-row programs).
+    block_m = max(BLOCK_M, group_rows)
+    if block_m > MAX_GROUP_ROWS:
+        raise ValueError(
+            f"sage_attn: {group} query heads per KV head; the 8-bit cache's extend kernel "
+            f"takes at most {MAX_GROUP_ROWS}"
+        )
+    grid = (triton.cdiv(max_len_extend, block_m // group_rows), cache.num_kv_heads, batch)
     _sage_extend_kv8_kernel[grid](
         q_extend,
         o_extend,
@@ -234,7 +247,7 @@ def sage_extend_attention_kv8(
         GROUP_ROWS=group_rows,
         HEAD_DIM=head_dim,
         HEAD_DIM_V=cache.head_dim_v,
-        BLOCK_M=BLOCK_M,
+        BLOCK_M=block_m,
         BLOCK_N=BLOCK_N,
         CAUSAL=causal,
         ROTATE=cache.rotated,

@@ -136,8 +136,9 @@ def _quantize_q_kernel(
     valid = offs_m < num_tokens
     offs_d = tl.arange(0, HEAD_DIM)
     q_i8, scale = quantized_q_block(
-        q_extend, 0, offs_m.to(tl.int64), valid, head, stride_q_tok, stride_q_head,
-        qk_scale_log2, HEAD_DIM=HEAD_DIM, ROTATE=ROTATE,
+        q_extend, first_token=0, row_token=offs_m.to(tl.int64), row_valid=valid, row_head=head,
+        stride_q_tok=stride_q_tok, stride_q_head=stride_q_head, qk_scale_log2=qk_scale_log2,
+        HEAD_DIM=HEAD_DIM, ROTATE=ROTATE,
     )  # fmt: skip
     out_rows = head.to(tl.int64) * num_tokens + offs_m
     tl.store(q_int8 + out_rows[:, None] * HEAD_DIM + offs_d[None, :], q_i8, mask=valid[:, None])

@@ -38,7 +38,6 @@ host sync, fixed grid, graph-capturable, inputs only read.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -159,56 +158,6 @@ def load_kv8_tile(
     key_scale = tl.load(k_scale + cell, mask=valid, other=0.0)
     value_scale = tl.load(v_scale + cell, mask=valid, other=0.0)
     return key, key_scale, value, value_scale
-
-
-def fast_int8_cvt() -> bool:
-    """Whether kernels may convert INT8 with PTX (``int8_to_fp16``): not under the
-    CPU interpreter, which runs no inline assembly."""
-    return os.environ.get("TRITON_INTERPRET", "0") != "1"
-
-
-@triton.jit
-def int8_to_fp16(x, FAST: tl.constexpr):
-    """INT8 -> fp16, exact. FAST (PTX): four values per xor + two byte permutes + two
-    packed subtracts -- the fp16 bit pattern of 1024 + (x + 128), minus 1152 -- where
-    a plain cast costs a quarter-rate cvt per value, the bulk of an 8-bit cache
-    read's ALU work (FasterTransformer's conversion)."""
-    if FAST:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 biased, bias;
-            xor.b32 biased, $2, 0x80808080;
-            prmt.b32 $0, biased, 0x64646464, 0x4140;
-            prmt.b32 $1, biased, 0x64646464, 0x4342;
-            mov.b32 bias, 0x64806480;
-            sub.f16x2 $0, $0, bias;
-            sub.f16x2 $1, $1, bias;
-            }""",
-            constraints="=r,=r,r",
-            args=[x],
-            dtype=tl.float16,
-            is_pure=True,
-            pack=4,
-        )
-    return x.to(tl.float16)
-
-
-@triton.jit
-def kv8_scores(q_int8, q_scale, key, key_scale):
-    """Scores of INT8 query rows (one scale per row, exp2 units folded in) against an
-    INT8 key tile (one scale per key): an INT8 tensor-core product, then two scales."""
-    return tl.dot(q_int8, tl.trans(key)).to(tl.float32) * q_scale[:, None] * key_scale[None, :]
-
-
-@triton.jit
-def kv8_pv(p, value, value_scale, FAST_CVT: tl.constexpr):
-    """``p [M, N]`` (softmax numerators in [0, 1]) times an INT8 value tile with one
-    scale per row: FP16 P·V on the exact INT8 V, V's row scales folded into P
-    relative to the tile's largest (so P stays in [0, 1] whatever V's magnitude),
-    which then multiplies the tile's product."""
-    tile_scale = tl.maximum(tl.max(value_scale, 0), 1.0e-30)
-    p_v = (p * (value_scale / tile_scale)[None, :]).to(tl.float16)
-    return tl.dot(p_v, int8_to_fp16(value, FAST_CVT)) * tile_scale
 
 
 @triton.jit

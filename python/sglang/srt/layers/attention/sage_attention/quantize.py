@@ -62,30 +62,31 @@ def quantize_q_rows(q, qk_scale_log2):
 
 @triton.jit
 def quantized_q_block(
-    q_extend,
-    extend_start,
-    offs_m,
+    q,
+    first_token,
+    row_token,
     row_valid,
-    q_head,
+    row_head,
     stride_q_tok,
     stride_q_head,
     qk_scale_log2,
     HEAD_DIM: tl.constexpr,
     ROTATE: tl.constexpr,
 ):
-    """One query block of a request's chunk as INT8 rows and per-row scales (rows not
-    ``row_valid`` read as 0), rotated first when K was (``rotation.py``): the
-    prologue of every extend kernel. ``q_head``: one head, or one per row."""
-    q_rows = (extend_start + offs_m) * stride_q_tok + q_head * stride_q_head
-    q = tl.load(
-        q_extend + q_rows[:, None] + tl.arange(0, HEAD_DIM)[None, :],
+    """Query rows ``q[first_token + row_token[r], row_head[r]]`` of a [tokens, heads,
+    D] tensor as INT8 rows and per-row scales (rows not ``row_valid`` read as 0),
+    rotated first when K was (``rotation.py``): the prologue of every attention
+    kernel. ``row_head`` may be one head for all rows."""
+    offsets = (first_token + row_token) * stride_q_tok + row_head * stride_q_head
+    rows = tl.load(
+        q + offsets[:, None] + tl.arange(0, HEAD_DIM)[None, :],
         mask=row_valid[:, None],
         other=0.0,
     )
     if ROTATE:  # (q H)·(k H) = D q·k
-        q = rotate_rows(q, hadamard_tile(HEAD_DIM, q_extend.dtype.element_ty))
-        return quantize_q_rows(q, qk_scale_log2 / HEAD_DIM)
-    return quantize_q_rows(q, qk_scale_log2)
+        rows = rotate_rows(rows, hadamard_tile(HEAD_DIM, q.dtype.element_ty))
+        return quantize_q_rows(rows, qk_scale_log2 / HEAD_DIM)
+    return quantize_q_rows(rows, qk_scale_log2)
 
 
 @triton.jit
