@@ -245,23 +245,27 @@ def test_rotation_per_head_dim(rotation, head_dim, want):
 
 
 @pytest.mark.parametrize(
-    "cap, split_tile_size, sglang_cap, want",
+    "cap, split_tile_size, static, sglang_cap, want",
     [
-        (64, None, 8, 64),  # raised above SGLang's default
-        (64, None, 128, 128),  # a larger --triton-attention-num-kv-splits stays
-        (0, None, 8, 8),  # 0: SGLang's own cap
-        (64, 256, 40, 40),  # deterministic inference sizes splits from its tile
+        (64, None, False, 8, 64),  # raised above SGLang's default
+        (64, None, False, 128, 128),  # a larger --triton-attention-num-kv-splits stays
+        (4, None, False, 8, 8),  # a lower one too
+        (0, None, False, 8, 8),  # 0: SGLang's own cap
+        (64, 256, False, 40, 40),  # deterministic inference sizes splits from its tile
+        (64, None, True, 8, 8),  # static splits would give every request the cap
     ],
 )
-def test_decode_split_cap(cap, split_tile_size, sglang_cap, want):
-    triton = SimpleNamespace(max_kv_splits=sglang_cap, split_tile_size=split_tile_size)
+def test_decode_split_cap(cap, split_tile_size, static, sglang_cap, want):
+    triton = SimpleNamespace(
+        max_kv_splits=sglang_cap, split_tile_size=split_tile_size, static_kv_splits=static
+    )
     backend_module.raise_decode_split_cap(triton, cap)
     assert triton.max_kv_splits == want
 
 
 def test_backend_raises_the_decode_split_cap():
-    """Built by SGLang's kit, the backend's Triton decode gets the cap before any
-    decode buffer is sized (the kit's decode cases then run with it)."""
+    """Built by SGLang's kit, the backend's Triton decode has the raised cap before
+    any decode buffer is sized."""
     with torch.no_grad():
         fixture = kit.build_dense_attention_fixture(KitTestCase(), RAGGED, **KIT)
     backend = SageAttentionBackend(fixture.runner)
@@ -269,8 +273,13 @@ def test_backend_raises_the_decode_split_cap():
 
 
 @pytest.mark.skipif(**requires_kernels)
-def test_backend_passes_the_rotation_setting_to_the_op(sage_calls, monkeypatch):
-    monkeypatch.setenv("SGLANG_SAGE_ATTN_QK_ROTATION", "hadamard")
+@pytest.mark.parametrize(
+    "rotation, want",
+    [("hadamard", True), ("none", False), ("auto", KIT["head_dim"] <= 64)],
+)
+def test_backend_passes_the_rotation_setting_to_the_op(sage_calls, monkeypatch, rotation, want):
+    """What the op is told per layer: the setting, resolved for the layer's head dim."""
+    monkeypatch.setenv("SGLANG_SAGE_ATTN_QK_ROTATION", rotation)
     seen = []
     real = backend_module.sage_extend_attention
 
@@ -281,4 +290,4 @@ def test_backend_passes_the_rotation_setting_to_the_op(sage_calls, monkeypatch):
     monkeypatch.setattr(backend_module, "sage_extend_attention", spy)
     with torch.no_grad():
         kit.run_dense_attention_case(KitTestCase(), RAGGED, **KIT)
-    assert seen and all(seen)
+    assert seen and all(rotate is want for rotate in seen)

@@ -117,9 +117,13 @@ def raise_decode_split_cap(triton_backend: TritonAttnBackend, cap: int) -> None:
     """Let SGLang's Triton decode kernel split long contexts up to ``cap`` ways (it picks
     the count per batch on the GPU, below the cap). Its default cap of 8 leaves a
     batch-1 long-context decode on a few SMs (settings.py has the figures). Set
-    before any decode buffer is sized; left alone when SGLang fixes the splits itself
-    (deterministic inference sizes them from a tile) or ``cap`` is 0 or lower."""
-    if cap and triton_backend.split_tile_size is None and cap > triton_backend.max_kv_splits:
+    before any decode buffer is sized. Left alone when SGLang fixes the splits
+    itself: deterministic inference sizes them from a tile, and static splits
+    (SGLANG_TRITON_DECODE_ATTN_STATIC_KV_SPLITS) give every request the cap, which
+    would make every short decode run 64 splits. A cap at or below SGLang's is
+    SGLang's to keep."""
+    fixed_by_sglang = triton_backend.split_tile_size is not None or triton_backend.static_kv_splits
+    if cap > triton_backend.max_kv_splits and not fixed_by_sglang:
         triton_backend.max_kv_splits = cap
 
 

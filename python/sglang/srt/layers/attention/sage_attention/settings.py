@@ -20,8 +20,8 @@ QK_ROTATION_ENV = "SGLANG_SAGE_ATTN_QK_ROTATION"
 DECODE_MAX_SPLITS_ENV = "SGLANG_SAGE_ATTN_DECODE_MAX_SPLITS"
 SUPPORTED_QK_ROTATIONS = ("auto", "none", "hadamard")
 # "auto" rotates Q/K at head dims up to this, where it was measured free on the
-# H200 (hd64 dense prefill 4K-32K: -2% to +5% time against no rotation) and closed
-# SmolLM2's (hd64) gap to bf16 (mean KL against fp32 1.34-1.45x bf16's, from
+# H200 (hd64 dense prefill 4K-32K: 0.6-4.6% *less* time than without) and closed
+# SmolLM2's (hd64) gap to bf16 (mean KL against fp32 1.33-1.45x bf16's, from
 # 1.87-2.07x). At hd128 it cost 4-15% of the Gluon kernel's speed and has no
 # real-model measurement yet, so "auto" leaves it off there.
 AUTO_ROTATION_MAX_HEAD_DIM = 64
@@ -30,12 +30,15 @@ AUTO_ROTATION_MAX_HEAD_DIM = 64
 # one request is 0.85x at 1024 tokens, 1.02x at 2048, 1.31x at 4096 (H100, v1);
 # 0.63x at 1024 and 1.40x at 4096 (H200, v2).
 DEFAULT_MIN_EXTEND_LEN = 2048
-# Cap on the KV splits of SGLang's Triton decode kernel under sage_attn (SGLang's own
-# default, --triton-attention-num-kv-splits, is 8). Measured on the H200 (RESULTS.md,
-# 32 q / 8 KV heads, hd128): a cap of 64 decodes batch 1 at 128K context 3.3x faster
-# (0.776 -> 0.237 ms) and batch 8 at 128K 1.33x, and equals 16 at batch 64; it costs
-# scratch of batch x q heads x cap x (Dv + 1) fp32 (the CUDA-graph copy is sized for
-# the largest captured batch: 256 x 32 x 64 x 129 x 4 B = 270 MiB).
+# Cap on the KV splits of SGLang's Triton decode kernel under sage_attn, raised to
+# this when SGLang's own (--triton-attention-num-kv-splits, default 8) is lower.
+# Measured on the H200 (RESULTS.md round 4, 32 q / 8 KV heads, hd128) against a cap
+# of 16: a cap of 64 decodes batch 1 at 128K context 3.3x faster (0.793 -> 0.240 ms)
+# and batch 8 at 128K 1.33x, and equals 16 from batch 64 (the kernel picks fewer
+# splits when the batch fills the GPU). It costs decode scratch of batch x q heads x
+# cap x (Dv + 1) fp32: the CUDA-graph copy is sized for the largest captured batch
+# (256 x 32 x 64 x 129 x 4 B = 258 MiB; 32 MiB at a cap of 8), and an eager decode
+# batch allocates its own per step.
 DEFAULT_DECODE_MAX_SPLITS = 64
 
 
