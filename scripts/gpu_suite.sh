@@ -28,17 +28,22 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for step in $steps; do
   case $step in
   tests)
-    # TESTS: test files; TEST_K: a pytest -k expression (may contain spaces).
-    # TEST_JOBS (default 6): one pytest process per file, that many at a time (the
-    # suite is compile-bound on one process and does not fit one 10-minute call);
-    # TEST_TIMEOUT (default 500 s) bounds each process, so a slow file is reported
-    # as cut rather than silently missing.
+    # TESTS: test files, directories (their test_*.py) or pytest node ids; TEST_K: a
+    # pytest -k expression (may contain spaces). TEST_JOBS (default 6): one pytest
+    # process per file, that many at a time (the suite is compile-bound on one process
+    # and does not fit one 10-minute call); TEST_TIMEOUT (default 500 s) bounds each
+    # process, so a slow file is reported as cut (rc=124) rather than silently missing.
+    # Any process that fails fails the suite's exit status.
     mkdir -p "$OUT/tests"
-    ls ${TESTS:-test/srt/test_*.py} | xargs -P "${TEST_JOBS:-6}" -I{} sh -c \
-      'timeout "${TEST_TIMEOUT:-500}" python3 -m pytest "$1" ${TEST_K:+-k "$TEST_K"} -q -s -rfE \
-         -p no:cacheprovider > "$2/tests/$(basename "$1" .py).log" 2>&1
-       echo "rc=$? $(basename "$1"): $(tail -1 "$2/tests/$(basename "$1" .py).log")"' _ {} "$OUT" \
-      | sort -k2 | tee -a "$summary"
+    for path in ${TESTS:-test/srt}; do
+      if [ -d "$path" ]; then ls "$path"/test_*.py; else echo "$path"; fi
+    done | xargs -P "${TEST_JOBS:-6}" -I{} sh -c \
+      'log="$2/tests/$(basename "$1" .py).log"
+       timeout "${TEST_TIMEOUT:-500}" python3 -m pytest "$1" ${TEST_K:+-k "$TEST_K"} -q -s -rfE \
+         -p no:cacheprovider > "$log" 2>&1
+       echo "rc=$? $(basename "$1"): $(tail -1 "$log")"' _ {} "$OUT" \
+      | sort -k2 | tee "$OUT/tests/rc.txt" | tee -a "$summary"
+    grep -q "^rc=[1-9]" "$OUT/tests/rc.txt" && failed=1
     grep -h "^FAILED\|^ERROR" "$OUT"/tests/*.log | cut -c1-200 | head -30 | tee -a "$summary"
     cat "$OUT"/tests/*.log > "$OUT/tests.log"
     python3 - "$OUT/tests.log" <<'PY' | tee -a "$summary"
