@@ -167,16 +167,18 @@ def _sage_extend_kv8_kernel(
     free_hi, hi = block_key_bounds(prefix_len, kv_len, block_t, BLOCK_T, BLOCK_N, CAUSAL)
     # Two calls of one loop: unmasked tiles, then those crossing kv end or the diagonal.
     acc, l_i, m_i = _kv8_tiles(
-        acc, l_i, m_i, q_int8, q_scale, k_int8, k_scale, v_int8, v_scale,
-        kv_indices, kv_start, kv_head, num_kv_heads, row_token, prefix_len, kv_len,
-        0, free_hi,
+        acc, l_i, m_i, q_int8, q_scale,
+        k_int8=k_int8, k_scale=k_scale, v_int8=v_int8, v_scale=v_scale, kv_indices=kv_indices,
+        kv_start=kv_start, kv_head=kv_head, num_kv_heads=num_kv_heads, row_token=row_token,
+        prefix_len=prefix_len, kv_len=kv_len, lo=0, hi=free_hi,
         HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL,
         FAST_CVT=FAST_CVT,
     )  # fmt: skip
     acc, l_i, m_i = _kv8_tiles(
-        acc, l_i, m_i, q_int8, q_scale, k_int8, k_scale, v_int8, v_scale,
-        kv_indices, kv_start, kv_head, num_kv_heads, row_token, prefix_len, kv_len,
-        free_hi, hi,
+        acc, l_i, m_i, q_int8, q_scale,
+        k_int8=k_int8, k_scale=k_scale, v_int8=v_int8, v_scale=v_scale, kv_indices=kv_indices,
+        kv_start=kv_start, kv_head=kv_head, num_kv_heads=num_kv_heads, row_token=row_token,
+        prefix_len=prefix_len, kv_len=kv_len, lo=free_hi, hi=hi,
         HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_N=BLOCK_N, MASKED=True, CAUSAL=CAUSAL,
         FAST_CVT=FAST_CVT,
     )  # fmt: skip
