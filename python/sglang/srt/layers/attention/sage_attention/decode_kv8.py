@@ -35,8 +35,8 @@ from sglang.srt.layers.attention.sage_attention.extend_kv8 import sage_extend_at
 from sglang.srt.layers.attention.sage_attention.kv8_cache import KV8Cache, load_kv8_tile
 from sglang.srt.layers.attention.sage_attention.kv8_tiles import (
     fast_int8_cvt,
-    kv8_pv,
     kv8_scores,
+    kv8_softmax_step,
 )
 from sglang.srt.layers.attention.sage_attention.quantize import quantized_q_block
 
@@ -115,12 +115,7 @@ def _kv8_decode_stage1(
         )  # fmt: skip
         s = kv8_scores(q_int8, q_scale, key, key_scale)
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + kv8_pv(p, value, value_scale, FAST_CVT)
-        m_i = m_new
+        acc, l_i, m_i = kv8_softmax_step(acc, l_i, m_i, s, value, value_scale, FAST_CVT)
 
     out_rows = b.to(tl.int64) * stride_logits_b + heads.to(tl.int64) * stride_logits_h
     out_rows += split * stride_logits_s

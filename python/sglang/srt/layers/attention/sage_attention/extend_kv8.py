@@ -37,8 +37,8 @@ from sglang.srt.layers.attention.sage_attention.kv8_cache import (
 )
 from sglang.srt.layers.attention.sage_attention.kv8_tiles import (
     fast_int8_cvt,
-    kv8_pv,
     kv8_scores,
+    kv8_softmax_step,
 )
 from sglang.srt.layers.attention.sage_attention.quantize import (
     block_key_bounds,
@@ -102,12 +102,7 @@ def _kv8_tiles(
             if CAUSAL:
                 visible = visible & (pos[None, :] <= prefix_len + row_token[:, None])
             s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + kv8_pv(p, value, value_scale, FAST_CVT)
-        m_i = m_new
+        acc, l_i, m_i = kv8_softmax_step(acc, l_i, m_i, s, value, value_scale, FAST_CVT)
     return acc, l_i, m_i
 
 

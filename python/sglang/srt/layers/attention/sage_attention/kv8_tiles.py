@@ -1,9 +1,9 @@
 """Tile math of the attention kernels over sage_attn's 8-bit KV cache (``kv8_cache.py``).
 
 Shared by ``decode_kv8.py`` and ``extend_kv8.py``: scores of INT8 query rows against
-an INT8 key tile with per-key scales, FP16 P·V on an INT8 value tile with per-row
-scales, and the INT8 -> fp16 conversion that P·V needs. The cache's layout and how a
-tile is gathered stay in ``kv8_cache.py``.
+an INT8 key tile with per-key scales, the online-softmax step with FP16 P·V on an
+INT8 value tile with per-row scales, and the INT8 -> fp16 conversion that P·V needs.
+The cache's layout and how a tile is gathered stay in ``kv8_cache.py``.
 """
 
 from __future__ import annotations
@@ -62,3 +62,16 @@ def kv8_pv(p, value, value_scale, FAST_CVT: tl.constexpr):
     tile_scale = tl.maximum(tl.max(value_scale, 0), 1.0e-30)
     p_v = (p * (value_scale / tile_scale)[None, :]).to(tl.float16)
     return tl.dot(p_v, int8_to_fp16(value, FAST_CVT)) * tile_scale
+
+
+@triton.jit
+def kv8_softmax_step(acc, l_i, m_i, s, value, value_scale, FAST_CVT: tl.constexpr):
+    """One exp2 online-softmax step over a tile of scores ``s [M, N]`` (masked entries
+    -inf) and its INT8 values: (acc, row sum, row max) updated. Both kv8 kernels'
+    inner loops end in it."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + kv8_pv(p, value, value_scale, FAST_CVT)
+    return acc, l_i, m_new
