@@ -157,6 +157,7 @@ def test_speculative_modes_are_delegated():
     backend = object.__new__(SageAttentionBackend)
     backend.settings = backend_module.SageAttnSettings(min_extend_len=0)
     backend.decode_context_parallel = False
+    backend.kv8_pool = None
     backend.triton_backend = SimpleNamespace(
         forward_metadata=SimpleNamespace(
             qo_indptr=torch.tensor([0, 8], dtype=torch.int32),
@@ -260,6 +261,7 @@ def _bare_backend(inputs, settings, calls, page_size=1):
     backend = object.__new__(SageAttentionBackend)
     backend.settings = settings
     backend.decode_context_parallel = False
+    backend.kv8_pool = None
     backend._logged_reasons, backend._announced_sage_path = set(), False
     backend.sage_extend_batches = 0
     backend.extend_attention = backend_module.sage_extend_attention

@@ -13,6 +13,9 @@ the heads; the same code then runs as a group of one rank holding every head
 - decode: within bf16 rounding -- SGLang's Triton decode kernel picks its KV split
   count from the heads per GPU, so the split-KV reduction order differs.
 
+Both on SGLang's bf16 pool and on sage_attn's 8-bit KV cache (``kv_cache="int8"``:
+the pool holds each rank's KV heads, and every step runs the 8-bit cache kernels).
+
     python test/srt/test_sage_attention_tp.py [--device cuda|cpu]   # standalone
 The GPU case runs only with >= 2 GPUs; the CPU case (gloo, Triton interpreter,
 small shapes) runs in CI.
@@ -60,7 +63,7 @@ def _model_dir(num_kv_heads: int) -> str:
     return path
 
 
-def _make_runner(model_config, num_kv_heads, device, dtype, max_context_len, batch):
+def _make_runner(model_config, num_kv_heads, device, dtype, max_context_len, batch, kv_cache):
     """The parts of a ModelRunner an attention backend reads, with real SGLang pools.
 
     Not the attention kit's MockModelRunner: importing the kit pins attention TP to
@@ -69,6 +72,7 @@ def _make_runner(model_config, num_kv_heads, device, dtype, max_context_len, bat
 
     from torch import nn
 
+    from sglang.srt.layers.attention.sage_attention.kv8_pool import SageKV8TokenToKVPool
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
     from sglang.srt.model_executor.graph_shared_output import GraphSharedOutput
     from sglang.srt.model_executor.model_runner import ModelRunner
@@ -90,7 +94,8 @@ def _make_runner(model_config, num_kv_heads, device, dtype, max_context_len, bat
     runner.req_to_token_pool = ReqToTokenPool(
         size=batch, max_context_len=max_context_len, device=device, enable_memory_saver=False
     )
-    runner.token_to_kv_pool = MHATokenToKVPool(
+    pool_class = SageKV8TokenToKVPool if kv_cache == "int8" else MHATokenToKVPool
+    runner.token_to_kv_pool = pool_class(
         size=batch * max_context_len + 1, page_size=1, dtype=dtype, head_num=num_kv_heads,
         head_dim=HEAD_DIM, layer_num=1, device=device, enable_memory_saver=False,
         enable_alt_stream=False,
@@ -150,7 +155,7 @@ def _full_qkv(steps, num_kv_heads, dtype):
 
 
 def _run_layer(
-    num_q_heads, num_kv_heads, q_heads, kv_heads, full_qkv, steps, device, dtype, max_ctx
+    num_q_heads, num_kv_heads, q_heads, kv_heads, full_qkv, steps, device, dtype, max_ctx, kv_cache
 ):
     """Run the three steps through a freshly built sage_attn backend on the given heads."""
     from sglang.srt.configs.model_config import ModelConfig
@@ -161,7 +166,7 @@ def _run_layer(
 
     model_config = ModelConfig.from_server_args(get_server_args())
     batch = len(steps[0][1])
-    runner = _make_runner(model_config, num_kv_heads, device, dtype, max_ctx, batch)
+    runner = _make_runner(model_config, num_kv_heads, device, dtype, max_ctx, batch, kv_cache)
     backend = ATTENTION_BACKENDS["sage_attn"](runner)
     layer = RadixAttention(num_q_heads, HEAD_DIM, HEAD_DIM**-0.5, num_kv_heads, layer_id=0)
     outputs = []
@@ -194,19 +199,24 @@ def _cpu_ranks_without_gpu_communicators(world: int) -> None:
 
 
 def _count_sage_kernel_calls() -> list:
+    """Names of the sage kernels the backend launches, in order."""
     import sglang.srt.layers.attention.sage_attention_backend as backend_module
 
-    calls, kernel = [], backend_module.sage_extend_attention
+    calls = []
+    for name in ("sage_extend_attention", "sage_extend_attention_kv8", "sage_decode_kv8"):
+        kernel = getattr(backend_module, name)
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return kernel(*args, **kwargs)
+        def counted(*args, _kernel=kernel, _name=name, **kwargs):
+            calls.append(_name)
+            return _kernel(*args, **kwargs)
 
-    backend_module.sage_extend_attention = counted
+        setattr(backend_module, name, counted)
     return calls
 
 
-def worker(rank: int, world: int, device: str, port: int, num_kv_heads: int, out_path: str):
+def worker(
+    rank: int, world: int, device: str, port: int, num_kv_heads: int, kv_cache: str, out_path: str
+):
     """One scheduler-like process of a ``world``-rank attention-TP group."""
     os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
                       NVSHMEM_DISABLE_NVLS="1")  # fmt: skip
@@ -224,6 +234,7 @@ def worker(rank: int, world: int, device: str, port: int, num_kv_heads: int, out
         _cpu_ranks_without_gpu_communicators(world)
     plugin.register()  # what load_plugins() does in a scheduler process
     os.environ["SGLANG_SAGE_ATTN_MIN_EXTEND_LEN"] = "0"  # every extend on the sage kernel
+    os.environ["SGLANG_SAGE_ATTN_KV_CACHE"] = kv_cache
     sage_calls = _count_sage_kernel_calls()
     shapes = SHAPES[device]
     server_args = ServerArgs(
@@ -250,11 +261,11 @@ def worker(rank: int, world: int, device: str, port: int, num_kv_heads: int, out
     max_ctx = max(c1 + d1, c2 + d2) + 8
     full_qkv = _full_qkv(steps, num_kv_heads, shapes["dtype"])
     backend, outputs = _run_layer(q_per_rank, kv_per_rank, q_heads, kv_heads, full_qkv, steps,
-                                  device, shapes["dtype"], max_ctx)  # fmt: skip
+                                  device, shapes["dtype"], max_ctx, kv_cache)  # fmt: skip
     report = dict(
         rank=rank, attn_tp_size=parallel.attn_tp_size, attn_tp_rank=parallel.attn_tp_rank,
         backend=type(backend).__name__, heads=[backend.num_q_heads, backend.num_kv_heads],
-        sage_kernel_calls=len(sage_calls),
+        sage_kernel_calls=sage_calls, kv8_pool=backend.kv8_pool is not None,
     )  # fmt: skip
     reports, gathered = [report], outputs
     if world > 1:
@@ -271,14 +282,15 @@ def worker(rank: int, world: int, device: str, port: int, num_kv_heads: int, out
     dist.destroy_process_group()
 
 
-def run_tp(device: str, num_kv_heads: int) -> dict:
+def run_tp(device: str, num_kv_heads: int, kv_cache: str = "auto") -> dict:
     """TP=2 on two ranks, then the same steps on one rank holding every head."""
     import torch.multiprocessing as mp
 
     runs = {}
     for world in (TP, 1):
         out_path = tempfile.mktemp(suffix=f".tp{world}.pt")
-        mp.start_processes(worker, args=(world, device, _free_port(), num_kv_heads, out_path),
+        mp.start_processes(worker, args=(world, device, _free_port(), num_kv_heads, kv_cache,
+                                         out_path),
                            nprocs=world, join=True, start_method="spawn")  # fmt: skip
         runs[world] = torch.load(out_path)
     comparison = []
@@ -287,7 +299,8 @@ def run_tp(device: str, num_kv_heads: int) -> dict:
         comparison.append(dict(step=step, bitwise=bool(torch.equal(tp_out, one)),
                                max_abs_diff=(tp_out.float() - one.float()).abs().max().item(),
                                max_abs_ref=one.float().abs().max().item()))  # fmt: skip
-    return dict(device=device, num_kv_heads=num_kv_heads, ranks=runs[TP]["reports"],
+    return dict(device=device, num_kv_heads=num_kv_heads, kv_cache=kv_cache,
+                ranks=runs[TP]["reports"],
                 single_gpu=runs[1]["reports"][0], steps=comparison)  # fmt: skip
 
 
@@ -296,7 +309,12 @@ def check(result: dict) -> None:
     for r in result["ranks"]:
         assert (r["attn_tp_size"], r["backend"]) == (TP, "SageAttentionBackend"), r
         assert r["heads"] == [NUM_Q_HEADS // TP, max(1, kv // TP)], r
-        assert r["sage_kernel_calls"] == 2, r  # both extends ran on the 8-bit kernel
+        if result["kv_cache"] == "int8":  # every step on the 8-bit cache kernels
+            assert r["kv8_pool"] and r["sage_kernel_calls"] == [
+                "sage_extend_attention_kv8", "sage_extend_attention_kv8", "sage_decode_kv8"
+            ], r  # fmt: skip
+        else:  # both extends on the 8-bit kernel, decode on SGLang's Triton kernel
+            assert r["sage_kernel_calls"] == ["sage_extend_attention"] * 2, r
     assert result["single_gpu"]["heads"] == [NUM_Q_HEADS, kv], result["single_gpu"]
     extend, extend_prefix, decode = result["steps"]
     assert extend["bitwise"] and extend_prefix["bitwise"], result["steps"]
@@ -305,15 +323,17 @@ def check(result: dict) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < TP or INTERPRET, reason="needs 2 GPUs")
+@pytest.mark.parametrize("kv_cache", ["auto", "int8"])
 @pytest.mark.parametrize("num_kv_heads", [8, 1])
-def test_tp2_on_two_gpus_matches_one_gpu(num_kv_heads):
-    check(run_tp("cuda", num_kv_heads))
+def test_tp2_on_two_gpus_matches_one_gpu(num_kv_heads, kv_cache):
+    check(run_tp("cuda", num_kv_heads, kv_cache))
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the CPU variant runs the kernels in the interpreter")
+@pytest.mark.parametrize("kv_cache", ["auto", "int8"])
 @pytest.mark.parametrize("num_kv_heads", [8, 1])
-def test_tp2_on_cpu_ranks_matches_one_rank(num_kv_heads):
-    check(run_tp("cpu", num_kv_heads))
+def test_tp2_on_cpu_ranks_matches_one_rank(num_kv_heads, kv_cache):
+    check(run_tp("cpu", num_kv_heads, kv_cache))
 
 
 if __name__ == "__main__":
@@ -321,7 +341,8 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = parser.parse_args()
     for kv in (8, 1):
-        result = run_tp(args.device, kv)
-        print(json.dumps(result))
-        check(result)
+        for kv_cache in ("auto", "int8"):
+            result = run_tp(args.device, kv, kv_cache)
+            print(json.dumps(result))
+            check(result)
     print("TP=2 checks passed", file=sys.stderr)

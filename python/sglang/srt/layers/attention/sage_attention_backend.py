@@ -40,7 +40,10 @@ from sglang.srt.layers.attention.sage_attention import (
     SUPPORTED_HEAD_DIMS,
     sage_extend_attention,
 )
+from sglang.srt.layers.attention.sage_attention.decode_kv8 import sage_decode_kv8
 from sglang.srt.layers.attention.sage_attention.extend_attention import use_hopper_kernel
+from sglang.srt.layers.attention.sage_attention.extend_kv8 import sage_extend_attention_kv8
+from sglang.srt.layers.attention.sage_attention.kv8_pool import SageKV8TokenToKVPool
 from sglang.srt.layers.attention.sage_attention.layout import (
     PV,
     PackedKV,
@@ -51,7 +54,7 @@ from sglang.srt.layers.attention.sage_attention.request_split import (
     RequestSubset,
     split_requests,
 )
-from sglang.srt.layers.attention.sage_attention.settings import SageAttnSettings
+from sglang.srt.layers.attention.sage_attention.settings import KV_CACHE_ENV, SageAttnSettings
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
@@ -91,6 +94,17 @@ def refuse_unsupported_model(model_runner: ModelRunner) -> None:
 
 
 @dataclass
+class KV8Indices:
+    """An extend batch's slots as the 8-bit cache kernels read them: each request's
+    whole sequence, its new chunk written to the cache first."""
+
+    qo_indptr: torch.Tensor
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor
+    max_extend_len: int
+
+
+@dataclass
 class SageForwardMetadata:
     """One batch's plan: which requests run on which kernel, or why the batch is delegated.
 
@@ -111,6 +125,8 @@ class SageForwardMetadata:
     workspace: PackedKV | None = None
     # Set by the batch's first layer that runs the 8-bit kernel (the batch count).
     counted: bool = False
+    # With the 8-bit KV cache: every request's whole sequence (prefix, then chunk).
+    kv8_indices: KV8Indices | None = None
 
 
 def raise_decode_split_cap(triton_backend: TritonAttnBackend, cap: int) -> None:
@@ -125,6 +141,48 @@ def raise_decode_split_cap(triton_backend: TritonAttnBackend, cap: int) -> None:
     fixed_by_sglang = triton_backend.split_tile_size is not None or triton_backend.static_kv_splits
     if cap > triton_backend.max_kv_splits and not fixed_by_sglang:
         triton_backend.max_kv_splits = cap
+
+
+def unsupported_layer_reason(layer) -> str | None:
+    """Why the sage kernels cannot compute this attention layer (a property of the
+    layer alone), or None."""
+    if layer.sliding_window_size is not None and layer.sliding_window_size > -1:
+        return "sliding-window layers"
+    if layer.logit_cap is not None and layer.logit_cap > 0:
+        return "logit soft-capping"
+    if layer.is_cross_attention:
+        return "cross attention"
+    if layer.attn_type != AttentionType.DECODER:
+        return f"{layer.attn_type.value} attention (not causal)"
+    if layer.xai_temperature_len > 0:
+        return "xai temperature scaling"
+    if layer.k_scale is not None or layer.v_scale is not None:
+        return "per-layer KV-cache scales"
+    if layer.qk_head_dim not in SUPPORTED_HEAD_DIMS or layer.v_head_dim not in SUPPORTED_HEAD_DIMS:
+        return (
+            f"head dim qk={layer.qk_head_dim}, v={layer.v_head_dim} "
+            f"(sage_attn kernels: {SUPPORTED_HEAD_DIMS})"
+        )
+    return None
+
+
+def refuse_layers_the_kv8_cache_cannot_serve(model) -> None:
+    """Raise at start-up if any attention layer of ``model`` needs what only SGLang's
+    Triton backend computes: with the 8-bit cache nothing else can read the KV."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    reasons = {
+        reason
+        for module in model.modules()
+        if isinstance(module, RadixAttention)
+        and (reason := unsupported_layer_reason(module)) is not None
+    }
+    if reasons:
+        raise ValueError(
+            f"{KV_CACHE_ENV}=int8: this model has attention layers the 8-bit cache's "
+            f"kernels do not compute ({'; '.join(sorted(reasons))}); serve it without "
+            f"{KV_CACHE_ENV}"
+        )
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -183,6 +241,20 @@ class SageAttentionBackend(AttentionBackend):
         self.decode_context_parallel = parallel.attn_dcp_size > 1
         self.triton_backend = TritonAttnBackend(model_runner)
         raise_decode_split_cap(self.triton_backend, self.settings.decode_max_splits)
+        # sage_attn's 8-bit KV cache (kv8_pool.py): then every attention of the
+        # model runs on the 8-bit cache kernels, since no other kernel reads it.
+        pool = self.token_to_kv_pool
+        self.kv8_pool = pool if isinstance(pool, SageKV8TokenToKVPool) else None
+        if self.settings.kv8_cache and self.kv8_pool is None:
+            raise ValueError(
+                f"{KV_CACHE_ENV}=int8, but this server built a {type(pool).__name__}: its "
+                "model or options take another KV pool (see the start-up log)"
+            )
+        if self.kv8_pool is not None and getattr(model_runner, "model", None) is not None:
+            refuse_layers_the_kv8_cache_cannot_serve(model_runner.model)
+        # Set while kv8_calibration.py runs its start-up forward.
+        self.calibration = None
+        self.kv8_decode_batches = 0
         # Snapshot/restore code (metadata glue graph) walks these for forward_metadata.
         self.attn_backend_list = [self.triton_backend]
         # Kept out of torch.compile's trace (piecewise prefill graphs), as the
@@ -202,7 +274,7 @@ class SageAttentionBackend(AttentionBackend):
         logger.info(
             "SageAttentionBackend: %d query / %d KV heads per rank, P·V %s, kernel %s, "
             "Q/K rotation %s (%s at head dim %d), chunks shorter than %d tokens on the "
-            "Triton extend kernel, decode split cap %d",
+            "Triton extend kernel, decode split cap %d, KV cache %s",
             self.num_q_heads,
             self.num_kv_heads,
             self.settings.pv,
@@ -212,6 +284,9 @@ class SageAttentionBackend(AttentionBackend):
             model_runner.model_config.head_dim,
             self.settings.min_extend_len,
             self.triton_backend.max_kv_splits,
+            "8-bit (int8, sage_attn's kernels for prefill and decode)"
+            if self.kv8_pool is not None
+            else "model dtype (decode on SGLang's Triton kernel)",
         )
 
     # ---- metadata -------------------------------------------------------------
@@ -244,6 +319,9 @@ class SageAttentionBackend(AttentionBackend):
         if self.decode_context_parallel:
             plan.delegate_reason = "decode context parallelism (DCP) shards the KV cache"
             return plan
+        if self.kv8_pool is not None:
+            plan.kv8_indices = self._kv8_indices(forward_batch, triton_metadata)
+            return plan
         extend_lens = getattr(forward_batch, "extend_seq_lens_cpu", None)
         prefix_lens = getattr(forward_batch, "extend_prefix_lens_cpu", None)
         if extend_lens is None or prefix_lens is None:
@@ -268,6 +346,32 @@ class SageAttentionBackend(AttentionBackend):
             )
         return plan
 
+    def _kv8_indices(self, forward_batch, triton_metadata) -> KV8Indices:
+        """Whole-sequence slots of an extend batch (the Triton backend's list only the
+        cached prefixes), built by SGLang's own index packer."""
+        batch_size = forward_batch.batch_size
+        total = forward_batch.seq_lens_sum
+        if total is None:
+            total = int(forward_batch.seq_lens[:batch_size].sum())
+        kv_indptr = torch.zeros(
+            batch_size + 1, dtype=torch.int32, device=forward_batch.seq_lens.device
+        )
+        kv_indices = torch.empty(total, dtype=torch.int64, device=kv_indptr.device)
+        self.triton_backend._fill_kv_indptr_and_indices(
+            forward_batch.kv_loc_plan,
+            batch_size,
+            forward_batch.seq_lens[:batch_size],
+            forward_batch.req_pool_indices,
+            kv_indices,
+            kv_indptr=kv_indptr,
+        )
+        return KV8Indices(
+            qo_indptr=triton_metadata.qo_indptr,
+            kv_indptr=kv_indptr,
+            kv_indices=kv_indices,
+            max_extend_len=triton_metadata.max_extend_len,
+        )
+
     # ---- forward ----------------------------------------------------------------
 
     def _layer_delegate_reason(self, q, k, layer: RadixAttention, kwargs) -> str | None:
@@ -275,33 +379,17 @@ class SageAttentionBackend(AttentionBackend):
         extra = sorted(name for name, value in kwargs.items() if value is not None)
         if extra:
             return f"attention extras {', '.join(extra)}"
-        if layer.sliding_window_size is not None and layer.sliding_window_size > -1:
-            return "sliding-window layers"
-        if layer.logit_cap is not None and layer.logit_cap > 0:
-            return "logit soft-capping"
-        if layer.is_cross_attention:
-            return "cross attention"
-        if layer.attn_type != AttentionType.DECODER:
-            return f"{layer.attn_type.value} attention (not causal)"
-        if layer.xai_temperature_len > 0:
-            return "xai temperature scaling"
-        if layer.k_scale is not None or layer.v_scale is not None:
-            return "per-layer KV-cache scales"
+        reason = unsupported_layer_reason(layer)
+        if reason is not None:
+            return reason
         if k is None:
             return "K/V read back from the cache (k is None)"
         if q.dtype not in SUPPORTED_DTYPES:
             return f"model dtype {q.dtype} (sage_attn: fp16, bf16)"
-        cache_dtype = self.token_to_kv_pool.get_key_buffer(layer.layer_id).dtype
-        if cache_dtype != q.dtype:
-            return f"KV cache dtype {cache_dtype} (sage_attn reads a {q.dtype} cache)"
-        if (
-            layer.qk_head_dim not in SUPPORTED_HEAD_DIMS
-            or layer.v_head_dim not in SUPPORTED_HEAD_DIMS
-        ):
-            return (
-                f"head dim qk={layer.qk_head_dim}, v={layer.v_head_dim} "
-                f"(sage_attn kernels: {SUPPORTED_HEAD_DIMS})"
-            )
+        if self.kv8_pool is None:
+            cache_dtype = self.token_to_kv_pool.get_key_buffer(layer.layer_id).dtype
+            if cache_dtype != q.dtype:
+                return f"KV cache dtype {cache_dtype} (sage_attn reads a {q.dtype} cache)"
         return None
 
     def _log_delegation(self, reason: str) -> None:
@@ -319,8 +407,12 @@ class SageAttentionBackend(AttentionBackend):
         save_kv_cache: bool = True,
         **kwargs,
     ):
+        if self.calibration is not None:
+            return self.calibration.attend(q, k, v, layer)
         plan = self.forward_metadata
         reason = plan.delegate_reason or self._layer_delegate_reason(q, k, layer, kwargs)
+        if self.kv8_pool is not None:
+            return self._extend_kv8(q, k, v, layer, forward_batch, save_kv_cache, reason)
         if reason is not None:
             self._log_delegation(reason)
             return self.triton_backend.forward_extend(
@@ -334,31 +426,8 @@ class SageAttentionBackend(AttentionBackend):
             self.token_to_kv_pool.set_kv_buffer(layer, write_loc, k, v)
         num_q_heads, num_kv_heads = layer.tp_q_head_num, layer.tp_k_head_num
         # Prefill CUDA graphs hand in their own output rows to fill.
-        o = forward_batch._attn_output
-        if o is None:
-            o = q.new_empty((q.shape[0], num_q_heads * layer.v_head_dim))
-        if not self._announced_sage_path:
-            self._announced_sage_path = True
-            hopper = use_hopper_kernel(
-                self.settings.kernel, layer.qk_head_dim, layer.v_head_dim, q.device
-            )
-            logger.info(
-                "sage_attn: extend batches run on the 8-bit kernel (%s; first: %d of %d "
-                "requests 8-bit, longest chunk %d tokens, P·V %s)",
-                "Gluon, Hopper" if hopper else "Triton",
-                plan.sage.batch_size,
-                plan.sage.batch_size + (plan.bf16.batch_size if plan.bf16 else 0),
-                plan.sage.max_extend_len,
-                self.settings.pv,
-            )
-        if not plan.counted:
-            plan.counted = True
-            self.sage_extend_batches += 1
-            if _is_power_of_two(self.sage_extend_batches):
-                logger.info(
-                    "sage_attn: %d extend batches on the 8-bit kernel so far",
-                    self.sage_extend_batches,
-                )
+        o = self._output_rows(q, layer, forward_batch)
+        self._count_sage_batch(plan, layer, q)
         qkvo = (
             q.view(-1, num_q_heads, layer.qk_head_dim),
             k.view(-1, num_kv_heads, layer.qk_head_dim),
@@ -372,6 +441,112 @@ class SageAttentionBackend(AttentionBackend):
         _run_on_subset(plan.sage, qkvo, lambda *t: self._sage_kernel(plan, layer, *t, *cache))
         if plan.bf16 is not None:
             _run_on_subset(plan.bf16, qkvo, lambda *t: self._bf16_kernel(plan, layer, *t, *cache))
+        return o
+
+    def _count_sage_batch(self, plan, layer, q) -> None:
+        """Log the first 8-bit extend and count batches (at 1, 2, 4, ...), so a server
+        log proves which path its figures came from."""
+        if not self._announced_sage_path:
+            self._announced_sage_path = True
+            if self.kv8_pool is not None:
+                kernel, pv = "8-bit KV cache", "fp16"
+                requests = total = plan.kv8_indices.qo_indptr.shape[0] - 1
+                longest = plan.kv8_indices.max_extend_len
+            else:
+                hopper = use_hopper_kernel(
+                    self.settings.kernel, layer.qk_head_dim, layer.v_head_dim, q.device
+                )
+                kernel, pv = ("Gluon, Hopper" if hopper else "Triton"), self.settings.pv
+                requests, longest = plan.sage.batch_size, plan.sage.max_extend_len
+                total = requests + (plan.bf16.batch_size if plan.bf16 else 0)
+            logger.info(
+                "sage_attn: extend batches run on the 8-bit kernel (%s; first: %d of %d "
+                "requests 8-bit, longest chunk %d tokens, P·V %s)",
+                kernel,
+                requests,
+                total,
+                longest,
+                pv,
+            )
+        if not plan.counted:
+            plan.counted = True
+            self.sage_extend_batches += 1
+            if _is_power_of_two(self.sage_extend_batches):
+                logger.info(
+                    "sage_attn: %d extend batches on the 8-bit kernel so far",
+                    self.sage_extend_batches,
+                )
+
+    def _output_rows(self, q, layer, forward_batch):
+        """The layer's output [N, Hq * Dv]: a prefill CUDA graph's own rows when given."""
+        o = forward_batch._attn_output
+        if o is None:
+            o = q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
+        return o
+
+    def _extend_kv8(self, q, k, v, layer, forward_batch, save_kv_cache, reason):
+        """An extend batch on the 8-bit cache: write the chunk, then attend over each
+        request's whole sequence in the cache."""
+        if reason is not None:
+            # Refused at start-up where it can be (kv8_hooks.py, the layer check);
+            # anything left has no kernel that reads this cache.
+            raise ValueError(f"sage_attn's 8-bit KV cache cannot serve {reason}")
+        if not save_kv_cache:
+            raise ValueError(
+                "sage_attn's 8-bit KV cache: the extend kernel reads the new chunk from the "
+                "cache, so the layer must let the backend write it (save_kv_cache=True)"
+            )
+        plan = self.forward_metadata
+        self.kv8_pool.set_kv_buffer(layer, KVWriteLoc.for_batch(forward_batch), k, v)
+        o = self._output_rows(q, layer, forward_batch)
+        self._count_sage_batch(plan, layer, q)
+        indices = plan.kv8_indices
+        sage_extend_attention_kv8(
+            q.view(-1, layer.tp_q_head_num, layer.qk_head_dim),
+            o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
+            self.kv8_pool.kv8_cache(layer.layer_id),
+            qo_indptr=indices.qo_indptr,
+            kv_indptr=indices.kv_indptr,
+            kv_indices=indices.kv_indices,
+            max_len_extend=indices.max_extend_len,
+            sm_scale=layer.scaling,
+        )
+        return o
+
+    def _decode_kv8(self, q, k, v, layer, forward_batch, save_kv_cache, kwargs):
+        """A decode step on the 8-bit cache: SGLang's Triton decode metadata (splits,
+        scratch, CUDA-graph buffers), sage_attn's kernel."""
+        reason = self._layer_delegate_reason(q, k, layer, kwargs)
+        if reason is not None or not save_kv_cache:
+            raise ValueError(
+                f"sage_attn's 8-bit KV cache cannot serve {reason or 'save_kv_cache=False'}"
+            )
+        self.kv8_pool.set_kv_buffer(layer, KVWriteLoc.for_batch(forward_batch), k, v)
+        o = self._output_rows(q, layer, forward_batch)
+        metadata = self.triton_backend.forward_metadata
+        sage_decode_kv8(
+            q.view(-1, layer.tp_q_head_num, layer.qk_head_dim),
+            o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
+            self.kv8_pool.kv8_cache(layer.layer_id),
+            kv_indptr=metadata.kv_indptr,
+            kv_indices=metadata.kv_indices,
+            attn_logits=metadata.attn_logits,
+            attn_lse=metadata.attn_lse,
+            num_kv_splits=metadata.num_kv_splits,
+            max_kv_splits=self.triton_backend.max_kv_splits,
+            sm_scale=layer.scaling,
+        )
+        if layer.layer_id == self.kv8_pool.start_layer:
+            # Python runs once per eager step and once per graph capture.
+            self.kv8_decode_batches += 1
+            if _is_power_of_two(self.kv8_decode_batches):
+                logger.info(
+                    "sage_attn: %d decode batches on the 8-bit cache kernel so far%s",
+                    self.kv8_decode_batches,
+                    " (CUDA-graph capture included)"
+                    if q.is_cuda and torch.cuda.is_current_stream_capturing()
+                    else "",
+                )
         return o
 
     def _sage_kernel(self, plan, layer, q, k, v, o, k_buffer, v_buffer):
@@ -449,6 +624,8 @@ class SageAttentionBackend(AttentionBackend):
         save_kv_cache: bool = True,
         **kwargs,
     ):
+        if self.kv8_pool is not None:
+            return self._decode_kv8(q, k, v, layer, forward_batch, save_kv_cache, kwargs)
         return self.triton_backend.forward_decode(
             q, k, v, layer, forward_batch, save_kv_cache, **kwargs
         )

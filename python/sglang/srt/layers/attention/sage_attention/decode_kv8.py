@@ -145,14 +145,21 @@ def sage_decode_kv8(
 
     q [B, Hq, D] fp16/bf16; request b's keys are slots
     ``kv_indices[kv_indptr[b]:kv_indptr[b+1]]`` (its new token already written by
-    ``write_kv8``). ``attn_logits [B, Hq, max_kv_splits, Dv]`` and ``attn_lse [B, Hq,
-    max_kv_splits]`` fp32 are scratch (SGLang's Triton backend allocates the same);
+    ``write_kv8``). ``attn_logits [>=B, Hq, max_kv_splits, Dv]`` and ``attn_lse [>=B, Hq,
+    max_kv_splits]`` fp32 are scratch (SGLang's Triton backend allocates the same; its
+    first B rows are used);
     ``num_kv_splits [B]`` int32, each in [1, max_kv_splits].
     """
     batch, num_q_heads, head_dim = q.shape
     cache.check_queries(q, o)
-    if tuple(attn_logits.shape) != (batch, num_q_heads, max_kv_splits, cache.head_dim_v):
+    # CUDA-graph runners hand in scratch sized for their largest batch: use its rows.
+    if attn_logits.shape[0] < batch or tuple(attn_logits.shape[1:]) != (
+        num_q_heads,
+        max_kv_splits,
+        cache.head_dim_v,
+    ):
         raise ValueError(f"sage_attn: attn_logits has shape {tuple(attn_logits.shape)}")
+    attn_logits, attn_lse = attn_logits[:batch], attn_lse[:batch]
     # Stage 2 finds a split's log-sum-exp at its partial output's offset / Dv.
     if tuple(attn_lse.shape) != tuple(attn_logits.shape[:3]) or not (
         attn_logits.is_contiguous() and attn_lse.is_contiguous()

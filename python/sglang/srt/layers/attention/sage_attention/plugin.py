@@ -3,7 +3,10 @@
 SGLang calls ``register`` in every process it starts (launcher, scheduler, TP
 workers) before parsing arguments, so ``--attention-backend``,
 ``--prefill-attention-backend`` and ``--decode-attention-backend`` all accept
-``sage_attn``. Calling it again changes nothing.
+``sage_attn``. It also registers the hooks of the 8-bit KV cache
+(``kv8_hooks.py``; inert unless ``SGLANG_SAGE_ATTN_KV_CACHE=int8``), which
+``load_plugins()`` applies after every plugin has run. Calling it again changes
+nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ def register() -> None:
         add_attention_backend_choices,
     )
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
+    from sglang.srt.layers.attention.sage_attention.kv8_hooks import register_kv8_hooks
 
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([BACKEND_NAME])
     register_attention_backend(BACKEND_NAME)(create_sage_attn_backend)
+    register_kv8_hooks()

@@ -18,6 +18,13 @@ MIN_EXTEND_LEN_ENV = "SGLANG_SAGE_ATTN_MIN_EXTEND_LEN"
 KERNEL_ENV = "SGLANG_SAGE_ATTN_KERNEL"
 QK_ROTATION_ENV = "SGLANG_SAGE_ATTN_QK_ROTATION"
 DECODE_MAX_SPLITS_ENV = "SGLANG_SAGE_ATTN_DECODE_MAX_SPLITS"
+KV_CACHE_ENV = "SGLANG_SAGE_ATTN_KV_CACHE"
+KV_SMOOTHING_ENV = "SGLANG_SAGE_ATTN_KV_SMOOTHING"
+# "auto": the model dtype (SGLang's own pool); "int8": sage_attn's 8-bit pool (kv8_pool.py).
+SUPPORTED_KV_CACHES = ("auto", "int8")
+# "calibrate": the 8-bit cache's per-(layer, head) smoothing vectors are the key means
+# of a fixed calibration prompt, computed at start-up (kv8_calibration.py); "none": zeros.
+SUPPORTED_KV_SMOOTHING = ("calibrate", "none")
 SUPPORTED_QK_ROTATIONS = ("auto", "none", "hadamard")
 # "auto" rotates Q/K at head dims up to this, where it was measured free on the
 # H200 (hd64 dense prefill 4K-32K: 0.6-4.6% *less* time than without) and closed
@@ -58,6 +65,14 @@ class SageAttnSettings:
     qk_rotation: str = "auto"
     # Cap on the decode kernel's KV splits; 0 keeps SGLang's --triton-attention-num-kv-splits.
     decode_max_splits: int = DEFAULT_DECODE_MAX_SPLITS
+    # The KV cache's format: "auto" (SGLang's pool, model dtype) or "int8" (kv8_pool.py).
+    kv_cache: str = "auto"
+    # The 8-bit cache's smoothing vectors: "calibrate" (start-up prompt) or "none".
+    kv_smoothing: str = "calibrate"
+
+    @property
+    def kv8_cache(self) -> bool:
+        return self.kv_cache == "int8"
 
     def rotate_qk(self, head_dim: int) -> bool:
         """Whether layers of this head dim rotate Q and K."""
@@ -73,6 +88,14 @@ class SageAttnSettings:
         if self.qk_rotation not in SUPPORTED_QK_ROTATIONS:
             raise ValueError(
                 f"{QK_ROTATION_ENV}={self.qk_rotation!r}: must be one of {SUPPORTED_QK_ROTATIONS}"
+            )
+        if self.kv_cache not in SUPPORTED_KV_CACHES:
+            raise ValueError(
+                f"{KV_CACHE_ENV}={self.kv_cache!r}: must be one of {SUPPORTED_KV_CACHES}"
+            )
+        if self.kv_smoothing not in SUPPORTED_KV_SMOOTHING:
+            raise ValueError(
+                f"{KV_SMOOTHING_ENV}={self.kv_smoothing!r}: must be one of {SUPPORTED_KV_SMOOTHING}"
             )
         if self.min_extend_len < 0:
             raise ValueError(f"{MIN_EXTEND_LEN_ENV}={self.min_extend_len}: must be >= 0")
@@ -107,4 +130,6 @@ class SageAttnSettings:
             decode_max_splits=integer(DECODE_MAX_SPLITS_ENV, DEFAULT_DECODE_MAX_SPLITS),
             kernel=environ.get(KERNEL_ENV, "auto").lower(),
             qk_rotation=environ.get(QK_ROTATION_ENV, "auto").lower(),
+            kv_cache=environ.get(KV_CACHE_ENV, "auto").lower(),
+            kv_smoothing=environ.get(KV_SMOOTHING_ENV, "calibrate").lower(),
         )

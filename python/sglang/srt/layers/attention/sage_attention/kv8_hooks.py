@@ -1,0 +1,172 @@
+"""How ``SGLANG_SAGE_ATTN_KV_CACHE=int8`` reaches SGLang: two plugin hooks, no edits to SGLang.
+
+SGLang's ``--kv-cache-dtype`` choices are an inline list and its pool choice has no
+int8 branch, so the switch is sage_attn's own setting, and ``HookRegistry`` (applied
+in every SGLang process by ``load_plugins()``) wraps the two places that decide a
+pool:
+
+- ``DefaultPoolConfigurator._compute_cell_size``: the bytes per token the memory
+  planner divides its budget by, so ``max_total_num_tokens`` counts the real 8-bit
+  bytes (``kv8_pool.kv8_cell_bytes``);
+- ``KVCacheConfigurator._build_mha_kv_pool``: the pool class, ``SageKV8TokenToKVPool``;
+
+and, after the attention backends are built (before any CUDA graph is captured),
+``ModelRunner.init_attention_backends`` runs the smoothing calibration
+(``kv8_calibration.py``).
+
+Both refuse, at start-up and with the reason, every option under which something
+other than sage_attn's kernels would read the cache (``kv8_refusals``). With the
+setting off they call SGLang's code unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from sglang.srt.layers.attention.sage_attention.kv8_calibration import calibrate_key_means
+from sglang.srt.layers.attention.sage_attention.kv8_pool import (
+    SageKV8TokenToKVPool,
+    kv8_cell_bytes,
+)
+from sglang.srt.layers.attention.sage_attention.plugin import BACKEND_NAME
+from sglang.srt.layers.attention.sage_attention.settings import KV_CACHE_ENV, SageAttnSettings
+
+logger = logging.getLogger(__name__)
+
+CELL_SIZE_TARGET = (
+    "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size"
+)
+POOL_TARGET = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool"
+CALIBRATION_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.init_attention_backends"
+# Server options that hand the KV cache to another reader or writer, with why.
+_REFUSED_FLAGS = {
+    "enable_hierarchical_cache": "HiCache copies KV pages to host memory in its own format",
+    "enable_hisparse": "hierarchical sparse attention reads the cache itself",
+    "enable_lmcache": "LMCache reads and writes the cache itself",
+    "enable_unified_memory": "the unified memory pool lays out its own KV buffers",
+    "enable_unified_cache_external_linker": "the external cache linker moves KV pages",
+    "enable_page_major_kv_layout": "the page-major layout is another pool",
+    "enable_kv_cache_sharding": "KV-cache sharding stripes the bf16 pool",
+}
+
+
+def kv8_requested() -> bool:
+    return SageAttnSettings.from_env().kv8_cache
+
+
+def _resolved(server_args):
+    from sglang.srt.arg_groups.model_override_base import resolved_view
+
+    return resolved_view(server_args)
+
+
+def kv8_refusals(server_args, configurator=None) -> list[str]:
+    """Why this server cannot use the 8-bit cache (empty when it can). ``server_args``
+    is SGLang's ``ServerArgs``; ``configurator`` its ``KVCacheConfigurator``, which
+    knows the model's attention kind."""
+    from sglang.srt.arg_groups.model_override_base import attention_backends_of
+
+    view = _resolved(server_args)
+    reasons = []
+    prefill, decode = attention_backends_of(view)
+    if (prefill, decode) != (BACKEND_NAME, BACKEND_NAME):
+        reasons.append(
+            f"prefill and decode must both run sage_attn, the cache's only reader (got "
+            f"prefill={prefill}, decode={decode}): use --attention-backend sage_attn"
+        )
+    kv_dtype = getattr(view, "kv_cache_dtype", "auto")
+    if kv_dtype not in (None, "auto", "bf16", "bfloat16", "fp16", "float16"):
+        reasons.append(f"--kv-cache-dtype {kv_dtype} asks for another cache format")
+    for flag, why in _REFUSED_FLAGS.items():
+        if getattr(view, flag, False):
+            reasons.append(f"--{flag.replace('_', '-')}: {why}")
+    if getattr(view, "disaggregation_mode", "null") not in (None, "null"):
+        reasons.append("PD disaggregation transfers KV pages in the bf16 layout")
+    if getattr(view, "speculative_algorithm", None):
+        reasons.append(
+            "speculative decoding verifies and drafts on SGLang's Triton backend, which "
+            "cannot read the 8-bit cache"
+        )
+    if getattr(view, "pp_size", 1) > 1:
+        reasons.append("pipeline parallelism (the start-up calibration runs all layers)")
+    if getattr(view, "dcp_size", 1) > 1:
+        reasons.append("decode context parallelism shards the cache")
+    if os.environ.get("SGLANG_USE_HND_KVCACHE", "0").lower() in ("1", "true"):
+        reasons.append("SGLANG_USE_HND_KVCACHE: the 8-bit cache is token-major (NHD)")
+    if configurator is not None:
+        if configurator.use_mla_backend:
+            reasons.append("MLA models (latent KV) have no per-head K/V to quantize")
+        if configurator.is_hybrid_swa:
+            reasons.append("sliding-window hybrid models keep two pools")
+        if configurator.mambaish_config is not None:
+            reasons.append("hybrid linear-attention models keep state pools")
+    return reasons
+
+
+def refuse_unless_kv8_servable(server_args, configurator=None) -> None:
+    reasons = kv8_refusals(server_args, configurator)
+    if reasons:
+        raise ValueError(
+            f"{KV_CACHE_ENV}=int8 (sage_attn's 8-bit KV cache) cannot serve this "
+            "configuration: " + "; ".join(reasons)
+        )
+
+
+def _for_target_model(configurator) -> bool:
+    # A draft model's pool is refused with speculative decoding; never swap it.
+    return kv8_requested() and not configurator.is_draft_worker
+
+
+def kv8_cell_size(original, pool_configurator, configurator, num_layers: int) -> int:
+    """AROUND hook on ``_compute_cell_size``: the 8-bit bytes per token when the 8-bit
+    cache is on, SGLang's own figure otherwise."""
+    if not _for_target_model(configurator):
+        return original(pool_configurator, configurator, num_layers)
+    refuse_unless_kv8_servable(configurator.server_args, configurator)
+    from sglang.srt.runtime_context import get_parallel
+
+    parallel = get_parallel()
+    config = configurator.model_config
+    return kv8_cell_bytes(
+        num_layers=num_layers,
+        num_kv_heads=config.get_num_kv_heads(parallel.attn_tp_size, parallel.attn_dcp_size),
+        head_dim=config.head_dim,
+        head_dim_v=config.v_head_dim,
+    )
+
+
+def kv8_pool(original, configurator, *args, mha_pool_class, **kwargs):
+    """AROUND hook on ``_build_mha_kv_pool``: SGLang builds the pool with its own
+    arguments, of sage_attn's class when the 8-bit cache is on."""
+    if _for_target_model(configurator):
+        refuse_unless_kv8_servable(configurator.server_args, configurator)
+        mha_pool_class = SageKV8TokenToKVPool
+    pool = original(configurator, *args, mha_pool_class=mha_pool_class, **kwargs)
+    if isinstance(pool, SageKV8TokenToKVPool):
+        pool.needs_calibration = SageAttnSettings.from_env().kv_smoothing == "calibrate"
+    return pool
+
+
+def kv8_calibrate(result, model_runner, *args, **kwargs):
+    """AFTER hook on ``init_attention_backends``: calibrate an 8-bit pool that asks for it."""
+    pool = getattr(model_runner, "token_to_kv_pool", None)
+    if isinstance(pool, SageKV8TokenToKVPool) and pool.needs_calibration:
+        calibrate_key_means(model_runner, model_runner.attn_backend)
+    return result
+
+
+_registered = False
+
+
+def register_kv8_hooks() -> None:
+    """Register both hooks once per process (``load_plugins`` applies them)."""
+    global _registered
+    if _registered:
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(CELL_SIZE_TARGET, kv8_cell_size, HookType.AROUND)
+    HookRegistry.register(POOL_TARGET, kv8_pool, HookType.AROUND)
+    HookRegistry.register(CALIBRATION_TARGET, kv8_calibrate, HookType.AFTER)
+    _registered = True

@@ -1,0 +1,123 @@
+"""SageAttentionBackend on its 8-bit KV cache, through SGLang's own attention test kit.
+
+The kit's runner gets sage_attn's pool (``SageKV8TokenToKVPool``) where it would build
+SGLang's bf16 one, with ``SGLANG_SAGE_ATTN_KV_CACHE=int8``; the kit then writes the
+cached prefixes through the pool, builds the backend from SGLang's registry and
+checks every dense case, slot layout and the CUDA-graph decode runner against its
+fp32 reference (atol = rtol = 3e-2 on the output projection). Call counters prove
+that extends and decodes ran the 8-bit cache kernels, and nothing else: no other
+kernel can read this cache.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from sage_attention_inputs import DEVICE, requires_kernels
+from sage_attention_kit import BACKEND, KIT_DTYPE, KitTestCase
+
+import sglang.srt.layers.attention.sage_attention_backend as backend_module
+from sglang.srt.layers.attention.sage_attention.kv8_pool import SageKV8TokenToKVPool
+from sglang.srt.layers.attention.sage_attention_backend import SageAttentionBackend
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.test.kits.attention_unittest.attention_methods import dense_attention as kit
+from sglang.test.kits.attention_unittest.runner_modes.cuda_graph_decode_runner import (
+    run_dense_cuda_graph_decode_case,
+)
+
+LAYOUTS = ("contiguous", "shuffled_pages", "interleaved_pages", "non_monotonic_extend")
+DENSE_CASES = kit.make_dense_input_config_cases(BACKEND) + kit.make_dense_attention_config_cases(
+    BACKEND
+)
+
+
+@pytest.fixture(name="kv8_calls")
+def kv8_calls_fixture(monkeypatch):
+    """The kit's runners on sage_attn's 8-bit pool; the 8-bit cache kernels' launches."""
+    monkeypatch.setenv("SGLANG_SAGE_ATTN_KV_CACHE", "int8")
+    monkeypatch.setattr(kit, "MHATokenToKVPool", SageKV8TokenToKVPool)
+    calls = []
+    for name in ("sage_extend_attention_kv8", "sage_decode_kv8", "sage_extend_attention"):
+        real = getattr(backend_module, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(backend_module, name, counted)
+    return calls
+
+
+@pytest.mark.skipif(**requires_kernels)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: c.name)
+def test_kit_dense_cases_on_the_8bit_cache(case, layout, kv8_calls):
+    with torch.no_grad():
+        kit.run_dense_attention_case(
+            KitTestCase(), case, head_dim=64, dtype=KIT_DTYPE, device=DEVICE, loc_layout=layout
+        )
+    kernel = "sage_extend_attention_kv8" if case.forward_mode.is_extend() else "sage_decode_kv8"
+    assert kv8_calls == [kernel], kv8_calls
+
+
+@pytest.mark.skipif(**requires_kernels)
+@pytest.mark.parametrize(
+    "case", [c for c in DENSE_CASES if c.forward_mode.is_decode()], ids=lambda c: c.name
+)
+def test_kit_cuda_graph_decode_replay_on_the_8bit_cache(case, kv8_calls):
+    with torch.no_grad():
+        run_dense_cuda_graph_decode_case(
+            KitTestCase(), case, head_dim=64, dtype=KIT_DTYPE, device=DEVICE
+        )
+    assert kv8_calls and set(kv8_calls) == {"sage_decode_kv8"}, kv8_calls
+
+
+@pytest.mark.skipif(**requires_kernels)
+def test_the_log_says_which_cache_and_counts_batches(kv8_calls, caplog):
+    extend = next(c for c in DENSE_CASES if c.forward_mode == ForwardMode.EXTEND)
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger=backend_module.__name__):
+        fixture = kit.build_dense_attention_fixture(
+            KitTestCase(), extend, head_dim=64, dtype=KIT_DTYPE, device=DEVICE
+        )
+        kit.run_dense_fixture_eager(fixture)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("KV cache 8-bit" in m for m in messages), messages
+    assert any("(8-bit KV cache; first:" in m for m in messages), messages
+    assert "sage_attn: 1 extend batches on the 8-bit kernel so far" in messages
+
+
+def test_int8_setting_without_the_8bit_pool_is_refused(monkeypatch):
+    """The setting with SGLang's bf16 pool (another pool class won the configurator:
+    a hybrid model, --prefill-only-disable-kv-cache, ...) stops the server at start-up."""
+    monkeypatch.setenv("SGLANG_SAGE_ATTN_KV_CACHE", "int8")
+    case = DENSE_CASES[0]
+    with pytest.raises(ValueError, match="SGLANG_SAGE_ATTN_KV_CACHE=int8, but this server built"):
+        kit.build_dense_attention_fixture(
+            KitTestCase(), case, head_dim=64, dtype=KIT_DTYPE, device=DEVICE
+        )
+
+
+def test_layers_the_8bit_kernels_cannot_compute_are_refused_at_start_up():
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    model = torch.nn.ModuleList(
+        [
+            RadixAttention(4, 64, 0.125, 2, layer_id=0),
+            RadixAttention(4, 64, 0.125, 2, layer_id=1, sliding_window_size=128),
+            RadixAttention(4, 64, 0.125, 2, layer_id=2, logit_cap=30.0),
+        ]
+    )
+    with pytest.raises(ValueError, match="logit soft-capping; sliding-window layers"):
+        backend_module.refuse_layers_the_kv8_cache_cannot_serve(model)
+    backend_module.refuse_layers_the_kv8_cache_cannot_serve(model[:1])  # a plain layer passes
+
+
+def test_backend_builds_on_the_8bit_pool(kv8_calls):
+    case = DENSE_CASES[0]
+    fixture = kit.build_dense_attention_fixture(
+        KitTestCase(), case, head_dim=64, dtype=KIT_DTYPE, device=DEVICE
+    )
+    assert isinstance(fixture.backend, SageAttentionBackend)
+    assert fixture.backend.kv8_pool is fixture.runner.token_to_kv_pool
