@@ -133,6 +133,57 @@ PY
     done
     $serve compare "$OUT/model_triton.json" "$OUT/model_sage_attn.json" | tee -a "$summary"
     ;;
+  serve_kv8)
+    # SmolLM2 served on three KV caches, the same prose windows: the bf16 cache
+    # (Triton), sage_attn's 8-bit cache, SGLang's fp8_e4m3 cache (Triton). Each
+    # run's token capacity comes from its log; the 8-bit run must log its pool and
+    # its batches on the 8-bit kernels.
+    serve="python3 benchmark/sage_attention/serve_logprobs.py"
+    export SAGE_ATTN_SMOLLM2_CACHE=${SAGE_ATTN_SMOLLM2_CACHE:-/tmp/smollm2-cache}
+    common="--model smollm2 --load-format auto --heldout-windows 8 --window-len 4096 \
+      --top-logprobs 1 --max-new-tokens 16"
+    graphs=${KV8_SERVE_EXTRA:---dtype bfloat16 --chunked-prefill-size 1024 --disable-cuda-graph}
+    $serve run --backend triton --label triton_bf16 $common --out "$OUT/kv_triton_bf16.json" \
+      --extra "$graphs" 2>&1 | tail -1 | tee -a "$summary"
+    SGLANG_SAGE_ATTN_KV_CACHE=int8 $serve run --backend sage_attn --label sage_kv8 $common \
+      --out "$OUT/kv_sage_kv8.json" --extra "$graphs" 2>&1 | tail -1 | tee -a "$summary"
+    $serve run --backend triton --label triton_fp8_e4m3 $common \
+      --out "$OUT/kv_triton_fp8.json" --extra "$graphs --kv-cache-dtype fp8_e4m3" 2>&1 \
+      | tail -1 | tee -a "$summary"
+    log="$OUT/kv_sage_kv8.server.log"
+    grep -E "sage_attn: 8-bit KV cache|smoothing calibrated|SageAttentionBackend|decode batches on|Error" \
+      "$log" | cut -c1-260 | head -8 | tee -a "$summary"
+    require_sage_batches "$log" "$step"
+    grep -q "sage_attn: 8-bit KV cache:" "$log" \
+      || { echo "FAIL $step: no 8-bit pool in the log" | tee -a "$summary"; failed=1; }
+    $serve compare "$OUT/kv_triton_bf16.json" "$OUT/kv_sage_kv8.json" "$OUT/kv_triton_fp8.json" \
+      --json "$OUT/kv_cache_accuracy.json" | tee -a "$summary"
+    rm -f "$OUT"/kv_*.server.log.gz; gzip -f "$OUT"/kv_*.server.log
+    ;;
+  throughput)
+    # End-to-end serving throughput on an 8B-shaped attention stack (dummy weights):
+    # THROUGHPUT_CONFIGS of triton, sage (bf16 cache), kv8 (8-bit cache), one server
+    # each, with CUDA graphs unless THROUGHPUT_EXTRA says otherwise. Each run must log
+    # its path (--require); the table compares them to the first.
+    tp="python3 benchmark/sage_attention/serve_throughput.py ${THROUGHPUT_ARGS:-}"
+    extra=${THROUGHPUT_EXTRA:---cuda-graph-max-bs-decode 32 --disable-radix-cache --decode-log-interval 16}
+    for config in ${THROUGHPUT_CONFIGS:-triton sage kv8}; do
+      case $config in
+      triton) $tp --label triton --backend triton --extra "$extra" \
+                --require "max_total_num_tokens=" --out "$OUT/tp_triton.json" ;;
+      sage) $tp --label sage_bf16 --backend sage_attn --extra "$extra" \
+              --require "KV cache model dtype" "extend batches on the 8-bit kernel so far" \
+              --out "$OUT/tp_sage.json" ;;
+      kv8) $tp --label sage_kv8 --backend sage_attn --env SGLANG_SAGE_ATTN_KV_CACHE=int8 \
+             --extra "$extra" --require "sage_attn: 8-bit KV cache:" "KV cache 8-bit" \
+             "extend batches on the 8-bit kernel so far" "decode batches on the 8-bit cache" \
+             --out "$OUT/tp_kv8.json" ;;
+      esac > "$OUT/tp_$config.log" 2>&1
+      echo "throughput $config rc=$?" | tee -a "$summary"; tail -3 "$OUT/tp_$config.log" | cut -c1-300 | tee -a "$summary"
+      grep -q "max_total_num_tokens" "$OUT/tp_$config.json" 2>/dev/null || failed=1
+      gzip -f "$OUT"/tp_*.server.log 2>/dev/null
+    done
+    ;;
   esac
 done
 echo "==== summary"; cat "$summary"

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import subprocess
 import sys
@@ -66,6 +67,13 @@ def heldout_prompts(model: str, count: int, length: int) -> list[list[int]]:
     from byte_model import stdlib_corpus, windows
 
     return windows(stdlib_corpus()[1], count, length, seed=length).tolist()
+
+
+def token_capacity(log_path: str) -> int | None:
+    """The KV pool's token capacity the scheduler logged (``max_total_num_tokens``)."""
+    with open(log_path) as log:
+        found = re.findall(r"max_total_num_tokens=(\d+)", log.read())
+    return int(found[-1]) if found else None
 
 
 def run(args) -> None:
@@ -129,7 +137,8 @@ def run(args) -> None:
     with open(args.out, "w") as f:
         json.dump(
             {
-                "backend": args.backend,
+                "backend": args.label or args.backend,
+                "max_total_num_tokens": token_capacity(log_path),
                 "command": command,
                 "startup_s": startup_s,
                 "prompts": batch,
@@ -137,7 +146,10 @@ def run(args) -> None:
             },
             f,
         )
-    print(f"{args.backend}: {len(response)} responses in {args.out}; server log {log_path}")
+    print(
+        f"{args.label or args.backend}: {len(response)} responses in {args.out}; "
+        f"max_total_num_tokens {token_capacity(log_path)}; server log {log_path}"
+    )
 
 
 def _logprobs(entries) -> list[float]:
@@ -154,12 +166,9 @@ def _top1(entries) -> list:
     return [top[0][1] for top in entries if top]
 
 
-def compare(args) -> None:
-    runs = [json.load(open(path)) for path in (args.baseline, args.candidate)]
-    base, cand = (r["responses"] for r in runs)
-    for run in runs:
-        ppl = prompt_perplexity(run["responses"])
-        print(f"{run['backend']}: prompt perplexity {ppl:.4f} ({math.log2(ppl):.4f} bits/token)")
+def compare_pair(base_run: dict, cand_run: dict) -> dict:
+    """Agreement of a candidate run with the baseline on the same prompts."""
+    base, cand = base_run["responses"], cand_run["responses"]
     agree = total = 0
     for b, c in zip(base, cand, strict=True):
         b_top, c_top = (
@@ -168,15 +177,14 @@ def compare(args) -> None:
         )
         agree += sum(x == y for x, y in zip(b_top, c_top, strict=True))
         total += len(b_top)
-    print(f"prompt top-1 agreement: {agree}/{total} = {100 * agree / max(total, 1):.3f}%")
     same_tokens = total_tokens = 0
-    first_divergence, output_gap, input_gap = [], 0.0, 0.0
+    first_divergence, output_gap, input_gaps = [], 0.0, []
     for b, c in zip(base, cand, strict=True):
         b_ids, c_ids = b["output_ids"], c["output_ids"]
-        agree = [x == y for x, y in zip(b_ids, c_ids, strict=False)]
-        same_tokens += sum(agree)
+        same = [x == y for x, y in zip(b_ids, c_ids, strict=False)]
+        same_tokens += sum(same)
         total_tokens += len(b_ids)
-        first_divergence.append(agree.index(False) if False in agree else len(agree))
+        first_divergence.append(same.index(False) if False in same else len(same))
         # Log-probs of the same positions; after a divergence the contexts differ.
         stop = first_divergence[-1]
         b_out = _logprobs(b["meta_info"]["output_token_logprobs"][:stop])
@@ -184,12 +192,55 @@ def compare(args) -> None:
         output_gap = max([output_gap] + [abs(x - y) for x, y in zip(b_out, c_out, strict=True)])
         b_in = _logprobs(b["meta_info"]["input_token_logprobs"])
         c_in = _logprobs(c["meta_info"]["input_token_logprobs"])
-        input_gap = max([input_gap] + [abs(x - y) for x, y in zip(b_in, c_in, strict=True)])
-    print(f"baseline {runs[0]['backend']} vs candidate {runs[1]['backend']}")
-    print(f"generated-token agreement: {same_tokens}/{total_tokens}")
-    print(f"tokens before first divergence, per request: {first_divergence}")
-    print(f"largest output log-prob gap (before divergence): {output_gap:.4g}")
-    print(f"largest input (prompt) log-prob gap: {input_gap:.4g}")
+        input_gaps += [abs(x - y) for x, y in zip(b_in, c_in, strict=True)]
+    base_ppl, cand_ppl = prompt_perplexity(base), prompt_perplexity(cand)
+    return {
+        "baseline": base_run["backend"],
+        "candidate": cand_run["backend"],
+        "baseline_perplexity": base_ppl,
+        "perplexity": cand_ppl,
+        "delta_ppl_pct": 100 * (cand_ppl / base_ppl - 1),
+        "prompt_top1_agreement": agree / max(total, 1),
+        "prompt_tokens": total,
+        "mean_abs_input_logprob_gap": sum(input_gaps) / max(len(input_gaps), 1),
+        "max_input_logprob_gap": max(input_gaps, default=0.0),
+        "generated_agreement": same_tokens / max(total_tokens, 1),
+        "tokens_before_first_divergence": first_divergence,
+        "max_output_logprob_gap": output_gap,
+        "baseline_capacity": base_run.get("max_total_num_tokens"),
+        "capacity": cand_run.get("max_total_num_tokens"),
+    }
+
+
+def compare(args) -> None:
+    runs = [json.load(open(path)) for path in (args.baseline, *args.candidates)]
+    for run in runs:
+        ppl = prompt_perplexity(run["responses"])
+        print(
+            f"{run['backend']}: prompt perplexity {ppl:.4f} ({math.log2(ppl):.4f} bits/token), "
+            f"max_total_num_tokens {run.get('max_total_num_tokens')}"
+        )
+    rows = [compare_pair(runs[0], cand) for cand in runs[1:]]
+    for row in rows:
+        print(f"baseline {row['baseline']} vs candidate {row['candidate']}")
+        print(
+            f"  prompt top-1 agreement: {100 * row['prompt_top1_agreement']:.3f}% of "
+            f"{row['prompt_tokens']}; delta PPL {row['delta_ppl_pct']:+.3f}%"
+        )
+        print(f"  generated-token agreement: {100 * row['generated_agreement']:.1f}%")
+        print(f"  tokens before first divergence: {row['tokens_before_first_divergence']}")
+        print(
+            f"  input log-prob gap: mean {row['mean_abs_input_logprob_gap']:.4g}, "
+            f"max {row['max_input_logprob_gap']:.4g}; output (before divergence) "
+            f"max {row['max_output_logprob_gap']:.4g}"
+        )
+        if row["capacity"] and row["baseline_capacity"]:
+            print(
+                f"  token capacity {row['capacity'] / row['baseline_capacity']:.3f}x the baseline's"
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"comparisons": rows}, f, indent=1)
 
 
 def main():
@@ -197,6 +248,7 @@ def main():
     sub = parser.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--backend", required=True)
+    r.add_argument("--label", help="the run's name in reports (default: the backend)")
     r.add_argument("--out", required=True)
     r.add_argument(
         "--model",
@@ -221,7 +273,8 @@ def main():
     r.add_argument("--window-len", type=int, default=4096)
     c = sub.add_parser("compare")
     c.add_argument("baseline")
-    c.add_argument("candidate")
+    c.add_argument("candidates", nargs="+")
+    c.add_argument("--json", help="write the comparison rows here")
     args = parser.parse_args()
     run(args) if args.cmd == "run" else compare(args)
 

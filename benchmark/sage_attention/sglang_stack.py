@@ -20,7 +20,14 @@ SGLANG_BACKENDS = {
     "sage_int8": ("sage_attn", {"SGLANG_SAGE_ATTN_PV": "int8", _ROTATION: "none"}),
     # ...and the default P·V with Q and K rotated before quantization (rotation.py).
     "sage_fp16_rot": ("sage_attn", {"SGLANG_SAGE_ATTN_PV": "fp16", _ROTATION: "hadamard"}),
+    # The KV caches: sage_attn's 8-bit pool (default rotation, calibrated smoothing)
+    # and SGLang's fp8_e4m3 pool read by its Triton backend (no scales, as
+    # --kv-cache-dtype fp8_e4m3 serves a checkpoint without KV scales).
+    "sage_kv8": ("sage_attn", {"SGLANG_SAGE_ATTN_KV_CACHE": "int8"}),
+    "triton_fp8": ("triton", {}),
 }
+# Stacks whose pool is not SGLang's model-dtype MHA pool.
+KV_CACHES = {"sage_kv8": "int8", "triton_fp8": "fp8_e4m3"}
 
 
 @contextlib.contextmanager
@@ -54,6 +61,7 @@ class SGLangStack:
     ):
         from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
         from sglang.srt.layers.attention.sage_attention import plugin
+        from sglang.srt.layers.attention.sage_attention.kv8_pool import SageKV8TokenToKVPool
         from sglang.srt.layers.radix_attention import RadixAttention
         from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
         from sglang.srt.model_executor.forward_batch_info import ForwardMode
@@ -80,20 +88,22 @@ class SGLangStack:
             max_context_len=max_context,
             head_dim=head_dim,
         )
-        runner.token_to_kv_pool = MHATokenToKVPool(
-            size=runner.token_to_kv_pool.size,
-            page_size=page_size,
-            dtype=dtype,
-            head_num=num_kv_heads,
-            head_dim=head_dim,
-            layer_num=num_layers,
-            device=device,
-            enable_memory_saver=False,
-            enable_alt_stream=False,
-        )
-        runner.init_kv_index_translator()
-        self.runner = runner
+        self.kv_cache = KV_CACHES.get(backend_key, "auto")
+        pool_class = SageKV8TokenToKVPool if self.kv_cache == "int8" else MHATokenToKVPool
         with env(dict(settings, SGLANG_SAGE_ATTN_MIN_EXTEND_LEN="0")):
+            runner.token_to_kv_pool = pool_class(
+                size=runner.token_to_kv_pool.size,
+                page_size=page_size,
+                dtype=torch.float8_e4m3fn if self.kv_cache == "fp8_e4m3" else dtype,
+                head_num=num_kv_heads,
+                head_dim=head_dim,
+                layer_num=num_layers,
+                device=device,
+                enable_memory_saver=False,
+                enable_alt_stream=False,
+            )
+            runner.init_kv_index_translator()
+            self.runner = runner
             self.backend = ATTENTION_BACKENDS[name](runner)
         # Launches of the 8-bit op: a figure labelled sage must come from it, not
         # from a layer the backend delegated to Triton (see ``require_sage_kernel``).
@@ -111,6 +121,28 @@ class SGLangStack:
             for i in range(num_layers)
         ]
         self.loc_fn = None
+
+    def calibrate(self, model) -> None:
+        """The 8-bit cache's smoothing vectors from the server's calibration prompt
+        (kv8_calibration.py), run through this stack's layers; no-op for other caches."""
+        from sglang.srt.layers.attention.sage_attention.kv8_calibration import (
+            CalibrationDone,
+            KeyMeanRecorder,
+            calibration_token_ids,
+        )
+        from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+        if self.kv_cache != "int8":
+            return
+        ids = calibration_token_ids(model.config.vocab_size)[None]
+        self.begin(1, ids.shape[1])
+        self.backend.calibration = KeyMeanRecorder(self.runner.token_to_kv_pool)
+        try:
+            self.forward(model, ids, ForwardMode.EXTEND, 0)
+        except CalibrationDone:
+            pass
+        finally:
+            self.backend.calibration = None
 
     def begin(self, batch: int, total_len: int, seed: int = 0) -> None:
         """Slot layout for ``batch`` requests of up to ``total_len`` tokens: each
