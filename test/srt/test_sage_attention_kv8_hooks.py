@@ -112,25 +112,35 @@ def test_pool_hook_passes_sglangs_arguments_with_sage_attns_class(monkeypatch):
 
     def original(kvc, *, max_total_num_tokens, mha_pool_class, quant_method=None):
         seen.update(size=max_total_num_tokens, cls=mha_pool_class, quant=quant_method)
-        pool = object.__new__(mha_pool_class)
-        pool.needs_calibration = False
-        return pool
-
-    kvc = configurator()
-    monkeypatch.delenv("SGLANG_SAGE_ATTN_KV_CACHE", raising=False)
+        return "pool"
 
     class SGLangPool:
         pass
 
+    kvc = configurator()
+    monkeypatch.delenv("SGLANG_SAGE_ATTN_KV_CACHE", raising=False)
     kv8_hooks.kv8_pool(original, kvc, max_total_num_tokens=10, mha_pool_class=SGLangPool)
     assert seen["cls"] is SGLangPool
     monkeypatch.setenv("SGLANG_SAGE_ATTN_KV_CACHE", "int8")
-    pool = kv8_hooks.kv8_pool(original, kvc, max_total_num_tokens=10, mha_pool_class=SGLangPool)
+    assert kv8_hooks.kv8_pool(original, kvc, max_total_num_tokens=10, mha_pool_class=SGLangPool)
     assert seen == dict(size=10, cls=SageKV8TokenToKVPool, quant=None)
-    assert pool.needs_calibration  # smoothing defaults to the start-up calibration
-    monkeypatch.setenv("SGLANG_SAGE_ATTN_KV_SMOOTHING", "none")
-    pool = kv8_hooks.kv8_pool(original, kvc, max_total_num_tokens=10, mha_pool_class=SGLangPool)
-    assert not pool.needs_calibration
+    speculative = configurator(server_args=server_args(speculative_algorithm="EAGLE"))
+    with pytest.raises(ValueError, match="speculative"):
+        kv8_hooks.kv8_pool(original, speculative, max_total_num_tokens=10, mha_pool_class=dict)
+
+
+def test_calibration_runs_once_for_an_8bit_pool_that_asks(monkeypatch):
+    calls = []
+    monkeypatch.setattr(kv8_hooks, "calibrate_key_means", lambda runner, backend: calls.append(1))
+    pool = object.__new__(SageKV8TokenToKVPool)
+    pool.needs_calibration = True
+    runner = SimpleNamespace(token_to_kv_pool=pool, attn_backend=None)
+    assert kv8_hooks.kv8_calibrate("result", runner) == "result"
+    assert calls == [1]
+    pool.needs_calibration = False
+    kv8_hooks.kv8_calibrate(None, runner)
+    kv8_hooks.kv8_calibrate(None, SimpleNamespace(token_to_kv_pool=object()))  # a bf16 pool
+    assert calls == [1]
 
 
 @pytest.mark.parametrize(

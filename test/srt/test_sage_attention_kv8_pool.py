@@ -50,6 +50,10 @@ def test_pool_reports_int8_storage_and_follows_the_rotation_setting(monkeypatch)
     assert pool.get_key_buffer(0).dtype == torch.int8  # never viewed as the model dtype
     assert not make_pool(monkeypatch, rotation="none").rotated
     assert not make_pool(monkeypatch, head_dim=128).rotated
+    # Smoothing: calibrated at start-up unless the setting says zeros.
+    assert pool.needs_calibration
+    monkeypatch.setenv("SGLANG_SAGE_ATTN_KV_SMOOTHING", "none")
+    assert not make_pool(monkeypatch).needs_calibration
 
 
 @pytest.mark.skipif(**requires_kernels)

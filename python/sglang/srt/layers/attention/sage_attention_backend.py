@@ -260,6 +260,8 @@ class SageAttentionBackend(AttentionBackend):
         # Kept out of torch.compile's trace (piecewise prefill graphs), as the
         # Triton backend's kernels are.
         self.extend_attention = torch.compiler.disable(sage_extend_attention)
+        self.extend_attention_kv8 = torch.compiler.disable(sage_extend_attention_kv8)
+        self.decode_attention_kv8 = torch.compiler.disable(sage_decode_kv8)
         self.forward_metadata: SageForwardMetadata | None = None
         self._logged_reasons: set[str] = set()
         self._announced_sage_path = False
@@ -501,7 +503,7 @@ class SageAttentionBackend(AttentionBackend):
         o = self._output_rows(q, layer, forward_batch)
         self._count_sage_batch(plan, layer, q)
         indices = plan.kv8_indices
-        sage_extend_attention_kv8(
+        self.extend_attention_kv8(
             q.view(-1, layer.tp_q_head_num, layer.qk_head_dim),
             o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
             self.kv8_pool.kv8_cache(layer.layer_id),
@@ -524,7 +526,7 @@ class SageAttentionBackend(AttentionBackend):
         self.kv8_pool.set_kv_buffer(layer, KVWriteLoc.for_batch(forward_batch), k, v)
         o = self._output_rows(q, layer, forward_batch)
         metadata = self.triton_backend.forward_metadata
-        sage_decode_kv8(
+        self.decode_attention_kv8(
             q.view(-1, layer.tp_q_head_num, layer.qk_head_dim),
             o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
             self.kv8_pool.kv8_cache(layer.layer_id),

@@ -29,8 +29,11 @@ from sglang.srt.layers.attention.sage_attention.kv8_pool import (
     SageKV8TokenToKVPool,
     kv8_cell_bytes,
 )
-from sglang.srt.layers.attention.sage_attention.plugin import BACKEND_NAME
-from sglang.srt.layers.attention.sage_attention.settings import KV_CACHE_ENV, SageAttnSettings
+from sglang.srt.layers.attention.sage_attention.settings import (
+    BACKEND_NAME,
+    KV_CACHE_ENV,
+    SageAttnSettings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +121,14 @@ def _for_target_model(configurator) -> bool:
     return kv8_requested() and not configurator.is_draft_worker
 
 
-def kv8_cell_size(original, pool_configurator, configurator, num_layers: int) -> int:
-    """AROUND hook on ``_compute_cell_size``: the 8-bit bytes per token when the 8-bit
-    cache is on, SGLang's own figure otherwise."""
+# ---- what SGLang's planner, pool choice and runner ask (in-tree: called directly) ----
+
+
+def kv8_cell_bytes_for(configurator, num_layers: int) -> int | None:
+    """The 8-bit bytes per token of ``num_layers`` layers when this configurator's pool
+    will be the 8-bit one (refusing what cannot serve it), else None."""
     if not _for_target_model(configurator):
-        return original(pool_configurator, configurator, num_layers)
+        return None
     refuse_unless_kv8_servable(configurator.server_args, configurator)
     from sglang.srt.runtime_context import get_parallel
 
@@ -136,23 +142,45 @@ def kv8_cell_size(original, pool_configurator, configurator, num_layers: int) ->
     )
 
 
-def kv8_pool(original, configurator, *args, mha_pool_class, **kwargs):
-    """AROUND hook on ``_build_mha_kv_pool``: SGLang builds the pool with its own
-    arguments, of sage_attn's class when the 8-bit cache is on."""
-    if _for_target_model(configurator):
-        refuse_unless_kv8_servable(configurator.server_args, configurator)
-        mha_pool_class = SageKV8TokenToKVPool
-    pool = original(configurator, *args, mha_pool_class=mha_pool_class, **kwargs)
-    if isinstance(pool, SageKV8TokenToKVPool):
-        pool.needs_calibration = SageAttnSettings.from_env().kv_smoothing == "calibrate"
-    return pool
+def kv8_pool_class_for(configurator) -> type | None:
+    """``SageKV8TokenToKVPool`` when this configurator's MHA pool is to be the 8-bit
+    one (refusing what cannot serve it), else None."""
+    if not _for_target_model(configurator):
+        return None
+    refuse_unless_kv8_servable(configurator.server_args, configurator)
+    return SageKV8TokenToKVPool
 
 
-def kv8_calibrate(result, model_runner, *args, **kwargs):
-    """AFTER hook on ``init_attention_backends``: calibrate an 8-bit pool that asks for it."""
+def calibrate_kv8_pool(model_runner) -> None:
+    """Calibrate the runner's 8-bit pool if it asks for it (after its attention
+    backends are built, before any CUDA graph)."""
     pool = getattr(model_runner, "token_to_kv_pool", None)
     if isinstance(pool, SageKV8TokenToKVPool) and pool.needs_calibration:
         calibrate_key_means(model_runner, model_runner.attn_backend)
+
+
+# ---- the plugin's hooks around them ------------------------------------------------
+
+
+def kv8_cell_size(original, pool_configurator, configurator, num_layers: int) -> int:
+    """AROUND hook on ``_compute_cell_size``: the 8-bit bytes per token when the 8-bit
+    cache is on, SGLang's own figure otherwise."""
+    cell = kv8_cell_bytes_for(configurator, num_layers)
+    if cell is None:
+        return original(pool_configurator, configurator, num_layers)
+    return cell
+
+
+def kv8_pool(original, configurator, *args, mha_pool_class, **kwargs):
+    """AROUND hook on ``_build_mha_kv_pool``: SGLang builds the pool with its own
+    arguments, of sage_attn's class when the 8-bit cache is on."""
+    mha_pool_class = kv8_pool_class_for(configurator) or mha_pool_class
+    return original(configurator, *args, mha_pool_class=mha_pool_class, **kwargs)
+
+
+def kv8_calibrate(result, model_runner, *args, **kwargs):
+    """AFTER hook on ``init_attention_backends``."""
+    calibrate_kv8_pool(model_runner)
     return result
 
 

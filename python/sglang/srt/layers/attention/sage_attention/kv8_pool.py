@@ -56,10 +56,10 @@ class SageKV8TokenToKVPool(MHATokenToKVPool):
                 f"sage_attn's 8-bit KV cache is token-major (NHD); this server asks for a "
                 f"{self.kv_cache_layout!r} layout (unset SGLANG_USE_HND_KVCACHE)"
             )
-        # Set by the configurator hook in a real server: the backend then computes
-        # the smoothing vectors from a fixed calibration prompt before serving
-        # (kv8_calibration.py). Pools built directly (tests) keep zeros or set them.
-        self.needs_calibration = False
+        # The smoothing vectors are computed from a fixed calibration prompt once the
+        # model runner's backends exist (kv8_hooks.calibrate_kv8_pool); until then,
+        # and with SGLANG_SAGE_ATTN_KV_SMOOTHING=none, they are zeros.
+        self.needs_calibration = self.settings.kv_smoothing == "calibrate"
         bf16_bytes = 2 * (self.head_dim + self.v_head_dim)
         kv8_bytes = kv8_bytes_per_token_head(self.head_dim, self.v_head_dim)
         logger.info(

@@ -11,7 +11,9 @@ nothing.
 
 from __future__ import annotations
 
-BACKEND_NAME = "sage_attn"
+from sglang.srt.layers.attention.sage_attention.settings import BACKEND_NAME
+
+__all__ = ["BACKEND_NAME", "create_sage_attn_backend", "register"]
 
 
 def create_sage_attn_backend(runner):

@@ -13,6 +13,8 @@ from sglang.srt.layers.attention.sage_attention.extend_attention import (
     fp8_mma_supported,
 )
 
+# The backend's name in SGLang's registry and in --attention-backend.
+BACKEND_NAME = "sage_attn"
 PV_ENV = "SGLANG_SAGE_ATTN_PV"
 MIN_EXTEND_LEN_ENV = "SGLANG_SAGE_ATTN_MIN_EXTEND_LEN"
 KERNEL_ENV = "SGLANG_SAGE_ATTN_KERNEL"
