@@ -195,6 +195,51 @@ def report(paths: list[str]) -> str:
     return "\n".join(lines)
 
 
+def attention_share(run: dict, short_len: int) -> dict:
+    """Share of a decode step spent in attention, estimated per batch size as
+    1 - (step time at ``short_len``) / (step time at each length): the rest of the
+    step (linear layers, sampling, scheduling) does not grow with the context, and
+    attention at ``short_len`` is counted as the rest (so this is a lower bound)."""
+    steps = {(c["input_len"], c["batch"]): c["batch"] / c["output_tok_s"] for c in run["cells"]}
+    return {
+        f"{length}x{batch}": 1 - steps[(short_len, batch)] / step
+        for (length, batch), step in steps.items()
+        if length != short_len and (short_len, batch) in steps
+    }
+
+
+def plot(paths: list[str], out_png: str) -> None:
+    """Prefill and decode tokens/s against input length, one line per run and batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.load(open(p)) for p in paths]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    styles = ["-", "--", ":"]
+    for run, style in zip(runs, styles, strict=False):
+        for batch in sorted({c["batch"] for c in run["cells"]}):
+            cells = sorted(
+                (c for c in run["cells"] if c["batch"] == batch), key=lambda c: c["input_len"]
+            )
+            lengths = [c["input_len"] for c in cells]
+            for ax, field in zip(axes, ("input_tok_s", "output_tok_s"), strict=True):
+                ax.plot(lengths, [c[field] for c in cells], style, marker="o",
+                        label=f"{run['label']} b{batch}")  # fmt: skip
+    for ax, title in zip(
+        axes, ("prefill (input tokens/s)", "decode (output tokens/s)"), strict=True
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("input length (tokens)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=80)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", nargs="+", metavar="JSON", help="only tabulate these runs")
@@ -212,9 +257,12 @@ def main():
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--require", nargs="*", default=[], help="regexes the log must hold")
     parser.add_argument("--out", default="throughput.json")
+    parser.add_argument("--plot", metavar="PNG", help="with --report: also plot the runs here")
     args = parser.parse_args()
     if args.report:
         print(report(args.report))
+        if args.plot:
+            plot(args.report, args.plot)
     else:
         measure(args)
 

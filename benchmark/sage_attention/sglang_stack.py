@@ -109,13 +109,15 @@ class SGLangStack:
         # from a layer the backend delegated to Triton (see ``require_sage_kernel``).
         self.sage_kernel_calls = 0
         if name == "sage_attn":
-            sage_op = self.backend.extend_attention
+            # The 8-bit cache's extend op, or the packed path's.
+            op_name = "extend_attention_kv8" if self.kv_cache == "int8" else "extend_attention"
+            sage_op = getattr(self.backend, op_name)
 
             def counted_sage_op(*args, **kwargs):
                 self.sage_kernel_calls += 1
                 return sage_op(*args, **kwargs)
 
-            self.backend.extend_attention = counted_sage_op
+            setattr(self.backend, op_name, counted_sage_op)
         self.layers = [
             RadixAttention(num_heads, head_dim, head_dim**-0.5, num_kv_heads, layer_id=i)
             for i in range(num_layers)
@@ -126,6 +128,7 @@ class SGLangStack:
         """The 8-bit cache's smoothing vectors from the server's calibration prompt
         (kv8_calibration.py), run through this stack's layers; no-op for other caches."""
         from sglang.srt.layers.attention.sage_attention.kv8_calibration import (
+            CALIBRATION_TOKENS,
             CalibrationDone,
             KeyMeanRecorder,
             calibration_token_ids,
@@ -134,7 +137,9 @@ class SGLangStack:
 
         if self.kv_cache != "int8":
             return
-        ids = calibration_token_ids(model.config.vocab_size)[None]
+        # The server's prompt, cut to a stack too short to hold it (--quick runs).
+        length = min(CALIBRATION_TOKENS, self.max_context)
+        ids = calibration_token_ids(model.config.vocab_size, length)[None]
         self.begin(1, ids.shape[1])
         self.backend.calibration = KeyMeanRecorder(self.runner.token_to_kv_pool)
         try:

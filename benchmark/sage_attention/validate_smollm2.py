@@ -157,6 +157,8 @@ def run(args) -> dict:
     stacks = build_stacks(
         args.backends, c, device=device, dtype=dtype, max_batch=max_batch, max_context=max_ctx
     )
+    for stack in stacks.values():  # the 8-bit cache's smoothing, as a server has it
+        stack.calibrate(model)
     result = dict(
         model="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)",
         layers=c.num_layers,
