@@ -486,27 +486,34 @@ class SageAttentionBackend(AttentionBackend):
             o = q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
         return o
 
+    def _write_kv8(self, q, k, v, layer, forward_batch, save_kv_cache, reason):
+        """Write the new K/V into the 8-bit cache. Returns the layer's output rows and
+        the kv8 kernels' first three arguments: q [N, Hq, D], o [N, Hq, Dv], the cache."""
+        if reason is not None or not save_kv_cache:
+            # Refused at start-up where it can be (kv8_hooks.py, the layer check);
+            # anything left has no kernel that reads this cache. The kernels read the
+            # new tokens from the cache, so the backend must be the one to write them.
+            raise ValueError(
+                f"sage_attn's 8-bit KV cache cannot serve {reason or 'save_kv_cache=False'}"
+            )
+        self.kv8_pool.set_kv_buffer(layer, KVWriteLoc.for_batch(forward_batch), k, v)
+        o = self._output_rows(q, layer, forward_batch)
+        num_q_heads = layer.tp_q_head_num
+        return o, (
+            q.view(-1, num_q_heads, layer.qk_head_dim),
+            o.view(-1, num_q_heads, layer.v_head_dim),
+            self.kv8_pool.kv8_cache(layer.layer_id),
+        )
+
     def _extend_kv8(self, q, k, v, layer, forward_batch, save_kv_cache, reason):
         """An extend batch on the 8-bit cache: write the chunk, then attend over each
         request's whole sequence in the cache."""
-        if reason is not None:
-            # Refused at start-up where it can be (kv8_hooks.py, the layer check);
-            # anything left has no kernel that reads this cache.
-            raise ValueError(f"sage_attn's 8-bit KV cache cannot serve {reason}")
-        if not save_kv_cache:
-            raise ValueError(
-                "sage_attn's 8-bit KV cache: the extend kernel reads the new chunk from the "
-                "cache, so the layer must let the backend write it (save_kv_cache=True)"
-            )
+        o, qoc = self._write_kv8(q, k, v, layer, forward_batch, save_kv_cache, reason)
         plan = self.forward_metadata
-        self.kv8_pool.set_kv_buffer(layer, KVWriteLoc.for_batch(forward_batch), k, v)
-        o = self._output_rows(q, layer, forward_batch)
         self._count_sage_batch(plan, layer, q)
         indices = plan.kv8_indices
         self.extend_attention_kv8(
-            q.view(-1, layer.tp_q_head_num, layer.qk_head_dim),
-            o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
-            self.kv8_pool.kv8_cache(layer.layer_id),
+            *qoc,
             qo_indptr=indices.qo_indptr,
             kv_indptr=indices.kv_indptr,
             kv_indices=indices.kv_indices,
@@ -519,17 +526,10 @@ class SageAttentionBackend(AttentionBackend):
         """A decode step on the 8-bit cache: SGLang's Triton decode metadata (splits,
         scratch, CUDA-graph buffers), sage_attn's kernel."""
         reason = self._layer_delegate_reason(q, k, layer, kwargs)
-        if reason is not None or not save_kv_cache:
-            raise ValueError(
-                f"sage_attn's 8-bit KV cache cannot serve {reason or 'save_kv_cache=False'}"
-            )
-        self.kv8_pool.set_kv_buffer(layer, KVWriteLoc.for_batch(forward_batch), k, v)
-        o = self._output_rows(q, layer, forward_batch)
+        o, qoc = self._write_kv8(q, k, v, layer, forward_batch, save_kv_cache, reason)
         metadata = self.triton_backend.forward_metadata
         self.decode_attention_kv8(
-            q.view(-1, layer.tp_q_head_num, layer.qk_head_dim),
-            o.view(-1, layer.tp_q_head_num, layer.v_head_dim),
-            self.kv8_pool.kv8_cache(layer.layer_id),
+            *qoc,
             kv_indptr=metadata.kv_indptr,
             kv_indices=metadata.kv_indices,
             attn_logits=metadata.attn_logits,
