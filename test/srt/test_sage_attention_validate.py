@@ -1,7 +1,7 @@
 """CPU smoke test of the model-level validation harness, so it cannot rot.
 
 A tiny random byte model (head dim 64) goes through benchmark/sage_attention/validate.py
---quick on the CPU: every backend (triton, sage fp16, sage fp8, fp32) prefills in
+--quick on the CPU: every backend (triton, the sage modes, the KV caches, fp32) prefills in
 chunks over SGLang's pools, decodes a few tokens, and the report is rendered.
 """
 
@@ -47,10 +47,12 @@ def test_validate_quick_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "validation.json").read_text())
     backends = {r["backend"] for r in report["perplexity"]}
-    sage_modes = {"sage_fp16", "sage_fp8", "sage_int8", "sage_fp16_rot"}
-    assert backends == {"fp32", "triton", *sage_modes}
+    # Every SGLang stack: the P·V modes, the rotation, the 8-bit KV cache, and
+    # SGLang's fp8_e4m3 cache under its Triton backend.
+    sage_modes = {"sage_fp16", "sage_fp8", "sage_int8", "sage_fp16_rot", "sage_kv8"}
+    assert backends == {"fp32", "triton", "triton_fp8", *sage_modes}
     # A random model over 256 bytes: perplexity near 256, never below 1.
     assert all(1.0 < r["ppl"] < 1000 for r in report["perplexity"])
     assert all(report["determinism"].values())
-    assert {r["backend"] for r in report["drift"]} == {"triton", *sage_modes}
+    assert {r["backend"] for r in report["drift"]} == {"triton", "triton_fp8", *sage_modes}
     assert "### Needle retrieval" in (tmp_path / "validation.md").read_text()
