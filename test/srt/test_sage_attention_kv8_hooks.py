@@ -9,7 +9,10 @@ server.
 
 from __future__ import annotations
 
+import os
 import pkgutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -131,7 +134,10 @@ def test_pool_hook_passes_sglangs_arguments_with_sage_attns_class(monkeypatch):
 
 def test_calibration_runs_once_for_an_8bit_pool_that_asks(monkeypatch):
     calls = []
-    monkeypatch.setattr(kv8_hooks, "calibrate_key_means", lambda runner, backend: calls.append(1))
+    monkeypatch.setattr(
+        "sglang.srt.layers.attention.sage_attention.kv8_calibration.calibrate_key_means",
+        lambda runner, backend: calls.append(1),
+    )
     pool = object.__new__(SageKV8TokenToKVPool)
     pool.needs_calibration = True
     runner = SimpleNamespace(token_to_kv_pool=pool, attn_backend=None)
@@ -149,6 +155,25 @@ def test_calibration_runs_once_for_an_8bit_pool_that_asks(monkeypatch):
 def test_hook_targets_exist_in_the_installed_sglang(target):
     owner, attribute = target.rsplit(".", 1)
     assert callable(getattr(pkgutil.resolve_name(owner), attribute))
+
+
+def test_sglang_asking_with_the_setting_off_loads_no_kernel_module():
+    """SGLang's planner asks on every server: the answer must not import the kernels."""
+    code = (
+        "import sys; from types import SimpleNamespace as N\n"
+        "from sglang.srt.layers.attention.sage_attention import kv8_hooks\n"
+        "assert kv8_hooks.kv8_cell_bytes_for(N(is_draft_worker=False), 32) is None\n"
+        "assert kv8_hooks.kv8_pool_class_for(N(is_draft_worker=False)) is None\n"
+        "kv8_hooks.calibrate_kv8_pool(N(token_to_kv_pool=object()))\n"
+        "loaded = [m for m in sys.modules if m.startswith('sglang.srt.layers.attention.sage')]\n"
+        "print(sorted(loaded))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SGLANG_SAGE_ATTN_KV_CACHE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded = out.stdout.strip().splitlines()[-1]
+    for heavy in ("extend_attention", "kv8_pool", "kv8_cache", "quantize", "hopper_attention"):
+        assert heavy not in loaded, loaded
 
 
 def test_registering_twice_registers_each_hook_once(monkeypatch):

@@ -1,22 +1,24 @@
-"""How ``SGLANG_SAGE_ATTN_KV_CACHE=int8`` reaches SGLang: two plugin hooks, no edits to SGLang.
+"""How ``SGLANG_SAGE_ATTN_KV_CACHE=int8`` reaches SGLang: three questions SGLang asks.
 
 SGLang's ``--kv-cache-dtype`` choices are an inline list and its pool choice has no
-int8 branch, so the switch is sage_attn's own setting, and ``HookRegistry`` (applied
-in every SGLang process by ``load_plugins()``) wraps the two places that decide a
-pool:
+int8 branch, so the switch is sage_attn's own setting, answered by three plain
+functions:
 
-- ``DefaultPoolConfigurator._compute_cell_size``: the bytes per token the memory
-  planner divides its budget by, so ``max_total_num_tokens`` counts the real 8-bit
-  bytes (``kv8_pool.kv8_cell_bytes``);
-- ``KVCacheConfigurator._build_mha_kv_pool``: the pool class, ``SageKV8TokenToKVPool``;
+- ``kv8_cell_bytes_for`` (from ``DefaultPoolConfigurator._compute_cell_size``): the
+  bytes per token the memory planner divides its budget by, so
+  ``max_total_num_tokens`` counts the real 8-bit bytes (``kv8_pool.kv8_cell_bytes``);
+- ``kv8_pool_class_for`` (from ``KVCacheConfigurator._build_mha_kv_pool``): the pool
+  class, ``SageKV8TokenToKVPool``;
+- ``calibrate_kv8_pool`` (after ``ModelRunner.init_attention_backends``, before any
+  CUDA graph is captured): the smoothing calibration (``kv8_calibration.py``).
 
-and, after the attention backends are built (before any CUDA graph is captured),
-``ModelRunner.init_attention_backends`` runs the smoothing calibration
-(``kv8_calibration.py``).
-
-Both refuse, at start-up and with the reason, every option under which something
-other than sage_attn's kernels would read the cache (``kv8_refusals``). With the
-setting off they call SGLang's code unchanged.
+As a plugin, ``register_kv8_hooks`` wraps those three SGLang methods with
+``HookRegistry`` (applied in every SGLang process by ``load_plugins()``; no SGLang
+file is edited); the in-tree form (``scripts/make_upstream_patch.py``) calls the
+functions from the methods themselves. Both refuse, at start-up and with the reason,
+every option under which something other than sage_attn's kernels would read the
+cache (``kv8_refusals``). With the setting off they answer None and SGLang's code
+runs unchanged; this module then imports no kernel (SGLang asks on every server).
 """
 
 from __future__ import annotations
@@ -24,16 +26,7 @@ from __future__ import annotations
 import logging
 import os
 
-from sglang.srt.layers.attention.sage_attention.kv8_calibration import calibrate_key_means
-from sglang.srt.layers.attention.sage_attention.kv8_pool import (
-    SageKV8TokenToKVPool,
-    kv8_cell_bytes,
-)
-from sglang.srt.layers.attention.sage_attention.settings import (
-    BACKEND_NAME,
-    KV_CACHE_ENV,
-    SageAttnSettings,
-)
+from sglang.srt.layers.attention.sage_attention.settings import BACKEND_NAME, KV_CACHE_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +48,9 @@ _REFUSED_FLAGS = {
 
 
 def kv8_requested() -> bool:
-    return SageAttnSettings.from_env().kv8_cache
+    # The environment alone (SageAttnSettings would load the kernels to check its other
+    # fields; the backend does that, and refuses a bad value, at start-up).
+    return os.environ.get(KV_CACHE_ENV, "auto").lower() == "int8"
 
 
 def _resolved(server_args):
@@ -130,6 +125,7 @@ def kv8_cell_bytes_for(configurator, num_layers: int) -> int | None:
     if not _for_target_model(configurator):
         return None
     refuse_unless_kv8_servable(configurator.server_args, configurator)
+    from sglang.srt.layers.attention.sage_attention.kv8_pool import kv8_cell_bytes
     from sglang.srt.runtime_context import get_parallel
 
     parallel = get_parallel()
@@ -148,14 +144,20 @@ def kv8_pool_class_for(configurator) -> type | None:
     if not _for_target_model(configurator):
         return None
     refuse_unless_kv8_servable(configurator.server_args, configurator)
+    from sglang.srt.layers.attention.sage_attention.kv8_pool import SageKV8TokenToKVPool
+
     return SageKV8TokenToKVPool
 
 
 def calibrate_kv8_pool(model_runner) -> None:
     """Calibrate the runner's 8-bit pool if it asks for it (after its attention
     backends are built, before any CUDA graph)."""
-    pool = getattr(model_runner, "token_to_kv_pool", None)
-    if isinstance(pool, SageKV8TokenToKVPool) and pool.needs_calibration:
+    # Only sage_attn's 8-bit pool has the flag.
+    if getattr(getattr(model_runner, "token_to_kv_pool", None), "needs_calibration", False):
+        from sglang.srt.layers.attention.sage_attention.kv8_calibration import (
+            calibrate_key_means,
+        )
+
         calibrate_key_means(model_runner, model_runner.attn_backend)
 
 

@@ -7,11 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sglang.srt.layers.attention.sage_attention.extend_attention import (
-    SUPPORTED_KERNELS,
-    SUPPORTED_PV,
-    fp8_mma_supported,
-)
+# The kernels' own lists are imported where they are checked, so reading a setting
+# (SGLang's memory planner does, on every server) loads no kernel module.
 
 # The backend's name in SGLang's registry and in --attention-backend.
 BACKEND_NAME = "sage_attn"
@@ -83,6 +80,11 @@ class SageAttnSettings:
         return self.qk_rotation == "hadamard"
 
     def __post_init__(self):
+        from sglang.srt.layers.attention.sage_attention.extend_attention import (
+            SUPPORTED_KERNELS,
+            SUPPORTED_PV,
+        )
+
         if self.pv not in SUPPORTED_PV:
             raise ValueError(f"{PV_ENV}={self.pv!r}: must be one of {SUPPORTED_PV}")
         if self.kernel not in SUPPORTED_KERNELS:
@@ -109,6 +111,10 @@ class SageAttnSettings:
     def check_device(self, device: torch.device | str) -> None:
         """Raise for a setting ``device`` cannot run, so a server refuses it at
         start-up instead of failing its first long prefill."""
+        from sglang.srt.layers.attention.sage_attention.extend_attention import (
+            fp8_mma_supported,
+        )
+
         device = torch.device(device)
         if self.pv == "fp8" and not fp8_mma_supported(device):
             capability = torch.cuda.get_device_capability(device)
