@@ -23,6 +23,14 @@ runners call (tree mask, graph buffers, glue-graph answers) are its too.
 Prefill CUDA graphs (breakable, and torch.compile piecewise) call
 ``forward_extend`` in their eager attention region with the graph's output rows
 in ``forward_batch._attn_output``; the sage kernel writes them in place.
+
+On sage_attn's 8-bit KV cache (``SGLANG_SAGE_ATTN_KV_CACHE=int8``, the pool of
+``sage_attention/kv8_pool.py``) nothing can be delegated, since no other kernel
+reads that cache: every extend runs ``sage_extend_attention_kv8`` over each
+request's whole sequence in the cache and every decode step (eager or in a
+CUDA graph) ``sage_decode_kv8`` with the Triton backend's split metadata and
+scratch; what those kernels do not compute is refused at start-up
+(``refuse_layers_the_kv8_cache_cannot_serve``, ``kv8_hooks.kv8_refusals``).
 """
 
 from __future__ import annotations
