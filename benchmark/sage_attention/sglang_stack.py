@@ -129,9 +129,8 @@ class SGLangStack:
         (kv8_calibration.py), run through this stack's layers; no-op for other caches."""
         from sglang.srt.layers.attention.sage_attention.kv8_calibration import (
             CALIBRATION_TOKENS,
-            CalibrationDone,
-            KeyMeanRecorder,
             calibration_token_ids,
+            record_key_means,
         )
         from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
@@ -141,13 +140,9 @@ class SGLangStack:
         length = min(CALIBRATION_TOKENS, self.max_context)
         ids = calibration_token_ids(model.config.vocab_size, length)[None]
         self.begin(1, ids.shape[1])
-        self.backend.calibration = KeyMeanRecorder(self.runner.token_to_kv_pool)
-        try:
-            self.forward(model, ids, ForwardMode.EXTEND, 0)
-        except CalibrationDone:
-            pass
-        finally:
-            self.backend.calibration = None
+        record_key_means(
+            self.backend, lambda: self.forward(model, ids, ForwardMode.EXTEND, 0), length
+        )
 
     def begin(self, batch: int, total_len: int, seed: int = 0) -> None:
         """Slot layout for ``batch`` requests of up to ``total_len`` tokens: each

@@ -107,17 +107,15 @@ def calibration_batch(model_runner, input_ids: torch.Tensor):
     return batch
 
 
-def calibrate_key_means(model_runner, backend) -> None:
-    """Fill ``backend``'s 8-bit pool's smoothing vectors from the calibration prompt."""
-    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
-
-    pool = backend.token_to_kv_pool
-    input_ids = calibration_token_ids(model_runner.model_config.vocab_size)
-    batch = calibration_batch(model_runner, input_ids)
+def record_key_means(backend, forward, num_tokens: int) -> None:
+    """Run ``forward`` (a model forward over ``num_tokens`` calibration tokens, through
+    ``backend``) with the recorder answering its attention calls, and freeze the
+    smoothing vectors of ``backend``'s 8-bit pool. Shared by the server
+    (``calibrate_key_means``) and the offline harness, which runs its own model."""
+    pool = backend.kv8_pool
     recorder = backend.calibration = KeyMeanRecorder(pool)
     try:
-        with torch.inference_mode(), forward_context(ForwardContext(attn_backend=backend)):
-            model_runner.model.forward(batch.input_ids, batch.positions, batch)
+        forward()
     except CalibrationDone:
         pass
     finally:
@@ -134,7 +132,21 @@ def calibrate_key_means(model_runner, backend) -> None:
     logger.info(
         "sage_attn: 8-bit KV cache smoothing calibrated on %d fixed tokens: largest key-mean "
         "norm per layer %.3g (median over layers %.3g)",
-        input_ids.shape[0],
+        num_tokens,
         norms.max().item(),
         norms.median().item(),
     )
+
+
+def calibrate_key_means(model_runner, backend) -> None:
+    """Fill ``backend``'s 8-bit pool's smoothing vectors from the calibration prompt."""
+    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+
+    input_ids = calibration_token_ids(model_runner.model_config.vocab_size)
+    batch = calibration_batch(model_runner, input_ids)
+
+    def forward():
+        with torch.inference_mode(), forward_context(ForwardContext(attn_backend=backend)):
+            model_runner.model.forward(batch.input_ids, batch.positions, batch)
+
+    record_key_means(backend, forward, input_ids.shape[0])

@@ -24,9 +24,12 @@ runs unchanged; this module then imports no kernel (SGLang asks on every server)
 from __future__ import annotations
 
 import logging
-import os
 
-from sglang.srt.layers.attention.sage_attention.settings import BACKEND_NAME, KV_CACHE_ENV
+from sglang.srt.layers.attention.sage_attention.settings import (
+    BACKEND_NAME,
+    KV_CACHE_ENV,
+    kv_cache_setting,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,24 +51,19 @@ _REFUSED_FLAGS = {
 
 
 def kv8_requested() -> bool:
-    # The environment alone (SageAttnSettings would load the kernels to check its other
-    # fields; the backend does that, and refuses a bad value, at start-up).
-    return os.environ.get(KV_CACHE_ENV, "auto").lower() == "int8"
-
-
-def _resolved(server_args):
-    from sglang.srt.arg_groups.model_override_base import resolved_view
-
-    return resolved_view(server_args)
+    # The setting alone: the backend checks the whole SageAttnSettings (and refuses a
+    # bad value) at start-up.
+    return kv_cache_setting() == "int8"
 
 
 def kv8_refusals(server_args, configurator=None) -> list[str]:
     """Why this server cannot use the 8-bit cache (empty when it can). ``server_args``
     is SGLang's ``ServerArgs``; ``configurator`` its ``KVCacheConfigurator``, which
     knows the model's attention kind."""
-    from sglang.srt.arg_groups.model_override_base import attention_backends_of
+    from sglang.srt.arg_groups.model_override_base import attention_backends_of, resolved_view
+    from sglang.srt.environ import envs
 
-    view = _resolved(server_args)
+    view = resolved_view(server_args)
     reasons = []
     prefill, decode = attention_backends_of(view)
     if (prefill, decode) != (BACKEND_NAME, BACKEND_NAME):
@@ -90,7 +88,7 @@ def kv8_refusals(server_args, configurator=None) -> list[str]:
         reasons.append("pipeline parallelism (the start-up calibration runs all layers)")
     if getattr(view, "dcp_size", 1) > 1:
         reasons.append("decode context parallelism shards the cache")
-    if os.environ.get("SGLANG_USE_HND_KVCACHE", "0").lower() in ("1", "true"):
+    if envs.SGLANG_USE_HND_KVCACHE.get():
         reasons.append("SGLANG_USE_HND_KVCACHE: the 8-bit cache is token-major (NHD)")
     if configurator is not None:
         if configurator.use_mla_backend:

@@ -24,11 +24,16 @@ import torch
 from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.layers.attention.sage_attention.kv8_cache import (
     KV8Cache,
+    allocate_kv8_cache,
     kv8_bytes_per_token_head,
     write_kv8,
 )
 from sglang.srt.layers.attention.sage_attention.settings import SageAttnSettings
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, unwrap_write_loc
+from sglang.srt.mem_cache.memory_pool import (
+    MHATokenToKVPool,
+    get_tensor_size_bytes,
+    unwrap_write_loc,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,38 +86,32 @@ class SageKV8TokenToKVPool(MHATokenToKVPool):
     def _create_buffers(self):
         self.rotated = self.settings.rotate_qk(self.head_dim)
         self.store_dtype = torch.int8
-        # Slot 0's page absorbs padded-token writes, as in the bf16 pool.
-        slots, heads = self.size + self.page_size, self.head_num
         with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
             with (
                 torch.cuda.use_mem_pool(self.custom_mem_pool)
                 if self.enable_custom_mem_pool
                 else nullcontext()
             ):
-
-                def zeros(*shape, dtype):
-                    return [
-                        torch.zeros(shape, dtype=dtype, device=self.device)
-                        for _ in range(self.layer_num)
-                    ]
-
-                self.k_buffer = zeros(slots, heads, self.head_dim, dtype=torch.int8)
-                self.v_buffer = zeros(slots, heads, self.v_head_dim, dtype=torch.int8)
-                self.k_scale_buffer = zeros(slots, heads, dtype=torch.float32)
-                self.v_scale_buffer = zeros(slots, heads, dtype=torch.float32)
-                # Zero smoothing vectors are valid (no smoothing) until calibrated.
-                self.k_mean = zeros(heads, self.head_dim, dtype=torch.float32)
-        self.caches = [
-            KV8Cache(
-                k_int8=self.k_buffer[i],
-                k_scale=self.k_scale_buffer[i],
-                v_int8=self.v_buffer[i],
-                v_scale=self.v_scale_buffer[i],
-                k_mean=self.k_mean[i],
-                rotated=self.rotated,
-            )
-            for i in range(self.layer_num)
-        ]
+                # One layer's buffers each, in kv8_cache.py's layout. Slot 0's page
+                # absorbs padded-token writes, as in the bf16 pool; the smoothing
+                # vectors start at zero (no smoothing) until calibrated.
+                self.caches = [
+                    allocate_kv8_cache(
+                        num_slots=self.size + self.page_size,
+                        num_kv_heads=self.head_num,
+                        head_dim=self.head_dim,
+                        head_dim_v=self.v_head_dim,
+                        device=self.device,
+                        rotated=self.rotated,
+                    )
+                    for _ in range(self.layer_num)
+                ]
+        # SGLang's per-layer buffer lists, as views of the caches.
+        self.k_buffer = [cache.k_int8 for cache in self.caches]
+        self.v_buffer = [cache.v_int8 for cache in self.caches]
+        self.k_scale_buffer = [cache.k_scale for cache in self.caches]
+        self.v_scale_buffer = [cache.v_scale for cache in self.caches]
+        self.k_mean = [cache.k_mean for cache in self.caches]
         # SGLang's slot-copy and transfer paths (speculative decoding, PD
         # disaggregation, HiCache) are refused with this pool (kv8_hooks.py); the
         # pointer tables they would read stay unset.
@@ -123,12 +122,10 @@ class SageKV8TokenToKVPool(MHATokenToKVPool):
         del self.k_mean, self.caches
 
     def get_kv_size_bytes(self):
-        def nbytes(buffers):
-            return sum(t.numel() * t.element_size() for t in buffers)
-
+        size = get_tensor_size_bytes
         return (
-            nbytes(self.k_buffer) + nbytes(self.k_scale_buffer) + nbytes(self.k_mean),
-            nbytes(self.v_buffer) + nbytes(self.v_scale_buffer),
+            size(self.k_buffer) + size(self.k_scale_buffer) + size(self.k_mean),
+            size(self.v_buffer) + size(self.v_scale_buffer),
         )
 
     def kv8_cache(self, layer_id: int) -> KV8Cache:
@@ -182,12 +179,15 @@ class SageKV8TokenToKVPool(MHATokenToKVPool):
 
     # ---- retraction's CPU copy: the INT8 rows and their scales ------------------
 
+    @staticmethod
+    def _token_rows(cache: KV8Cache) -> tuple[torch.Tensor, ...]:
+        """A layer's per-slot buffers (the smoothing vector is per layer, not per slot)."""
+        return cache.k_int8, cache.v_int8, cache.k_scale, cache.v_scale
+
     def get_cpu_copy(self, indices, mamba_indices=None, req_pool_index=None):
-        buffers = (self.k_buffer, self.v_buffer, self.k_scale_buffer, self.v_scale_buffer)
-        return [[buf[layer][indices].cpu() for buf in buffers] for layer in range(self.layer_num)]
+        return [[rows[indices].cpu() for rows in self._token_rows(c)] for c in self.caches]
 
     def load_cpu_copy(self, kv_cache_cpu, indices, mamba_indices=None, req_pool_index=None):
-        buffers = (self.k_buffer, self.v_buffer, self.k_scale_buffer, self.v_scale_buffer)
-        for layer in range(self.layer_num):
-            for buf, saved in zip(buffers, kv_cache_cpu[layer], strict=True):
-                buf[layer][indices] = saved.to(buf[layer].device)
+        for cache, saved_rows in zip(self.caches, kv_cache_cpu, strict=True):
+            for rows, saved in zip(self._token_rows(cache), saved_rows, strict=True):
+                rows[indices] = saved.to(rows.device)

@@ -48,6 +48,13 @@ DEFAULT_MIN_EXTEND_LEN = 2048
 DEFAULT_DECODE_MAX_SPLITS = 64
 
 
+def kv_cache_setting(environ=os.environ) -> str:
+    """``SGLANG_SAGE_ATTN_KV_CACHE`` as read into ``SageAttnSettings.kv_cache``; alone, for
+    callers that must not load the kernels (SageAttnSettings checks its other fields
+    against the kernels' lists): kv8_hooks, which SGLang's planner asks on every server."""
+    return environ.get(KV_CACHE_ENV, "auto").lower()
+
+
 @dataclass(frozen=True)
 class SageAttnSettings:
     # P·V precision: "fp16" (accurate everywhere, the default), "fp8" (e4m3 P and V,
@@ -138,6 +145,6 @@ class SageAttnSettings:
             decode_max_splits=integer(DECODE_MAX_SPLITS_ENV, DEFAULT_DECODE_MAX_SPLITS),
             kernel=environ.get(KERNEL_ENV, "auto").lower(),
             qk_rotation=environ.get(QK_ROTATION_ENV, "auto").lower(),
-            kv_cache=environ.get(KV_CACHE_ENV, "auto").lower(),
+            kv_cache=kv_cache_setting(environ),
             kv_smoothing=environ.get(KV_SMOOTHING_ENV, "calibrate").lower(),
         )
