@@ -76,45 +76,47 @@ def token_capacity(log_path: str) -> int | None:
     return int(found[-1]) if found else None
 
 
+def launch_server(
+    *, model_path: str, backend: str, port: int, log_path: str, flags: list[str], env=None
+) -> tuple[list[str], subprocess.Popen]:
+    """Start ``python -m sglang.launch_server`` with the flags that make SGLang run on
+    the GPU image here (see ../shared/gpu/serve-smoke.sh) and ``flags``; its output goes
+    to ``log_path``. ``env``: extra environment variables for the server."""
+    server_env = dict(
+        os.environ,
+        SGLANG_FORCE_FUSED_OP_BACKEND="torch",
+        SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK="1",
+        PYTHONUNBUFFERED="1",
+        **(env or {}),
+    )
+    command = [
+        sys.executable, "-m", "sglang.launch_server", "--model-path", model_path,
+        "--skip-tokenizer-init", "--attention-backend", backend,
+        "--sampling-backend", "pytorch", "--grammar-backend", "none",
+        "--port", str(port), "--host", "127.0.0.1", *flags,
+    ]  # fmt: skip
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_env)
+    return command, server
+
+
 def run(args) -> None:
     model_path = args.model
     if args.model == "smollm2":  # the converted GGUF, served as SGLang's Granite architecture
         import smollm2
 
         model_path = smollm2.serving_checkpoint(smollm2.prepare())
-    env = dict(
-        os.environ,
-        SGLANG_FORCE_FUSED_OP_BACKEND="torch",
-        SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK="1",
-        PYTHONUNBUFFERED="1",
-    )
-    command = [
-        sys.executable,
-        "-m",
-        "sglang.launch_server",
-        "--model-path",
-        model_path,
-        "--load-format",
-        args.load_format,
-        "--skip-tokenizer-init",
-        "--attention-backend",
-        args.backend,
-        "--sampling-backend",
-        "pytorch",
-        "--grammar-backend",
-        "none",
-        "--disable-radix-cache",
-        "--port",
-        str(args.port),
-        "--host",
-        "127.0.0.1",
-        "--mem-fraction-static",
-        "0.3",
-        *shlex.split(args.extra),
-    ]
     log_path = args.out.removesuffix(".json") + ".server.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    command, server = launch_server(
+        model_path=model_path,
+        backend=args.backend,
+        port=args.port,
+        log_path=log_path,
+        flags=[
+            "--load-format", args.load_format, "--disable-radix-cache",
+            "--mem-fraction-static", "0.3", *shlex.split(args.extra),
+        ],
+    )  # fmt: skip
     try:
         startup_s = _wait_healthy(args.port, server, log_path)
         if args.heldout_windows:

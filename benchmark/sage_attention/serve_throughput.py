@@ -34,34 +34,28 @@ import re
 import shlex
 import statistics
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from serve_logprobs import _post, _wait_healthy, prompts, token_capacity
+from serve_logprobs import _post, _wait_healthy, launch_server, prompts, token_capacity
 
 
 def launch(args, log_path: str) -> subprocess.Popen:
-    env = dict(
-        os.environ,
-        SGLANG_FORCE_FUSED_OP_BACKEND="torch",
-        SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK="1",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(item.split("=", 1) for item in args.env)
-    command = [
-        sys.executable, "-m", "sglang.launch_server",
-        "--model-path", args.model, "--load-format", args.load_format,
-        "--skip-tokenizer-init", "--attention-backend", args.backend,
-        "--sampling-backend", "pytorch", "--grammar-backend", "none",
-        "--port", str(args.port), "--host", "127.0.0.1",
-        "--mem-fraction-static", str(args.mem_fraction),
-        "--context-length", str(max(args.lengths) + args.decode_tokens + 64),
-        "--max-running-requests", str(max(args.batches)),
-        *shlex.split(args.extra),
-    ]  # fmt: skip
-    with open(log_path, "w") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    _, server = launch_server(
+        model_path=args.model,
+        backend=args.backend,
+        port=args.port,
+        log_path=log_path,
+        env=dict(item.split("=", 1) for item in args.env),
+        flags=[
+            "--load-format", args.load_format,
+            "--mem-fraction-static", str(args.mem_fraction),
+            "--context-length", str(max(args.lengths) + args.decode_tokens + 64),
+            "--max-running-requests", str(max(args.batches)),
+            *shlex.split(args.extra),
+        ],
+    )  # fmt: skip
+    return server
 
 
 def timed_batch(port: int, batch: list[list[int]], max_new_tokens: int) -> float:
