@@ -60,6 +60,12 @@ for (kind, pv), (c, r) in sorted(worst.items()):
     print(f"worst {kind:7} pv={pv}: cos {c:.6f} rel-L1 {r:.4f}")
 PY
     ;;
+  tune)
+    # The kv8 kernels' tile sweep (tune_kv8.py; TUNE_ARGS, e.g. --kernels decode).
+    (cd benchmark/kernels/sage_attention && python3 tune_kv8.py ${TUNE_ARGS:-}) \
+      > "$OUT/tune.log" 2>&1
+    echo "tune rc=$?" | tee -a "$summary"; cat "$OUT/tune.log" | tee -a "$summary"
+    ;;
   bench)
     python3 benchmark/kernels/sage_attention/bench_sage_attention.py ${BENCH_ARGS:---quick} \
       --out "$OUT" > "$OUT/bench.log" 2>&1

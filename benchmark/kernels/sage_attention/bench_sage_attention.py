@@ -424,10 +424,14 @@ def bench_decode(args, batch, kv_len, head_dim=128) -> list[Row]:
     all_slots = torch.arange(num_slots, device="cuda")
     for chunk in all_slots.split(1 << 20):
         write_kv8(cache, chunk, k_buffer[chunk], v_buffer[chunk])
+    # random: every key in its own place (the worst case for a gather); contiguous:
+    # each request's keys in consecutive slots, as a fresh server allocates them.
+    order = getattr(args, "decode_slots", "random")
     index_sets = [
-        (torch.randperm(batch * kv_len, device="cuda") + 1 + c * batch * kv_len)
+        (torch.randperm(batch * kv_len, device="cuda") if order == "random"
+         else torch.arange(batch * kv_len, device="cuda")) + 1 + c * batch * kv_len
         for c in range(copies)
-    ]
+    ]  # fmt: skip
     q = torch.randn(batch, q_heads, head_dim, dtype=torch.bfloat16, device="cuda")
     o = torch.empty_like(q)
     kv_indptr = torch.arange(0, batch + 1, dtype=torch.int32, device="cuda") * kv_len
@@ -792,6 +796,12 @@ def main():
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--decode-lens", type=int, nargs="+", default=[1024, 8192, 32768, 131072])
     parser.add_argument("--decode-max-tokens", type=int, default=2**21)
+    parser.add_argument(
+        "--decode-slots",
+        choices=["random", "contiguous"],
+        default="random",
+        help="decode: each key's slot drawn at random, or each request's keys in consecutive slots",
+    )
     parser.add_argument(
         "--tiles",
         nargs="+",

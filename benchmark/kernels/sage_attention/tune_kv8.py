@@ -19,62 +19,91 @@ import bench_sage_attention as bench
 
 from sglang.srt.layers.attention.sage_attention import decode_kv8, extend_kv8
 
-DECODE_SHAPES = [(1, 131072), (8, 32768), (64, 32768)]  # (batch, KV length)
+DECODE_SHAPES = [(1, 131072), (8, 32768), (32, 32768), (64, 32768)]  # (batch, KV length)
 EXTEND_SHAPES = [(0, 8192), (7424, 768)]  # (cached prefix, chunk): 0% and 90% at 8K
-DECODE_CONFIGS = {  # name -> (BLOCK_N, NUM_STAGES, NUM_WARPS, PTX conversion)
-    f"n{n}_s{s}_w{w}{'' if fast else '_cvt'}": (n, s, w, fast)
-    for n, s, w, fast in [
-        (64, 3, 4, True),
-        (128, 3, 4, True),
-        (128, 3, 4, False),
-        (256, 2, 4, True),
-        (256, 3, 4, True),
-        (256, 2, 8, True),
+DECODE_CONFIGS = {  # name -> (MAX_HEADS_PER_PROGRAM, KEY_HEADS_PER_STEP, NUM_STAGES, NUM_WARPS,
+    # MAXNREG)
+    f"h{h}_k{k}_s{s}_w{w}" + (f"_r{r}" if r else ""): (h, k, s, w, r)
+    for h, k, s, w, r in [
+        (1, 128, 3, 4, None),
+        (1, 128, 5, 4, None),
+        (1, 128, 7, 4, None),
+        (1, 64, 5, 4, None),
+        (1, 64, 5, 4, 128),
+        (1, 64, 8, 4, 128),
+        (1, 128, 5, 4, 168),
+        (1, 128, 5, 8, None),
+        (2, 128, 5, 4, None),
+        (4, 128, 5, 4, None),
+        (4, 128, 8, 4, None),
     ]
 }
 EXTEND_CONFIGS = {  # name -> (BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES, PTX conversion)
     f"m{m}_n{n}_w{w}_s{s}{'' if fast else '_cvt'}": (m, n, w, s, fast)
     for m, n, w, s, fast in [
-        (128, 64, 8, 2, True),
         (64, 128, 4, 2, True),
-        (64, 128, 4, 3, True),
-        (64, 128, 4, 2, False),
-        (64, 256, 4, 2, True),
-        (32, 128, 4, 2, True),
-        (64, 128, 8, 2, True),
-        (128, 128, 4, 2, True),
+        (64, 128, 4, 5, True),
+        (64, 128, 8, 5, True),
+        (128, 64, 8, 5, True),
+        (64, 64, 4, 5, True),
+        (128, 64, 8, 2, True),
     ]
 }
+
+
+def report(kernel: str, config: str, shape: str, row, slots: str = "") -> None:
+    """One line of the sweep's table."""
+    tops = f"{row.tops:7.1f}" if row.tops else " " * 7
+    gbps = f"{row.gbps:7.0f}" if row.gbps else " " * 7
+    print(f"{kernel:8} {config:18} {shape:>14} {row.ms:8.3f} {tops} {gbps} {row.cos:9.6f} {slots}",
+          flush=True)  # fmt: skip
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernels", nargs="+", default=["decode", "extend"])
+    parser.add_argument(
+        "--decode-slots", nargs="+", default=["contiguous", "random"],
+        help="slot orders to decode over (bench_sage_attention.py --decode-slots)",
+    )  # fmt: skip
+    parser.add_argument("--extend-configs", nargs="+", help="names from EXTEND_CONFIGS; all")
     args = parser.parse_args()
     opts = argparse.Namespace(
         q_heads=32, kv_heads=8, tokens=32768, warmup_ms=50, rep_ms=200, impls=[]
     )
-    print(f"{'kernel':8} {'config':18} {'shape':>14} {'ms':>8} {'TOPS':>7} {'GB/s':>7} {'cos':>9}")
+    header = ("kernel", "config", "shape", "ms", "TOPS", "GB/s", "cos", "slots")
+    print("{:8} {:18} {:>14} {:>8} {:>7} {:>7} {:>9} {}".format(*header))
     if "decode" in args.kernels:
-        opts.impls = ["sage_kv8_decode_splits64"]
-        for name, (n, s, w, fast) in DECODE_CONFIGS.items():
-            patches = dict(BLOCK_N=n, NUM_STAGES=s, NUM_WARPS=w, fast_int8_cvt=lambda f=fast: f)
-            with mock.patch.multiple(decode_kv8, **patches):
-                for batch, kv_len in DECODE_SHAPES:
-                    (row,) = bench.bench_decode(opts, batch, kv_len)
-                    print(f"decode   {name:18} {f'b{batch} kv{kv_len}':>14} {row.ms:8.3f}"
-                          f" {'':>7} {row.gbps:7.0f} {row.cos:9.6f}", flush=True)  # fmt: skip
+        for order in args.decode_slots:
+            opts.decode_slots = order
+            # SGLang's Triton decode on the bf16 cache at split caps 16 and 64 (the baselines),
+            # then each kv8 configuration at cap 64 (sage_attn's).
+            opts.impls = ["sglang_triton_decode", "sglang_triton_decode_splits64"]
+            for batch, kv_len in DECODE_SHAPES:
+                for row in bench.bench_decode(opts, batch, kv_len):
+                    report("bf16", row.impl[:18], f"b{batch} kv{kv_len}", row, order)
+            opts.impls = ["sage_kv8_decode_splits64"]
+            for name, (h, k, s, w, r) in DECODE_CONFIGS.items():
+                patches = dict(
+                    MAX_HEADS_PER_PROGRAM=h, KEY_HEADS_PER_STEP=k, NUM_STAGES=s, NUM_WARPS=w,
+                    MAXNREG=r,
+                )  # fmt: skip
+                with mock.patch.multiple(decode_kv8, **patches):
+                    for batch, kv_len in DECODE_SHAPES:
+                        (row,) = bench.bench_decode(opts, batch, kv_len)
+                        report("decode", name, f"b{batch} kv{kv_len}", row, order)
     if "extend" in args.kernels:
         opts.impls = ["sage_kv8_kernel_only"]
         for name, (m, n, w, s, fast) in EXTEND_CONFIGS.items():
+            if args.extend_configs and name not in args.extend_configs:
+                continue
             patches = dict(
                 BLOCK_M=m, BLOCK_N=n, NUM_WARPS=w, NUM_STAGES=s, fast_int8_cvt=lambda f=fast: f
             )
             with mock.patch.multiple(extend_kv8, **patches):
                 for prefix, chunk in EXTEND_SHAPES:
                     (row,) = bench.bench_prefill(opts, "extend", 128, prefix, chunk, True)
-                    print(f"extend   {name:18} {f'{prefix}+{chunk}':>14} {row.ms:8.3f}"
-                          f" {row.tops:7.1f} {'':>7} {row.cos:9.6f}", flush=True)  # fmt: skip
+                    report("extend", name, f"{prefix}+{chunk}", row)
     return 0
 
 
