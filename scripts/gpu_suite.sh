@@ -166,6 +166,35 @@ PY
       --json "$OUT/kv_cache_accuracy.json" | tee -a "$summary"
     rm -f "$OUT"/kv_*.server.log.gz; gzip -f "$OUT"/kv_*.server.log
     ;;
+  serve_retract)
+    # Retraction on the 8-bit cache in a live server, on the trained byte model: the
+    # same prompts with SGLang's own retraction test mode (SGLANG_TEST_RETRACT=1:
+    # decode requests are retracted every third step, their KV freed, and recomputed
+    # through the 8-bit extend path when readmitted) and without it. Fails unless the
+    # log shows requests retracted, and both runs' 8-bit pool and kernels.
+    serve="python3 benchmark/sage_attention/serve_logprobs.py"
+    common="--model benchmark/sage_attention/byte-granite --load-format auto \
+      --heldout-windows 8 --window-len 1024 --top-logprobs 1 --max-new-tokens 64"
+    extra=${RETRACT_EXTRA:---dtype bfloat16 --chunked-prefill-size 256 --cuda-graph-max-bs-decode 8}
+    for mode in base retract; do
+      env SGLANG_SAGE_ATTN_KV_CACHE=int8 SGLANG_SAGE_ATTN_MIN_EXTEND_LEN=0 \
+        $([ $mode = retract ] && echo SGLANG_TEST_RETRACT=1) \
+        $serve run --backend sage_attn --label "kv8_$mode" $common \
+        --out "$OUT/retract_$mode.json" --extra "$extra" 2>&1 | tail -1 | tee -a "$summary"
+      log="$OUT/retract_$mode.server.log"
+      require_sage_batches "$log" "$step ($mode)"
+      grep -q "decode batches on the 8-bit cache" "$log" \
+        || { echo "FAIL $step: no decode on the 8-bit cache ($mode)" | tee -a "$summary"; failed=1; }
+    done
+    log="$OUT/retract_retract.server.log"
+    n=$(grep -o "Testing retraction. #retracted_reqs: [0-9]*" "$log" | awk '{s += $NF} END {print s + 0}')
+    echo "$step: $n requests retracted ($(grep -c 'Testing retraction' "$log") retraction steps)" \
+      | tee -a "$summary"
+    [ "$n" -gt 0 ] || { echo "FAIL $step: nothing was retracted" | tee -a "$summary"; failed=1; }
+    $serve compare "$OUT/retract_base.json" "$OUT/retract_retract.json" \
+      --json "$OUT/retract_compare.json" | tee -a "$summary"
+    gzip -f "$OUT"/retract_*.server.log
+    ;;
   throughput)
     # End-to-end serving throughput on an 8B-shaped attention stack (dummy weights):
     # THROUGHPUT_CONFIGS of triton, sage (bf16 cache), kv8 (8-bit cache), one server

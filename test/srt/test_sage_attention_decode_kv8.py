@@ -26,9 +26,7 @@ from sage_attention_inputs import (
     requires_kernels,
 )
 
-from sglang.srt.layers.attention.sage_attention import decode_kv8
 from sglang.srt.layers.attention.sage_attention.decode_kv8 import (
-    kv_heads_per_program,
     sage_decode_kv8,
     sage_decode_kv8_ref,
 )
@@ -44,8 +42,6 @@ CASES = [
     ExtendCase("gqa8_hd128", (500, 1), (1, 1), num_q_heads=8, num_kv_heads=1, head_dim=128),
     ExtendCase("one_key", (0, 5), (1, 1), num_q_heads=4, num_kv_heads=1),
     ExtendCase("gqa3", (90, 17), (1, 1), num_q_heads=6, num_kv_heads=2),
-    # 4 KV heads of group 4: one program reads all four side by side (16 query rows).
-    ExtendCase("gqa4_4heads_hd128", (700, 65), (1, 1), 16, 4, head_dim=128),
 ]
 OUTLIER_CASES = [
     ExtendCase(f"{values}_hd{d}", (400, 90), (1, 1), 8, 2, head_dim=d, values=values)
@@ -117,26 +113,6 @@ def test_split_count_changes_only_rounding_and_runs_are_bitwise_repeatable():
     assert cos >= 0.999999 and rel_l1 <= 1e-3
     after = (q, cache.k_int8, cache.v_int8, indices)
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), "inputs modified"
-
-
-def test_kv_heads_per_program_fill_sixteen_rows_and_divide_the_heads():
-    # (group, KV heads, head dim) -> heads per program
-    expect = {(4, 8, 128): 4, (4, 2, 128): 2, (8, 8, 128): 2, (16, 8, 128): 1, (1, 32, 128): 4,
-              (3, 2, 64): 2, (4, 1, 128): 1, (4, 6, 128): 2, (1, 8, 256): 2}  # fmt: skip
-    got = {key: kv_heads_per_program(*key) for key in expect}
-    assert got == expect
-
-
-@pytest.mark.skipif(**requires_kernels)
-@pytest.mark.parametrize("case", [CASES[1], CASES[-1]], ids=lambda c: c.name)
-def test_heads_side_by_side_change_only_rounding(case, monkeypatch):
-    """Several KV heads per program (and the splits scaled with them) against one."""
-    q, cache, indptr, indices, _ = decode_batch(case)
-    wide = run_decode(q, cache, indptr, indices)
-    monkeypatch.setattr(decode_kv8, "MAX_HEADS_PER_PROGRAM", 1)
-    narrow = run_decode(q, cache, indptr, indices)
-    cos, rel_l1 = attention_error(wide, narrow)
-    assert cos >= 0.999999 and rel_l1 <= 1e-3, (cos, rel_l1)
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="a cache of more than 2^31 elements needs a GPU")

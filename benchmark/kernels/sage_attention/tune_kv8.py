@@ -21,21 +21,16 @@ from sglang.srt.layers.attention.sage_attention import decode_kv8, extend_kv8
 
 DECODE_SHAPES = [(1, 131072), (8, 32768), (32, 32768), (64, 32768)]  # (batch, KV length)
 EXTEND_SHAPES = [(0, 8192), (7424, 768)]  # (cached prefix, chunk): 0% and 90% at 8K
-DECODE_CONFIGS = {  # name -> (MAX_HEADS_PER_PROGRAM, KEY_HEADS_PER_STEP, NUM_STAGES, NUM_WARPS,
-    # MAXNREG)
-    f"h{h}_k{k}_s{s}_w{w}" + (f"_r{r}" if r else ""): (h, k, s, w, r)
-    for h, k, s, w, r in [
-        (1, 128, 3, 4, None),
-        (1, 128, 5, 4, None),
-        (1, 128, 7, 4, None),
-        (1, 64, 5, 4, None),
-        (1, 64, 5, 4, 128),
-        (1, 64, 8, 4, 128),
-        (1, 128, 5, 4, 168),
-        (1, 128, 5, 8, None),
-        (2, 128, 5, 4, None),
-        (4, 128, 5, 4, None),
-        (4, 128, 8, 4, None),
+DECODE_CONFIGS = {  # name -> (BLOCK_N, NUM_STAGES, NUM_WARPS)
+    # Triton 3.6 gives this loop one buffer per gathered tile at 3-4 stages (the copy
+    # for step i+1 waits for step i's compute) and two from 5 on.
+    f"n{n}_s{s}_w{w}": (n, s, w)
+    for n, s, w in [
+        (128, 3, 4),
+        (128, 5, 4),
+        (128, 7, 4),
+        (64, 5, 4),
+        (128, 5, 8),
     ]
 }
 EXTEND_CONFIGS = {  # name -> (BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES, PTX conversion)
@@ -83,11 +78,8 @@ def main():
                 for row in bench.bench_decode(opts, batch, kv_len):
                     report("bf16", row.impl[:18], f"b{batch} kv{kv_len}", row, order)
             opts.impls = ["sage_kv8_decode_splits64"]
-            for name, (h, k, s, w, r) in DECODE_CONFIGS.items():
-                patches = dict(
-                    MAX_HEADS_PER_PROGRAM=h, KEY_HEADS_PER_STEP=k, NUM_STAGES=s, NUM_WARPS=w,
-                    MAXNREG=r,
-                )  # fmt: skip
+            for name, (n, s, w) in DECODE_CONFIGS.items():
+                patches = dict(BLOCK_N=n, NUM_STAGES=s, NUM_WARPS=w)
                 with mock.patch.multiple(decode_kv8, **patches):
                     for batch, kv_len in DECODE_SHAPES:
                         (row,) = bench.bench_decode(opts, batch, kv_len)

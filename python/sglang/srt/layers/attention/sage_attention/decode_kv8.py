@@ -41,47 +41,13 @@ from sglang.srt.layers.attention.sage_attention.kv8_tiles import (
 from sglang.srt.layers.attention.sage_attention.quantize import quantized_q_block
 
 _LN2 = tl.constexpr(math.log(2.0))
-# The smallest tensor-core tile's rows: query rows per program.
-MIN_ROWS = 16
-# Tile constants, tuned on the H200 with benchmark/kernels/sage_attention/tune_kv8.py
-# (RESULTS.md). A program reads up to MAX_HEADS_PER_PROGRAM KV heads side by side;
-# each step reads KEY_HEADS_PER_STEP (key, KV head) rows, i.e. KEY_HEADS_PER_STEP //
-# heads keys; NUM_STAGES steps in flight.
-MAX_HEADS_PER_PROGRAM = 4
-KEY_HEADS_PER_STEP = 128
+# Keys per inner step, steps in flight, warps (see the module docstring). Tuned on
+# the H200 with benchmark/kernels/sage_attention/tune_kv8.py (RESULTS.md): 128 keys
+# per step decode 1.5x faster than 64 (3 stages); more stages or 8 warps gain nothing,
+# 256 keys run slower.
+BLOCK_N = 128
 NUM_STAGES = 3
 NUM_WARPS = 4
-MAXNREG = None
-
-
-def kv_heads_per_program(group: int, num_kv_heads: int, head_dim: int) -> int:
-    """KV heads one program reads side by side: doubled while their query rows still
-    fit MIN_ROWS and they divide the KV heads. Fills the 16-row tile that GQA groups
-    of 1-8 leave mostly empty, so each step's softmax serves up to 4x the bytes."""
-    heads = 1
-    while (
-        2 * heads <= MAX_HEADS_PER_PROGRAM
-        and 2 * heads * group <= MIN_ROWS
-        and num_kv_heads % (2 * heads) == 0
-        and 2 * heads * head_dim <= 512
-    ):
-        heads *= 2
-    return heads
-
-
-@triton.jit
-def _spread_over_heads(q_int8, row_kv_head, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """INT8 query rows [M, D] -> [M, HEADS * D] with row m in its head's D columns
-    and zeros elsewhere, so one product with side-by-side K heads [N, HEADS * D]
-    gives each row the scores against its own head only."""
-    if HEADS == 1:
-        return q_int8
-    rows: tl.constexpr = q_int8.shape[0]
-    wide = tl.reshape(
-        tl.broadcast_to(q_int8[:, None, :], (rows, HEADS, HEAD_DIM)), (rows, HEADS * HEAD_DIM)
-    )
-    col_head = tl.arange(0, HEADS * HEAD_DIM) // HEAD_DIM
-    return tl.where(col_head[None, :] == row_kv_head[:, None], wide, 0).to(tl.int8)
 
 
 @triton.jit
@@ -104,7 +70,6 @@ def _kv8_decode_stage1(
     stride_logits_s,
     num_kv_heads,
     KV_GROUP: tl.constexpr,
-    HEADS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
@@ -115,7 +80,7 @@ def _kv8_decode_stage1(
     FAST_CVT: tl.constexpr,
 ):
     b = tl.program_id(0)
-    kv_head = tl.program_id(1) * HEADS  # the first of this program's KV heads
+    kv_head = tl.program_id(1)
     split = tl.program_id(2)
     kv_start = tl.load(kv_indptr + b).to(tl.int64)
     kv_len = tl.load(kv_indptr + b + 1).to(tl.int64) - kv_start
@@ -126,31 +91,27 @@ def _kv8_decode_stage1(
     if lo >= hi:
         return
 
-    # Rows: the query heads of this program's KV heads (consecutive), all of request
-    # b's one token; row_kv_head: which of the program's KV heads a row reads.
+    # Rows: the query heads of this KV head, all of request b's one token.
     rows = tl.arange(0, BLOCK_H)
-    row_valid = rows < KV_GROUP * HEADS
+    row_valid = rows < KV_GROUP
     heads = kv_head * KV_GROUP + rows
-    row_kv_head = tl.where(row_valid, rows // KV_GROUP, 0)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
     q_int8, q_scale = quantized_q_block(
         q, first_token=b.to(tl.int64), row_token=tl.zeros([BLOCK_H], dtype=tl.int64),
         row_valid=row_valid, row_head=heads, stride_q_tok=stride_q_tok,
         stride_q_head=stride_q_head, qk_scale_log2=qk_scale_log2, HEAD_DIM=HEAD_DIM,
         ROTATE=ROTATE,
     )  # fmt: skip
-    q_int8 = _spread_over_heads(q_int8, row_kv_head, HEADS=HEADS, HEAD_DIM=HEAD_DIM)
 
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    # Every row's product with all HEADS value heads; only its own head's block is kept.
-    acc = tl.zeros([BLOCK_H, HEADS * HEAD_DIM_V], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM_V], dtype=tl.float32)
     for start in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
         pos = start + tl.arange(0, BLOCK_N)
         valid = pos < hi
         key, key_scale, value, value_scale = load_kv8_tile(
             k_int8, k_scale, v_int8, v_scale, kv_indices + kv_start, pos, valid, kv_head,
-            num_kv_heads, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, row_kv_head=row_kv_head,
-            HEADS=HEADS,
+            num_kv_heads, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V,
         )  # fmt: skip
         s = kv8_scores(q_int8, q_scale, key, key_scale)
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -158,12 +119,10 @@ def _kv8_decode_stage1(
 
     out_rows = b.to(tl.int64) * stride_logits_b + heads.to(tl.int64) * stride_logits_h
     out_rows += split * stride_logits_s
-    cols = tl.arange(0, HEADS * HEAD_DIM_V)
-    own_head = (cols // HEAD_DIM_V)[None, :] == row_kv_head[:, None]
     tl.store(
-        attn_logits + out_rows[:, None] + (cols % HEAD_DIM_V)[None, :],
+        attn_logits + out_rows[:, None] + offs_dv[None, :],
         acc / l_i[:, None],
-        mask=row_valid[:, None] & own_head,
+        mask=row_valid[:, None],
     )
     # SGLang's stage 2 merges in natural log: lse = ln(l) + m·ln 2 (m is in log2 units).
     lse = (m_i + tl.math.log2(l_i)) * _LN2
@@ -189,9 +148,7 @@ def sage_decode_kv8(
     ``write_kv8``). ``attn_logits [>=B, Hq, max_kv_splits, Dv]`` and ``attn_lse [>=B, Hq,
     max_kv_splits]`` fp32 are scratch (SGLang's Triton backend allocates the same; its
     first B rows are used);
-    ``num_kv_splits [B]`` int32, each in [1, max_kv_splits] (SGLang's choice for one
-    program per KV head; with h KV heads per program, h times as many are run, up to
-    ``max_kv_splits``, so the grid keeps SGLang's size).
+    ``num_kv_splits [B]`` int32, each in [1, max_kv_splits].
     """
     batch, num_q_heads, head_dim = q.shape
     cache.check_queries(q, o)
@@ -211,11 +168,8 @@ def sage_decode_kv8(
     if batch == 0:
         return
     group = num_q_heads // cache.num_kv_heads
-    heads = kv_heads_per_program(group, cache.num_kv_heads, head_dim)
-    if heads > 1:  # a new tensor: the caller's (SGLang's metadata) stays as it was
-        num_kv_splits = torch.clamp(num_kv_splits * heads, max=max_kv_splits)
     sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
-    _kv8_decode_stage1[(batch, cache.num_kv_heads // heads, max_kv_splits)](
+    _kv8_decode_stage1[(batch, cache.num_kv_heads, max_kv_splits)](
         q,
         cache.k_int8,
         cache.k_scale,
@@ -234,17 +188,15 @@ def sage_decode_kv8(
         stride_logits_s=attn_logits.stride(2),
         num_kv_heads=cache.num_kv_heads,
         KV_GROUP=group,
-        HEADS=heads,
-        BLOCK_H=max(MIN_ROWS, triton.next_power_of_2(group * heads)),
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         HEAD_DIM_V=cache.head_dim_v,
-        BLOCK_N=max(16, KEY_HEADS_PER_STEP // heads),
+        BLOCK_N=BLOCK_N,
         MIN_BLOCK_KV=_MIN_BLOCK_KV,
         ROTATE=cache.rotated,
         NUM_STAGES=NUM_STAGES,
         FAST_CVT=fast_int8_cvt(),
         num_warps=NUM_WARPS,
-        **({"maxnreg": MAXNREG} if MAXNREG else {}),
     )
     # SGLang's stage 2 (v_scale 1.0: the per-token V scales are already in).
     _decode_softmax_reducev_fwd(

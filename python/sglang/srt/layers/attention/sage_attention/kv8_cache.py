@@ -139,37 +139,24 @@ def load_kv8_tile(
     num_kv_heads,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
-    row_kv_head=None,
-    HEADS: tl.constexpr = 1,
 ):
-    """Keys and values at positions ``pos [N]`` of a sequence whose slot ids start at
-    ``slots_of_seq``, for the ``HEADS`` KV heads from ``kv_head`` on; zeros where not
-    ``valid``. The kernels read the cache only through this.
-
-    Returns INT8 K [N, HEADS * D] and V [N, HEADS * Dv], the heads side by side (a
-    slot's heads are adjacent, so each row is one contiguous read), and the K and V
-    scales shaped to broadcast against an [M, N] score tile: [1, N] when HEADS == 1,
-    else [M, N] with row m taking head ``kv_head + row_kv_head[m]``'s."""
+    """Keys and values at positions ``pos`` of a sequence whose slot ids start at
+    ``slots_of_seq``: INT8 K [N, D] and its scales [N], INT8 V [N, Dv] and its scales
+    [N]; zeros where not ``valid``. The kernels read the cache only through this."""
     slot = tl.load(slots_of_seq + pos, mask=valid, other=0)
     cell = kv8_cell(slot, kv_head, num_kv_heads)
     key = tl.load(
-        k_int8 + cell[:, None] * HEAD_DIM + tl.arange(0, HEADS * HEAD_DIM)[None, :],
+        k_int8 + cell[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :],
         mask=valid[:, None],
         other=0,
     )
     value = tl.load(
-        v_int8 + cell[:, None] * HEAD_DIM_V + tl.arange(0, HEADS * HEAD_DIM_V)[None, :],
+        v_int8 + cell[:, None] * HEAD_DIM_V + tl.arange(0, HEAD_DIM_V)[None, :],
         mask=valid[:, None],
         other=0,
     )
-    if HEADS == 1:
-        scale_cell = cell[None, :]
-        scale_valid = valid[None, :]
-    else:
-        scale_cell = cell[None, :] + row_kv_head[:, None]
-        scale_valid = valid[None, :] & (row_kv_head[:, None] < HEADS)
-    key_scale = tl.load(k_scale + scale_cell, mask=scale_valid, other=0.0)
-    value_scale = tl.load(v_scale + scale_cell, mask=scale_valid, other=0.0)
+    key_scale = tl.load(k_scale + cell, mask=valid, other=0.0)
+    value_scale = tl.load(v_scale + cell, mask=valid, other=0.0)
     return key, key_scale, value, value_scale
 
 

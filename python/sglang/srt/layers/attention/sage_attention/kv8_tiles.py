@@ -49,20 +49,18 @@ def int8_to_fp16(x, FAST: tl.constexpr):
 @triton.jit
 def kv8_scores(q_int8, q_scale, key, key_scale):
     """Scores of INT8 query rows (one scale per row, exp2 units folded in) against an
-    INT8 key tile (one scale per key, [1, N] or per row [M, N], as ``load_kv8_tile``
-    gives them): an INT8 tensor-core product, then two scales."""
-    return tl.dot(q_int8, tl.trans(key)).to(tl.float32) * q_scale[:, None] * key_scale
+    INT8 key tile (one scale per key): an INT8 tensor-core product, then two scales."""
+    return tl.dot(q_int8, tl.trans(key)).to(tl.float32) * q_scale[:, None] * key_scale[None, :]
 
 
 @triton.jit
 def kv8_pv(p, value, value_scale, FAST_CVT: tl.constexpr):
     """``p [M, N]`` (softmax numerators in [0, 1]) times an INT8 value tile with one
-    scale per value row (``value_scale`` [1, N], or [M, N] when score rows read
-    different heads): FP16 P·V on the exact INT8 V, V's row scales folded into P
-    relative to their largest (so P stays in [0, 1] whatever V's magnitude), which
-    then multiplies the product."""
-    tile_scale = tl.maximum(tl.max(value_scale, 1), 1.0e-30)[:, None]
-    p_v = (p * (value_scale / tile_scale)).to(tl.float16)
+    scale per row: FP16 P·V on the exact INT8 V, V's row scales folded into P
+    relative to the tile's largest (so P stays in [0, 1] whatever V's magnitude),
+    which then multiplies the tile's product."""
+    tile_scale = tl.maximum(tl.max(value_scale, 0), 1.0e-30)
+    p_v = (p * (value_scale / tile_scale)[None, :]).to(tl.float16)
     return tl.dot(p_v, int8_to_fp16(value, FAST_CVT)) * tile_scale
 
 
