@@ -186,6 +186,20 @@ def report(paths: list[str]) -> str:
             + " | ".join(fmt(c, "output_tok_s", cell) for c in cells)
             + " |"
         )
+    short_len = min(length for length, _ in base)
+    shares = [attention_share(r, short_len) for r in runs]
+    if any(shares):
+        lines += [
+            "",
+            f"Share of a decode step in attention (lower bound, `1 - step({short_len}) / "
+            "step(L)`, same batch):",
+            "",
+            "| input x batch | " + " | ".join(r["label"] for r in runs) + " |",
+            "|---|" + "---|" * len(runs),
+        ]
+        for key in shares[0]:
+            row = " | ".join(f"{share[key]:.0%}" if key in share else "—" for share in shares)
+            lines.append(f"| {key} | {row} |")
     return "\n".join(lines)
 
 

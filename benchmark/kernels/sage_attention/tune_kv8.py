@@ -76,7 +76,8 @@ def main():
             opts.impls = ["sglang_triton_decode", "sglang_triton_decode_splits64"]
             for batch, kv_len in DECODE_SHAPES:
                 for row in bench.bench_decode(opts, batch, kv_len):
-                    report("bf16", row.impl[:18], f"b{batch} kv{kv_len}", row, order)
+                    cap = "cap64" if row.impl.endswith("splits64") else "cap16"
+                    report("bf16", cap, f"b{batch} kv{kv_len}", row, order)
             opts.impls = ["sage_kv8_decode_splits64"]
             for name, (n, s, w) in DECODE_CONFIGS.items():
                 patches = dict(BLOCK_N=n, NUM_STAGES=s, NUM_WARPS=w)
