@@ -119,9 +119,15 @@ def decode_rows(data: dict) -> list[tuple]:
 # sage_attn's defaults on this head-dim-64 model (rotated), and without the rotation
 # (what a head-dim-128 model runs by default).
 SMOLLM2_BACKENDS = {"sage_fp16_rot": "default (rotated)", "sage_fp16": "unrotated (hd-128 default)"}
+# The KV caches in the harness (validate.py --backends triton sage_kv8 triton_fp8).
+SMOLLM2_KV_CACHES = {
+    "sage_kv8": "8-bit cache (sage_attn)",
+    "triton_fp8": "fp8_e4m3 cache (SGLang Triton)",
+}
 
 
-def smollm2_rows(data: dict) -> list[tuple]:
+def smollm2_rows(data: dict, backends: dict = SMOLLM2_BACKENDS) -> list[tuple]:
+    """Per text and context, each of ``backends`` against the bf16 Triton run."""
     ppl = by_key(data["perplexity"], "text", "context", "backend")
     vs_fp32 = by_key(
         (r for r in data["agreement"] if r["against"] == "fp32"), "text", "context", "backend"
@@ -129,7 +135,7 @@ def smollm2_rows(data: dict) -> list[tuple]:
     table = []
     for text, context, _ in (key for key in ppl if key[2] == "triton"):
         bf16, bf16_ppl = vs_fp32[text, context, "triton"], ppl[text, context, "triton"]["ppl"]
-        for backend, label in SMOLLM2_BACKENDS.items():
+        for backend, label in backends.items():
             sage = vs_fp32[text, context, backend]
             dppl = ppl[text, context, backend]["ppl"] / bf16_ppl - 1
             kl, bf16_kl = sage["kl_mean"], bf16["kl_mean"]
@@ -164,6 +170,21 @@ def capacity_rows(data: dict) -> list[tuple]:
         (name, f"{runs[label]['max_total_num_tokens']:,}",
          ratio(runs[label]["max_total_num_tokens"], baseline))
         for label, name in SERVING_CONFIGS.items()
+    ]  # fmt: skip
+
+
+def decode_batch_rows(data: dict) -> list[tuple]:
+    """Decode tok/s at the longest input, per batch: Triton on the bf16 cache against
+    sage_attn on the 8-bit cache (the runs of one serve_throughput.py call each)."""
+    runs = {run["label"]: by_key(run["cells"], "input_len", "batch") for run in data["runs"]}
+    triton, kv8 = runs["triton"], runs["sage_kv8"]
+    longest = max(length for length, _ in triton)
+    return [
+        (kilo(longest), batch, f"{triton[longest, batch]['output_tok_s']:,.0f}",
+         f"{kv8[longest, batch]['output_tok_s']:,.0f}",
+         ratio(kv8[longest, batch]["output_tok_s"], triton[longest, batch]["output_tok_s"]))
+        for length, batch in sorted(triton)
+        if length == longest
     ]  # fmt: skip
 
 
@@ -283,6 +304,25 @@ TABLES = [
         columns="input | batch | prefill tok/s: triton | sage_attn bf16 | sage_attn 8-bit | "
         "decode tok/s: triton | sage_attn bf16 | sage_attn 8-bit",
         rows=throughput_rows,
+    ),
+    Table(
+        name="serving_decode_32k_h200",
+        source=f"{KERNEL_RESULTS}/h200_serving_throughput_32k_b16.json",
+        columns="input | batch | decode tok/s: triton, bf16 cache | sage_attn, 8-bit cache | "
+        "speed-up",
+        rows=decode_batch_rows,
+        command="THROUGHPUT_CONFIGS='kv8 triton' \\\n"
+        "    THROUGHPUT_ARGS='--lengths 1024 32768 --batches 1 8 16 32' "
+        "bash scripts/gpu_suite.sh throughput",
+    ),
+    Table(
+        name="kv_cache_kl_smollm2",
+        source=f"{MODEL_RESULTS}/h200_smollm2_kv8_validation.json",
+        columns="text | context | KV cache | ΔPPL vs bf16 | mean KL vs fp32: bf16 / this cache | "
+        "top-1 miss vs fp32: bf16 / this cache",
+        rows=lambda data: smollm2_rows(data, SMOLLM2_KV_CACHES),
+        command="SMOLLM2_ARGS='--backends triton sage_kv8 triton_fp8 --task-lengths 1024 "
+        "--task-trials 1' \\\n    bash scripts/gpu_suite.sh smollm2",
     ),
     Table(
         name="kv_cache_accuracy_smollm2",
