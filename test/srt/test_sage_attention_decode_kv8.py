@@ -26,6 +26,7 @@ from sage_attention_inputs import (
     requires_kernels,
 )
 
+from sglang.srt.layers.attention.sage_attention import decode_kv8
 from sglang.srt.layers.attention.sage_attention.decode_kv8 import (
     sage_decode_kv8,
     sage_decode_kv8_ref,
@@ -113,6 +114,20 @@ def test_split_count_changes_only_rounding_and_runs_are_bitwise_repeatable():
     assert cos >= 0.999999 and rel_l1 <= 1e-3
     after = (q, cache.k_int8, cache.v_int8, indices)
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), "inputs modified"
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="the PTX conversion runs on a GPU only")
+@pytest.mark.parametrize("case", [CASES[1], OUTLIER_CASES[-1]], ids=lambda c: c.name)
+def test_where_v_is_converted_changes_only_rounding(case, monkeypatch):
+    """CVT_IN_ROWS (V converted in its loaded rows, transposed as fp16) against the
+    conversion in P·V's operand layout: the same products, another layout."""
+    q, cache, indptr, indices, _ = decode_batch(case)
+    outputs = {}
+    for in_rows in (True, False):
+        monkeypatch.setattr(decode_kv8, "CVT_IN_ROWS", in_rows)
+        outputs[in_rows] = run_decode(q, cache, indptr, indices)
+    cos, rel_l1 = attention_error(outputs[True], outputs[False])
+    assert cos >= 0.999999 and rel_l1 <= 1e-3, (cos, rel_l1)
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="a cache of more than 2^31 elements needs a GPU")

@@ -7,7 +7,9 @@ tile (one means the copy for step i+1 waits for step i's compute), the
 ``async_wait`` depths, and registers / spill bytes from ``ptxas -v``. Needs only
 Triton and its bundled ptxas (RESULTS.md, round 6, tuning log 18):
 
-    python compile_info.py --configs 128,3,4 128,5,4 64,5,4     # BLOCK_N,stages,warps
+    python compile_info.py --configs 128,3,4 128,5,4 64,5,4,1   # BLOCK_N,stages,warps[,rows]
+
+(``rows`` 1: ``CVT_IN_ROWS``, V converted in its loaded rows.)
 """
 
 from __future__ import annotations
@@ -38,13 +40,13 @@ POINTERS = {
 }
 
 
-def compile_decode(block_n, stages, warps, group=4, head_dim=128, arch=90):
+def compile_decode(block_n, stages, warps, cvt_in_rows=False, group=4, head_dim=128, arch=90):
     """The stage-1 kernel as ``sage_decode_kv8`` launches it for these constants."""
     kernel = decode_kv8._kv8_decode_stage1
     constants = dict(
         KV_GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         HEAD_DIM_V=head_dim, BLOCK_N=block_n, MIN_BLOCK_KV=32, ROTATE=False,
-        NUM_STAGES=stages, FAST_CVT=True,
+        NUM_STAGES=stages, FAST_CVT=True, CVT_IN_ROWS=cvt_in_rows,
     )  # fmt: skip
     names = kernel.arg_names
     signature = {
@@ -89,21 +91,23 @@ def registers(compiled, arch=90) -> tuple[int, int]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=["128,3,4", "128,5,4", "128,7,4"])
+    parser.add_argument(
+        "--configs", nargs="+", default=["128,3,4,0", "128,5,4,0", "128,3,4,1", "128,5,4,1"]
+    )
     parser.add_argument("--arch", type=int, default=90)
     args = parser.parse_args()
-    print("BLOCK_N stages warps  smem_B  buffers/tile  async_wait  regs  spill_B")
+    print("BLOCK_N stages warps rows  smem_B  buffers/tile  async_wait  regs  spill_B")
     for config in args.configs:
-        block_n, stages, warps = map(int, config.split(","))
-        compiled = compile_decode(block_n, stages, warps, arch=args.arch)
+        block_n, stages, warps, rows = (list(map(int, config.split(","))) + [0])[:4]
+        compiled = compile_decode(block_n, stages, warps, bool(rows), arch=args.arch)
         ir = compiled.asm["ttgir"]
         # Pipelined tiles are allocated [buffers, ...] before the loop.
         allocs = re.findall(r"local_alloc : \(\) -> !ttg.memdesc<(\d+)x", ir)
         buffers = ",".join(map(str, sorted({int(n) for n in allocs})))
         waits = re.findall(r"async_wait[^{]*\{num = (\d+)", ir)
         regs, spill = registers(compiled, args.arch)
-        print(f"{block_n:7} {stages:6} {warps:5} {compiled.metadata.shared:7} {buffers:>13} "
-              f"{','.join(waits):>11} {regs:5} {spill:8}")  # fmt: skip
+        print(f"{block_n:7} {stages:6} {warps:5} {rows:4} {compiled.metadata.shared:7} "
+              f"{buffers:>13} {','.join(waits):>11} {regs:5} {spill:8}")  # fmt: skip
 
 
 if __name__ == "__main__":

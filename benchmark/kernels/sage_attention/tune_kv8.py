@@ -2,8 +2,9 @@
 
 Times each kernel at a few serving shapes for every configuration of its module
 constants (keys per step, rows per program, warps, stages, the PTX INT8 -> fp16
-conversion), through ``bench_sage_attention.py``'s measurement functions, so the
-figures are comparable with its ``sage_kv8_*`` rows. Prints one line per
+conversion and, in decode, where V is converted), through
+``bench_sage_attention.py``'s measurement functions, so the figures are comparable
+with its ``sage_kv8_*`` rows. Prints one line per
 (configuration, shape); the chosen constants are the modules' defaults.
 
     python tune_kv8.py                 # H200: ~2 min
@@ -21,16 +22,19 @@ from sglang.srt.layers.attention.sage_attention import decode_kv8, extend_kv8
 
 DECODE_SHAPES = [(1, 131072), (8, 32768), (32, 32768), (64, 32768)]  # (batch, KV length)
 EXTEND_SHAPES = [(0, 8192), (7424, 768)]  # (cached prefix, chunk): 0% and 90% at 8K
-DECODE_CONFIGS = {  # name -> (BLOCK_N, NUM_STAGES, NUM_WARPS)
+DECODE_CONFIGS = {  # name -> (BLOCK_N, NUM_STAGES, NUM_WARPS, CVT_IN_ROWS)
     # Triton 3.6 gives this loop one buffer per gathered tile at 3-4 stages (the copy
-    # for step i+1 waits for step i's compute) and two from 5 on.
-    f"n{n}_s{s}_w{w}": (n, s, w)
-    for n, s, w in [
-        (128, 3, 4),
-        (128, 5, 4),
-        (128, 7, 4),
-        (64, 5, 4),
-        (128, 5, 8),
+    # for step i+1 waits for step i's compute) and two from 5 on (compile_info.py).
+    f"n{n}_s{s}_w{w}{'_rows' if rows else ''}": (n, s, w, rows)
+    for n, s, w, rows in [
+        (128, 3, 4, False),
+        (128, 3, 4, True),
+        (128, 5, 4, True),
+        (64, 3, 4, True),
+        (64, 5, 4, True),
+        (64, 8, 4, True),
+        (32, 5, 4, True),
+        (128, 3, 8, True),
     ]
 }
 EXTEND_CONFIGS = {  # name -> (BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES, PTX conversion)
@@ -79,8 +83,8 @@ def main():
                     cap = "cap64" if row.impl.endswith("splits64") else "cap16"
                     report("bf16", cap, f"b{batch} kv{kv_len}", row, order)
             opts.impls = ["sage_kv8_decode_splits64"]
-            for name, (n, s, w) in DECODE_CONFIGS.items():
-                patches = dict(BLOCK_N=n, NUM_STAGES=s, NUM_WARPS=w)
+            for name, (n, s, w, rows) in DECODE_CONFIGS.items():
+                patches = dict(BLOCK_N=n, NUM_STAGES=s, NUM_WARPS=w, CVT_IN_ROWS=rows)
                 with mock.patch.multiple(decode_kv8, **patches):
                     for batch, kv_len in DECODE_SHAPES:
                         (row,) = bench.bench_decode(opts, batch, kv_len)

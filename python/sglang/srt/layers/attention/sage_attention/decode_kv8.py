@@ -15,8 +15,9 @@ the caller (fixed per captured batch size under CUDA graphs), splits of
 and their log-sum-exp in natural log. No host sync, fixed grid.
 
 Decode reads 2.06·D bytes per token and head against bf16's 4·D, so it is bound by
-how many gathered rows are in flight: ``BLOCK_N`` keys per step, ``NUM_STAGES``
-steps prefetched.
+how many gathered rows are in flight (``BLOCK_N`` keys per step, ``NUM_STAGES``
+steps prefetched, programs per SM) and by the work per step, most of it turning the
+token-major INT8 V into P·V's fp16 operand.
 """
 
 from __future__ import annotations
@@ -41,13 +42,17 @@ from sglang.srt.layers.attention.sage_attention.kv8_tiles import (
 from sglang.srt.layers.attention.sage_attention.quantize import quantized_q_block
 
 _LN2 = tl.constexpr(math.log(2.0))
-# Keys per inner step, steps in flight, warps (see the module docstring). Tuned on
-# the H200 with benchmark/kernels/sage_attention/tune_kv8.py (RESULTS.md): 128 keys
-# per step decode 1.5x faster than 64 (3 stages); more stages or 8 warps gain nothing,
-# 256 keys run slower.
+# Keys per inner step, steps in flight, warps, where V becomes fp16. Tuned on the H200
+# with benchmark/kernels/sage_attention/tune_kv8.py (RESULTS.md, rounds 4 and 6): 128
+# keys per step; V converted in its loaded rows (CVT_IN_ROWS, kv8_tiles.int8_to_fp16:
+# ~150 registers instead of 255, no byte-wise gather of V); 5 stages, the fewest that give
+# each gathered tile two buffers in Triton 3.6 (3-4 give one; compile_info.py). Together
+# 1.2-1.3x faster at batch 1-64 when a request's slots are contiguous, 0.86-0.91x when
+# every key sits in a random slot; 8 warps or 64 keys per step run slower.
 BLOCK_N = 128
-NUM_STAGES = 3
+NUM_STAGES = 5
 NUM_WARPS = 4
+CVT_IN_ROWS = True
 
 
 @triton.jit
@@ -78,6 +83,7 @@ def _kv8_decode_stage1(
     ROTATE: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     FAST_CVT: tl.constexpr,
+    CVT_IN_ROWS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -115,7 +121,9 @@ def _kv8_decode_stage1(
         )  # fmt: skip
         s = kv8_scores(q_int8, q_scale, key, key_scale)
         s = tl.where(valid[None, :], s, float("-inf"))
-        acc, l_i, m_i = kv8_softmax_step(acc, l_i, m_i, s, value, value_scale, FAST_CVT)
+        acc, l_i, m_i = kv8_softmax_step(
+            acc, l_i, m_i, s, value, value_scale, FAST_CVT, CVT_IN_ROWS
+        )
 
     out_rows = b.to(tl.int64) * stride_logits_b + heads.to(tl.int64) * stride_logits_h
     out_rows += split * stride_logits_s
@@ -196,6 +204,7 @@ def sage_decode_kv8(
         ROTATE=cache.rotated,
         NUM_STAGES=NUM_STAGES,
         FAST_CVT=fast_int8_cvt(),
+        CVT_IN_ROWS=CVT_IN_ROWS,
         num_warps=NUM_WARPS,
     )
     # SGLang's stage 2 (v_scale 1.0: the per-token V scales are already in).

@@ -20,15 +20,7 @@ def fast_int8_cvt() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
-@triton.jit
-def int8_to_fp16(x, FAST: tl.constexpr):
-    """INT8 -> fp16, exact. FAST (PTX): four values per xor + two byte permutes + two
-    packed subtracts -- the fp16 bit pattern of 1024 + (x + 128), minus 1152 -- where
-    a plain cast costs a quarter-rate cvt per value (FasterTransformer's conversion;
-    +9% in the extend kernel on the H200, nothing measurable in decode)."""
-    if FAST:
-        return tl.inline_asm_elementwise(
-            asm="""{
+_INT8_TO_FP16_ASM = tl.constexpr("""{
             .reg .b32 biased, bias;
             xor.b32 biased, $2, 0x80808080;
             prmt.b32 $0, biased, 0x64646464, 0x4140;
@@ -36,13 +28,31 @@ def int8_to_fp16(x, FAST: tl.constexpr):
             mov.b32 bias, 0x64806480;
             sub.f16x2 $0, $0, bias;
             sub.f16x2 $1, $1, bias;
-            }""",
-            constraints="=r,=r,r",
-            args=[x],
-            dtype=tl.float16,
-            is_pure=True,
-            pack=4,
-        )
+            }""")
+
+
+@triton.jit
+def int8_to_fp16(x, FAST: tl.constexpr, IN_ROWS: tl.constexpr = False):
+    """INT8 -> fp16, exact. FAST (PTX): four values per xor + two byte permutes + two
+    packed subtracts -- the fp16 bit pattern of 1024 + (x + 128), minus 1152 -- where
+    a plain cast costs a quarter-rate cvt per value (FasterTransformer's conversion;
+    +9% in the extend kernel on the H200, nothing measurable in decode).
+
+    IN_ROWS (with FAST): convert ``x`` in the layout it was loaded in, so a P·V
+    operand is transposed as fp16 (``ldmatrix.trans``). Triton otherwise moves the
+    layout change above the conversion, to the INT8 tile, and for the value tile of
+    P·V (keys must pair up, the cache stores a key's row) that is a byte-wise gather
+    from shared memory. Marking the asm impure is what keeps Triton from moving it."""
+    if FAST:
+        if IN_ROWS:
+            return tl.inline_asm_elementwise(
+                asm=_INT8_TO_FP16_ASM, constraints="=r,=r,r", args=[x], dtype=tl.float16,
+                is_pure=False, pack=4,
+            )  # fmt: skip
+        return tl.inline_asm_elementwise(
+            asm=_INT8_TO_FP16_ASM, constraints="=r,=r,r", args=[x], dtype=tl.float16,
+            is_pure=True, pack=4,
+        )  # fmt: skip
     return x.to(tl.float16)
 
 
@@ -54,18 +64,20 @@ def kv8_scores(q_int8, q_scale, key, key_scale):
 
 
 @triton.jit
-def kv8_pv(p, value, value_scale, FAST_CVT: tl.constexpr):
+def kv8_pv(p, value, value_scale, FAST_CVT: tl.constexpr, CVT_IN_ROWS: tl.constexpr = False):
     """``p [M, N]`` (softmax numerators in [0, 1]) times an INT8 value tile with one
     scale per row: FP16 P·V on the exact INT8 V, V's row scales folded into P
     relative to the tile's largest (so P stays in [0, 1] whatever V's magnitude),
     which then multiplies the tile's product."""
     tile_scale = tl.maximum(tl.max(value_scale, 0), 1.0e-30)
     p_v = (p * (value_scale / tile_scale)[None, :]).to(tl.float16)
-    return tl.dot(p_v, int8_to_fp16(value, FAST_CVT)) * tile_scale
+    return tl.dot(p_v, int8_to_fp16(value, FAST_CVT, CVT_IN_ROWS)) * tile_scale
 
 
 @triton.jit
-def kv8_softmax_step(acc, l_i, m_i, s, value, value_scale, FAST_CVT: tl.constexpr):
+def kv8_softmax_step(
+    acc, l_i, m_i, s, value, value_scale, FAST_CVT: tl.constexpr, CVT_IN_ROWS: tl.constexpr = False
+):
     """One exp2 online-softmax step over a tile of scores ``s [M, N]`` (masked entries
     -inf) and its INT8 values: (acc, row sum, row max) updated. Both kv8 kernels'
     inner loops end in it."""
@@ -73,5 +85,5 @@ def kv8_softmax_step(acc, l_i, m_i, s, value, value_scale, FAST_CVT: tl.constexp
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + kv8_pv(p, value, value_scale, FAST_CVT)
+    acc = acc * alpha[:, None] + kv8_pv(p, value, value_scale, FAST_CVT, CVT_IN_ROWS)
     return acc, l_i, m_new
