@@ -307,12 +307,12 @@ TABLES = [
     ),
     Table(
         name="serving_decode_32k_h200",
-        source=f"{KERNEL_RESULTS}/h200_serving_throughput_32k_b16.json",
+        source=f"{KERNEL_RESULTS}/h200_serving_throughput_32k_v6.json",
         columns="input | batch | decode tok/s: triton, bf16 cache | sage_attn, 8-bit cache | "
         "speed-up",
         rows=decode_batch_rows,
         command="THROUGHPUT_CONFIGS='kv8 triton' \\\n"
-        "    THROUGHPUT_ARGS='--lengths 1024 32768 --batches 1 8 16 32' "
+        "    THROUGHPUT_ARGS='--lengths 1024 32768 --batches 8 16 32' "
         "bash scripts/gpu_suite.sh throughput",
     ),
     Table(
