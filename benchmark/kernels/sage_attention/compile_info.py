@@ -1,11 +1,13 @@
 """What Triton makes of the 8-bit cache's decode kernel, without a GPU.
 
-Compiles ``decode_kv8._kv8_decode_stage1`` for a CUDA target (default sm_90, the
-H200) at given tile constants and prints what decides its speed but no timing
+Captures the ``_kv8_decode_stage1`` launch that ``sage_decode_kv8`` makes at given
+tile constants, compiles it for a CUDA target (default sm_90, the H200) with the
+compile tests' helpers, and prints what decides its speed but no timing
 shows: shared memory, how many buffers the software pipeliner gives each gathered
 tile (one means the copy for step i+1 waits for step i's compute), the
-``async_wait`` depths, and registers / spill bytes from ``ptxas -v``. Needs only
-Triton and its bundled ptxas (RESULTS.md, round 6, tuning log 18):
+``async_wait`` depths, and registers / spill bytes from ``ptxas -v``. Needs the
+test dependencies and Triton's bundled ptxas, not the interpreter (RESULTS.md,
+round 6, tuning logs 18-19):
 
     python compile_info.py --configs 128,3,4 128,5,4 64,5,4,1   # BLOCK_N,stages,warps[,rows]
 
@@ -18,59 +20,44 @@ import argparse
 import os
 import re
 import subprocess
+import sys
 import tempfile
+from pathlib import Path
+from unittest import mock
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from sglang.srt.layers.attention.sage_attention import decode_kv8
+from sglang.srt.layers.attention.sage_attention.kv8_cache import allocate_kv8_cache
 
-POINTERS = {
-    "q": "*bf16",
-    "k_int8": "*i8",
-    "k_scale": "*fp32",
-    "v_int8": "*i8",
-    "v_scale": "*fp32",
-    "kv_indptr": "*i32",
-    "kv_indices": "*i64",
-    "num_kv_splits": "*i32",
-    "attn_logits": "*fp32",
-    "attn_lse": "*fp32",
-}
+# The launch capture and ahead-of-time compile of the compile tests, so this compiles
+# exactly what ``sage_decode_kv8`` launches, specialised as a real launch is.
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "test/srt"))
+from test_sage_attention_compile import captured_launches, compile_for  # noqa: E402
 
 
 def compile_decode(block_n, stages, warps, cvt_in_rows=False, group=4, head_dim=128, arch=90):
-    """The stage-1 kernel as ``sage_decode_kv8`` launches it for these constants."""
-    kernel = decode_kv8._kv8_decode_stage1
-    constants = dict(
-        KV_GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        HEAD_DIM_V=head_dim, BLOCK_N=block_n, MIN_BLOCK_KV=32, ROTATE=False,
-        NUM_STAGES=stages, FAST_CVT=True, CVT_IN_ROWS=cvt_in_rows,
-    )  # fmt: skip
-    names = kernel.arg_names
-    signature = {
-        name: POINTERS.get(name)
-        or ("constexpr" if name in constants else "fp32" if name == "qk_scale_log2" else "i32")
-        for name in names
-    }
-    # As at run time: pointers and strides 16-divisible (Triton specialises on it).
-    aligned = {
-        (i,): [["tt.divisibility", 16]]
-        for i, name in enumerate(names)
-        if name in POINTERS or name.startswith("stride")
-    }
-    source = ASTSource(
-        kernel,
-        signature,
-        constexprs={(names.index(k),): v for k, v in constants.items()},
-        attrs=aligned,
-    )
-    return triton.compile(
-        source,
-        target=GPUTarget("cuda", arch, 32),
-        options=dict(num_warps=warps, num_stages=stages),
-    )
+    """The stage-1 kernel as ``sage_decode_kv8`` launches it with these constants (32K
+    keys per request, 8 KV heads; the shapes only set specialisations)."""
+    batch, num_kv_heads, splits, keys = 2, 8, 4, 32768
+    cache = allocate_kv8_cache(batch * keys, num_kv_heads, head_dim, head_dim, "cpu")
+    q = torch.zeros(batch, num_kv_heads * group, head_dim, dtype=torch.bfloat16)
+    logits = torch.zeros(batch, q.shape[1], splits, head_dim)
+    constants = dict(BLOCK_N=block_n, NUM_STAGES=stages, NUM_WARPS=warps, CVT_IN_ROWS=cvt_in_rows)
+
+    def launch():
+        decode_kv8.sage_decode_kv8(
+            q, torch.zeros_like(q), cache, torch.tensor([0, keys, 2 * keys], dtype=torch.int32),
+            torch.arange(batch * keys), logits, logits[..., 0].clone(),
+            torch.full((batch,), splits, dtype=torch.int32), splits,
+        )  # fmt: skip
+
+    with mock.patch.multiple(decode_kv8, **constants):
+        launches = captured_launches(launch)
+    fn, bound, options = next(c for c in launches if c[0].__name__ == "_kv8_decode_stage1")
+    return compile_for(fn, bound, options, target=GPUTarget("cuda", arch, 32))
 
 
 def registers(compiled, arch=90) -> tuple[int, int]:
