@@ -20,6 +20,8 @@ from sage_attention_inputs import DEVICE, HAS_GPU, ExtendCase, make_extend_input
 from sage_attention_kit import BACKEND, KIT_DTYPE, KitTestCase, sage_calls_fixture  # noqa: F401
 
 import sglang.srt.layers.attention.sage_attention_backend as backend_module
+from sglang.srt.layers.attention.sage_attention import base_extend
+from sglang.srt.layers.attention.sage_attention.base_backend import BaseChoice
 from sglang.srt.layers.attention.sage_attention_backend import (
     SageAttentionBackend,
     heads_per_rank,
@@ -100,20 +102,22 @@ def _run_with(fixture, backend):
 
 
 @pytest.mark.skipif(**requires_kernels)
-def test_delegated_layer_logs_its_reason_once_and_matches_triton(sage_calls, caplog):
-    """Head dim 16 has no sage kernel: the layer runs on Triton, bit for bit."""
+def test_delegated_layer_logs_its_reason_once_and_matches_the_base(sage_calls, caplog):
+    """Head dim 16 has no sage kernel: the layer runs on the base backend, bit for bit."""
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
     case = next(c for c in DENSE_CASES if c.name == "mha_extend_page_size_1")
     with torch.no_grad():
         fixture = _fixture(case, head_dim=16)
-        triton = _run_with(fixture, backend_module.TritonAttnBackend)
         sage_backend = SageAttentionBackend(fixture.runner)
+        base = _run_with(fixture, ATTENTION_BACKENDS[sage_backend.base_choice.name])
         kit.replace_backend(fixture, sage_backend)
         with caplog.at_level(logging.INFO, logger=backend_module.__name__):
             first = kit.run_dense_fixture_eager(fixture)
             second = kit.run_dense_fixture_eager(fixture)
     assert sage_calls == []
-    assert torch.equal(first, triton) and torch.equal(second, triton)
-    reasons = [r.getMessage() for r in caplog.records if "running on the Triton" in r.getMessage()]
+    assert torch.equal(first, base) and torch.equal(second, base)
+    reasons = [r.getMessage() for r in caplog.records if "on the base backend" in r.getMessage()]
     assert len(reasons) == 1 and "head dim qk=16" in reasons[0], reasons
 
 
@@ -153,36 +157,59 @@ def test_short_chunks_take_the_bf16_path(monkeypatch, sage_calls, caplog):
     assert _batch_counts(caplog) == []
 
 
-def test_speculative_modes_are_delegated():
+def _triton_base(**forward_metadata):
+    """A Triton base backend holding only a batch's extend metadata (bare-backend tests)."""
+    base = object.__new__(backend_module.TritonAttnBackend)
+    base.forward_metadata = SimpleNamespace(**forward_metadata)
+    return base
+
+
+def _bare_plan_backend(min_extend_len):
+    """A SageAttentionBackend with just what ``_plan`` reads, on a Triton base."""
     backend = object.__new__(SageAttentionBackend)
-    backend.settings = backend_module.SageAttnSettings(min_extend_len=0)
+    backend.min_extend_len = min_extend_len
     backend.decode_context_parallel = False
     backend.kv8_pool = None
-    backend.triton_backend = SimpleNamespace(
-        forward_metadata=SimpleNamespace(
-            qo_indptr=torch.tensor([0, 8], dtype=torch.int32),
-            kv_indptr=torch.tensor([0, 0], dtype=torch.int32),
-            kv_indices=torch.zeros(0, dtype=torch.int64), max_extend_len=8,
-            swa_out_cache_loc=None,
-        )
+    backend.calibration = None
+    backend.base_choice = BaseChoice("triton", "a test's bare backend")
+    backend.base_subset_kernel = base_extend.TritonKernelOnSubset(page_size=1)
+    return backend
+
+
+def _bare_batch(mode, extend_lens, prefix_lens):
+    return SimpleNamespace(
+        forward_mode=mode, extend_seq_lens_cpu=list(extend_lens),
+        extend_prefix_lens_cpu=list(prefix_lens), out_cache_loc=None, _attn_output=None,
     )  # fmt: skip
 
-    def batch(mode):
-        return SimpleNamespace(
-            forward_mode=mode, extend_seq_lens_cpu=[8], extend_prefix_lens_cpu=[0]
-        )
 
+def test_speculative_modes_are_delegated():
+    backend = _bare_plan_backend(min_extend_len=0)
+    backend.base = _triton_base(
+        qo_indptr=torch.tensor([0, 8], dtype=torch.int32),
+        kv_indptr=torch.tensor([0, 0], dtype=torch.int32),
+        kv_indices=torch.zeros(0, dtype=torch.int64),
+    )
     for mode in (ForwardMode.TARGET_VERIFY, ForwardMode.DRAFT_EXTEND_V2, ForwardMode.DLLM_EXTEND):
-        assert mode.name in backend._plan(batch(mode)).delegate_reason
+        assert mode.name in backend._plan(_bare_batch(mode, [8], [0])).delegate_reason
     for mode in (ForwardMode.EXTEND, ForwardMode.MIXED):
-        plan = backend._plan(batch(mode))
-        assert plan.delegate_reason is None and plan.sage.batch_size == 1 and plan.bf16 is None
+        plan = backend._plan(_bare_batch(mode, [8], [0]))
+        assert plan.delegate_reason is None and plan.sage.batch_size == 1 and plan.base is None
+
+
+def test_no_crossover_delegates_every_extend():
+    """Where the 8-bit kernel never won against the base (crossover None), every extend
+    batch runs on the base, whatever its chunk lengths."""
+    backend = _bare_plan_backend(min_extend_len=None)
+    plan = backend._plan(_bare_batch(ForwardMode.EXTEND, [32768], [0]))
+    assert plan.sage is None and "off for this model" in plan.delegate_reason
 
 
 @pytest.fixture
 def kernel_calls(monkeypatch, sage_calls):
-    """Requests per launch of each kernel: the sage op and SGLang's Triton extend kernel."""
-    calls = {"sage": [], "bf16": []}
+    """Requests per launch of each kernel: the sage op and the Triton base's extend kernel
+    on a batch's short requests."""
+    calls = {"sage": [], "base": []}
     real_sage = backend_module.sage_extend_attention
 
     def sage(*args, **kwargs):
@@ -190,19 +217,19 @@ def kernel_calls(monkeypatch, sage_calls):
         return real_sage(*args, **kwargs)
 
     monkeypatch.setattr(backend_module, "sage_extend_attention", sage)
-    real_triton = backend_module.TritonAttnBackend.__init__
+    real_init = base_extend.TritonKernelOnSubset.__init__
 
-    def triton_init(self, *args, **kwargs):
-        real_triton(self, *args, **kwargs)
+    def counting_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
         fwd = self.extend_attention_fwd
 
         def counted(*a, **k):
-            calls["bf16"].append(a[6].shape[0] - 1)
+            calls["base"].append(a[6].shape[0] - 1)
             return fwd(*a, **k)
 
         self.extend_attention_fwd = counted
 
-    monkeypatch.setattr(backend_module.TritonAttnBackend, "__init__", triton_init)
+    monkeypatch.setattr(base_extend.TritonKernelOnSubset, "__init__", counting_init)
     return calls
 
 
@@ -211,7 +238,7 @@ def kernel_calls(monkeypatch, sage_calls):
 @pytest.mark.parametrize("mode", [ForwardMode.EXTEND, ForwardMode.MIXED])
 def test_each_request_takes_its_own_path(mode, layout, kernel_calls, monkeypatch):
     """A batch with long and short chunks: the long ones run 8-bit, the short ones
-    (like a mixed batch's decode rows) on SGLang's bf16 Triton extend kernel, in
+    (like a mixed batch's decode rows) on the Triton base's bf16 extend kernel, in
     one layer call, and the kit's fp32 reference holds for every row."""
     monkeypatch.setenv("SGLANG_SAGE_ATTN_MIN_EXTEND_LEN", "64")
     case = kit.DenseAttentionCase(
@@ -223,7 +250,7 @@ def test_each_request_takes_its_own_path(mode, layout, kernel_calls, monkeypatch
             KitTestCase(), case, head_dim=64, dtype=KIT_DTYPE, device=DEVICE, loc_layout=layout,
             max_context_len=256,
         )  # fmt: skip
-    assert kernel_calls == {"sage": [2], "bf16": [2]}
+    assert kernel_calls == {"sage": [2], "base": [2]}
 
 
 def _granite_config(tmp_path, num_heads, num_kv_heads):
@@ -248,35 +275,23 @@ def test_heads_per_rank(tp_size, num_kv_heads, tmp_path):
     assert kv_heads == max(1, num_kv_heads // tp_size)
 
 
-def _bare_backend(inputs, settings, calls, page_size=1):
-    """A SageAttentionBackend around ``inputs``' cache and index tensors, without a
-    model runner: the batch plan and the forward path as SGLang drives them.
-    Launches of SGLang's Triton extend kernel are counted into ``calls["bf16"]``."""
-    from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
-
-    def counted_extend_attention_fwd(*args, **kwargs):
-        calls["bf16"].append(args[6].shape[0] - 1)
-        return extend_attention_fwd(*args, **kwargs)
-
-    backend = object.__new__(SageAttentionBackend)
-    backend.settings = settings
-    backend.decode_context_parallel = False
-    backend.kv8_pool = None
+def _bare_backend(inputs, min_extend_len, page_size=1):
+    """A SageAttentionBackend around ``inputs``' cache and index tensors on a Triton
+    base, without a model runner: the batch plan and the forward path as SGLang
+    drives them (the ``kernel_calls`` fixture counts the kernels)."""
+    backend = _bare_plan_backend(min_extend_len)
+    backend.base_subset_kernel = base_extend.TritonKernelOnSubset(page_size)
     backend._logged_reasons, backend._announced_sage_path = set(), False
     backend.sage_extend_batches = 0
+    backend.settings = backend_module.SageAttnSettings(min_extend_len=min_extend_len)
     backend.extend_attention = backend_module.sage_extend_attention
     backend.token_to_kv_pool = SimpleNamespace(
         get_key_buffer=lambda layer_id: inputs["k_buffer"],
         get_value_buffer=lambda layer_id: inputs["v_buffer"],
     )
-    backend.triton_backend = SimpleNamespace(
-        extend_attention_fwd=counted_extend_attention_fwd,
-        page_size=page_size,
-        forward_metadata=SimpleNamespace(
-            qo_indptr=inputs["qo_indptr"], kv_indptr=inputs["kv_indptr"],
-            kv_indices=inputs["kv_indices"], max_extend_len=inputs["max_len_extend"],
-            swa_out_cache_loc=None,
-        ),
+    backend.base = _triton_base(
+        qo_indptr=inputs["qo_indptr"], kv_indptr=inputs["kv_indptr"],
+        kv_indices=inputs["kv_indices"], max_extend_len=inputs["max_len_extend"],
     )  # fmt: skip
     return backend
 
@@ -296,7 +311,7 @@ def _bare_layer(inputs):
 def test_gpu_mixed_batch_packs_only_its_long_chunk(kernel_calls):
     """One 2048-token chunk beside 64 decode rows of 32K context (a MIXED batch):
     only the chunk is packed for the 8-bit kernel (one sage launch, one request);
-    the decode rows run on SGLang's bf16 Triton extend kernel. Packing every
+    the decode rows run on the Triton base's bf16 extend kernel. Packing every
     request's cached prefix used to add ~6 GiB here; now the layer's transient
     memory stays under 256 MiB."""
     from sage_attention_inputs import run_op
@@ -311,14 +326,9 @@ def test_gpu_mixed_batch_packs_only_its_long_chunk(kernel_calls):
         num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=64,
     )  # fmt: skip
     inputs = make_extend_inputs(case, dtype=torch.bfloat16, device="cuda")
-    backend = _bare_backend(
-        inputs, backend_module.SageAttnSettings(min_extend_len=2048), calls=kernel_calls
-    )
+    backend = _bare_backend(inputs, min_extend_len=2048)
     layer = _bare_layer(inputs)
-    batch = SimpleNamespace(
-        forward_mode=ForwardMode.MIXED, extend_seq_lens_cpu=list(case.extend_lens),
-        extend_prefix_lens_cpu=list(case.prefix_lens), _attn_output=None,
-    )  # fmt: skip
+    batch = _bare_batch(ForwardMode.MIXED, case.extend_lens, case.prefix_lens)
     backend.forward_metadata = backend._plan(batch)
     q, k, v = (inputs[n].flatten(1) for n in ("q_extend", "k_extend", "v_extend"))
     torch.cuda.synchronize()
@@ -329,7 +339,7 @@ def test_gpu_mixed_batch_packs_only_its_long_chunk(kernel_calls):
     torch.cuda.synchronize()
     transient = torch.cuda.max_memory_allocated() - before
     print(f"\nMIXED 2048 + 64x32K: transient {transient / 2**20:.1f} MiB, calls {kernel_calls}")
-    assert kernel_calls == {"sage": [1], "bf16": [64]}  # one launch, 64 short requests
+    assert kernel_calls == {"sage": [1], "base": [64]}  # one launch, 64 short requests
     assert backend.sage_extend_batches == 1  # the count the server log reports
     assert transient <= 256 * 2**20, f"{transient / 2**20:.0f} MiB"
     exact = run_op(sage_extend_attention_ref, inputs).flatten(1)

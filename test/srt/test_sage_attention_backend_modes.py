@@ -1,9 +1,9 @@
 """SageAttentionBackend in the modes it delegates or shares with SGLang's runners.
 
 Speculative decoding (TARGET_VERIFY, DRAFT_EXTEND_V2, their CUDA-graph capture and
-replay) and decode graphs run on the internal Triton backend, so the sage kernel
-must not run there (a call counter checks it) and every hook a speculative worker
-or graph runner calls must be the Triton backend's. Prefill CUDA graphs (breakable,
+replay) and decode graphs run on the base backend (Triton on a machine without a
+GPU), so the sage kernel must not run there (a call counter checks it) and every
+hook a speculative worker or graph runner calls must be the base's. Prefill CUDA graphs (breakable,
 the 0.5.23 CUDA default, and torch.compile piecewise) run the sage kernel inside
 the graph's eager attention region. Settings a device cannot run are refused when
 the backend is built.
@@ -22,10 +22,9 @@ from sage_attention_kit import BACKEND, KIT_DTYPE, KitTestCase, sage_calls_fixtu
 import sglang.srt.layers.attention.sage_attention_backend as backend_module
 from sglang.srt.layers.attention.sage_attention.settings import SageAttnSettings
 from sglang.srt.layers.attention.sage_attention_backend import (
+    BaseHook,
     SageAttentionBackend,
-    TritonHook,
 )
-from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.test.kits.attention_unittest.attention_methods import dense_attention as kit
 from sglang.test.kits.attention_unittest.runner_modes import (
@@ -53,17 +52,17 @@ EXTEND_CASES = [c for c in kit.make_dense_input_config_cases(BACKEND) if c.forwa
 RAGGED = next(c for c in EXTEND_CASES if c.name == "mha_extend_ragged_page_boundary")
 
 
-# ---- speculative decoding: delegated to Triton, with Triton's hooks ------------------
+# ---- speculative decoding: delegated to the base, with the base's hooks --------------
 
 
 @pytest.mark.skipif(**requires_kernels)
 @pytest.mark.parametrize("topk", [1, 2])
-def test_target_verify_runs_on_triton(topk, sage_calls):
+def test_target_verify_runs_on_the_base(topk, sage_calls):
     with torch.no_grad():
         speculative_target_verify_runner.run_dense_spec_verify_case(
             KitTestCase(), VERIFY, topk=topk, **KIT
         )
-    assert sage_calls == [], "TARGET_VERIFY is delegated to Triton: the sage kernel must not run"
+    assert sage_calls == [], "TARGET_VERIFY is delegated to the base: the sage kernel must not run"
 
 
 def _verify_graph_runner_error(case, topk) -> str | None:
@@ -80,30 +79,31 @@ def _verify_graph_runner_error(case, topk) -> str | None:
 
 @pytest.mark.skipif(**requires_kernels)
 @pytest.mark.parametrize("topk", [1, 2])
-def test_target_verify_cuda_graph_runner_matches_triton(topk, sage_calls):
+def test_target_verify_cuda_graph_runner_matches_the_base(topk, sage_calls):
     """The kit's speculative CUDA-graph runner (graph state, capture/replay metadata,
-    a padded replay batch) behaves for sage_attn exactly as for SGLang's own Triton
-    backend, whose hooks sage forwards. On the H200 (2026-11-30) the runner's eager
-    leg missed the kit's tolerance for sage_attn; under the CPU interpreter it
+    a padded replay batch) behaves for sage_attn exactly as for its base backend,
+    whose hooks sage forwards. On the H200 (2026-11-30) the runner's eager leg missed
+    the kit's tolerance for sage_attn on a Triton base; under the CPU interpreter it
     misses it for ``triton`` too, with the same mismatch report, so the runner is
-    held to parity with ``triton`` here, not to its own tolerance."""
+    held to parity with the base here, not to its own tolerance."""
+    base = _built_backend().base_choice.name
     sage_error = _verify_graph_runner_error(VERIFY, topk)
-    assert sage_calls == [], "TARGET_VERIFY graphs run on Triton: the sage kernel must not run"
-    triton_error = _verify_graph_runner_error(dataclasses.replace(VERIFY, backend="triton"), topk)
+    assert sage_calls == [], "TARGET_VERIFY graphs run on the base: the sage kernel must not run"
+    base_error = _verify_graph_runner_error(dataclasses.replace(VERIFY, backend=base), topk)
     # Same outputs give the same verdict, and the same mismatch report if both miss.
-    assert sage_error == triton_error, (sage_error, triton_error)
-    if triton_error is not None:
-        pytest.xfail("the kit's runner misses its own tolerance for SGLang's triton backend too")
+    assert sage_error == base_error, (sage_error, base_error)
+    if base_error is not None:
+        pytest.xfail(f"the kit's runner misses its own tolerance for SGLang's {base} too")
 
 
 @pytest.mark.skipif(**requires_kernels)
 @pytest.mark.parametrize("pad_style", ["small_real", "prod_fill"])
-def test_draft_extend_cuda_graph_runs_on_triton(pad_style, sage_calls):
+def test_draft_extend_cuda_graph_runs_on_the_base(pad_style, sage_calls):
     with torch.no_grad():
         speculative_draft_extend_runner.run_dense_draft_extend_v2_cuda_graph_case(
             KitTestCase(), DRAFT_EXTEND, pad_style=pad_style, **KIT
         )
-    assert sage_calls == [], "DRAFT_EXTEND_V2 is delegated to Triton: the sage kernel must not run"
+    assert sage_calls == [], "DRAFT_EXTEND_V2 runs on the base: the sage kernel must not run"
 
 
 def _built_backend():
@@ -113,32 +113,34 @@ def _built_backend():
     return fixture.backend
 
 
-def test_speculative_and_graph_hooks_are_the_triton_backends():
+def test_speculative_and_graph_hooks_are_the_base_backends():
     backend = _built_backend()
-    triton = backend.triton_backend
+    base = backend.base
     backend.init_cuda_graph_state(max_bs=4, max_num_tokens=12)
     hooks = [
-        name for name, value in vars(SageAttentionBackend).items() if isinstance(value, TritonHook)
+        name for name, value in vars(SageAttentionBackend).items() if isinstance(value, BaseHook)
     ]
     assert {"verify_mask", "update_verify_buffers_to_fill_after_draft", "max_context_len",
             "glue_target_verify_metadata", "glue_draft_metadata"} <= set(hooks)  # fmt: skip
     for name in hooks:
-        ours, theirs = getattr(backend, name), getattr(triton, name)
+        if not hasattr(base, name):
+            continue  # a hook this base does not have (its "supports_*" flag says so)
+        ours, theirs = getattr(backend, name), getattr(base, name)
         if callable(theirs):
-            assert ours.__func__ is theirs.__func__ and ours.__self__ is triton, name
+            assert ours.__func__ is theirs.__func__ and ours.__self__ is base, name
         else:
             assert ours is theirs, name
-    # The tree mask the draft stage fills must be the buffer Triton's verify reads.
-    assert backend.verify_mask is triton.verify_mask
-    assert backend.max_context_len == triton.max_context_len
+    # The tree mask the draft stage fills must be the buffer the base's verify reads.
+    assert backend.verify_mask is base.verify_mask
+    assert backend.max_context_len == base.max_context_len
 
 
-def test_class_attributes_and_fill_value_are_tritons():
+def test_host_length_flags_and_fill_value_are_the_bases():
     backend = _built_backend()
     for name in ("needs_cpu_seq_lens", "extend_dummy_seqs_capped_by_req_pool"):
-        assert getattr(SageAttentionBackend, name) == getattr(TritonAttnBackend, name), name
+        assert getattr(backend, name) == getattr(backend.base, name), name
     assert backend.get_cuda_graph_seq_len_fill_value() == (
-        backend.triton_backend.get_cuda_graph_seq_len_fill_value()
+        backend.base.get_cuda_graph_seq_len_fill_value()
     )
 
 
@@ -201,7 +203,7 @@ def test_backend_refuses_fp8_pv_on_an_a100_when_built(monkeypatch):
         fixture = kit.build_dense_attention_fixture(KitTestCase(), RAGGED, **KIT)
     fixture.runner.device = "cuda"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    monkeypatch.setattr(backend_module, "TritonAttnBackend", None)  # never reached
+    monkeypatch.setattr(backend_module, "build_base_backend", None)  # never reached
     monkeypatch.setenv("SGLANG_SAGE_ATTN_PV", "fp8")
     with pytest.raises(ValueError, match="sm_80"):
         SageAttentionBackend(fixture.runner)
@@ -216,6 +218,11 @@ def test_backend_refuses_fp8_pv_on_an_a100_when_built(monkeypatch):
         ({"SGLANG_SAGE_ATTN_PV": "INT8"}, "pv", "int8"),
         ({}, "decode_max_splits", 64),
         ({"SGLANG_SAGE_ATTN_DECODE_MAX_SPLITS": "0"}, "decode_max_splits", 0),
+        ({}, "min_extend_len", "auto"),  # the measured crossover (crossover.py)
+        ({"SGLANG_SAGE_ATTN_MIN_EXTEND_LEN": "OFF"}, "min_extend_len", "off"),
+        ({"SGLANG_SAGE_ATTN_MIN_EXTEND_LEN": "4096"}, "min_extend_len", 4096),
+        ({}, "base_backend", "auto"),
+        ({"SGLANG_SAGE_ATTN_BASE_BACKEND": "FA4"}, "base_backend", "fa4"),
     ],
 )
 def test_settings_from_environment(environ, field, value):
@@ -229,6 +236,7 @@ def test_settings_from_environment(environ, field, value):
         ({"SGLANG_SAGE_ATTN_PV": "int4"}, "SGLANG_SAGE_ATTN_PV='int4'"),
         ({"SGLANG_SAGE_ATTN_DECODE_MAX_SPLITS": "x"}, "SGLANG_SAGE_ATTN_DECODE_MAX_SPLITS='x'"),
         ({"SGLANG_SAGE_ATTN_MIN_EXTEND_LEN": "-1"}, "SGLANG_SAGE_ATTN_MIN_EXTEND_LEN=-1"),
+        ({"SGLANG_SAGE_ATTN_MIN_EXTEND_LEN": "long"}, "SGLANG_SAGE_ATTN_MIN_EXTEND_LEN='long'"),
     ],
 )
 def test_invalid_settings_are_refused_with_the_variable_named(environ, message):
@@ -263,13 +271,14 @@ def test_decode_split_cap(cap, split_tile_size, static, sglang_cap, want):
     assert triton.max_kv_splits == want
 
 
-def test_backend_raises_the_decode_split_cap():
-    """Built by SGLang's kit, the backend's Triton decode has the raised cap before
-    any decode buffer is sized."""
+def test_backend_raises_the_decode_split_cap(monkeypatch):
+    """Built by SGLang's kit on a Triton base, the backend's Triton decode has the
+    raised cap before any decode buffer is sized."""
+    monkeypatch.setenv("SGLANG_SAGE_ATTN_BASE_BACKEND", "triton")
     with torch.no_grad():
         fixture = kit.build_dense_attention_fixture(KitTestCase(), RAGGED, **KIT)
     backend = SageAttentionBackend(fixture.runner)
-    assert backend.triton_backend.max_kv_splits == 64
+    assert backend.base.max_kv_splits == 64
 
 
 @pytest.mark.skipif(**requires_kernels)

@@ -1,34 +1,32 @@
 """SageAttentionBackend: 8-bit SageAttention prefill for SGLang (``--attention-backend sage_attn``).
 
-Extend batches (prefill, radix-prefix hits, chunked prefill, mixed batches) run
-``sage_extend_attention`` over the paged KV cache for every request whose new
-chunk is at least the crossover long (a setting); the batch's other requests
-(decode rows of mixed batches, short chunks) run SGLang's bf16 Triton extend
-kernel in the same layer call, so only requests that gain from 8 bits are
-re-quantized (``sage_attention/request_split.py``). Everything else is
-delegated, whole, to an internal ``TritonAttnBackend``:
+sage_attn runs its 8-bit kernel only where it wins and hands everything else to one
+SGLang backend chosen at start-up, the *base* (``sage_attention/base_backend.py``:
+FlashAttention-3/4 on Hopper, as SGLang's own default; ``SGLANG_SAGE_ATTN_BASE_BACKEND``
+names another), the way ``HybridAttnBackend`` composes two backends:
 
-- decode, IDLE and decode CUDA graphs: SGLang's split-KV ``decode_attention_fwd``
-  reads a bf16 cache and is bandwidth-bound; 8-bit Q·Kᵀ saves nothing there;
-- what the sage kernel does not compute (custom masks of speculative modes,
-  sliding windows, soft-capping, sinks, non-causal layers, fp8 KV caches, other
-  head dims), with one INFO line per reason.
+- the base plans every batch (``init_forward_metadata``) and owns decode, IDLE, decode
+  CUDA graphs, the speculative modes and the runner hooks they call (forwarded to it
+  below), so those run exactly as on the base;
+- an extend batch (prefill, radix-prefix hits, chunked prefill, mixed batches) runs
+  ``sage_extend_attention`` over the paged KV cache for each request whose new chunk is
+  at least the crossover long (measured against the base for this GPU and head dim,
+  ``sage_attention/crossover.py``; where the 8-bit kernel never won, it is not used),
+  and the base's kernel for the batch's other requests in the same layer call
+  (``sage_attention/base_extend.py``), so a request's path depends only on its own chunk;
+- what the sage kernel does not compute (custom masks of speculative modes, sliding
+  windows, soft-capping, sinks, non-causal layers, fp8 KV caches, other head dims) is
+  delegated to the base whole, with one INFO line per reason.
 
-The Triton backend also builds the per-batch index metadata (``qo_indptr``,
-``kv_indptr``, ``kv_indices`` through the runner's KV index translator), so
-there is one copy of that logic and the delegated layers of a batch see the
-same metadata as the native ones. The hooks speculative workers and CUDA-graph
-runners call (tree mask, graph buffers, glue-graph answers) are its too.
-
-Prefill CUDA graphs (breakable, and torch.compile piecewise) call
-``forward_extend`` in their eager attention region with the graph's output rows
-in ``forward_batch._attn_output``; the sage kernel writes them in place.
+Prefill CUDA graphs (breakable, and torch.compile piecewise) call ``forward_extend``
+in their eager attention region with the graph's output rows in
+``forward_batch._attn_output``; the sage kernel writes them in place.
 
 On sage_attn's 8-bit KV cache (``SGLANG_SAGE_ATTN_KV_CACHE=int8``, the pool of
 ``sage_attention/kv8_pool.py``) nothing can be delegated, since no other kernel
 reads that cache: every extend runs ``sage_extend_attention_kv8`` over each
 request's whole sequence in the cache and every decode step (eager or in a
-CUDA graph) ``sage_decode_kv8`` with the Triton backend's split metadata and
+CUDA graph) ``sage_decode_kv8`` with the Triton base's split metadata and
 scratch; what those kernels do not compute is refused at start-up
 (``refuse_layers_the_kv8_cache_cannot_serve``, ``kv8_hooks.kv8_refusals``).
 """
@@ -48,6 +46,12 @@ from sglang.srt.layers.attention.sage_attention import (
     SUPPORTED_HEAD_DIMS,
     sage_extend_attention,
 )
+from sglang.srt.layers.attention.sage_attention.base_backend import build_base_backend
+from sglang.srt.layers.attention.sage_attention.base_extend import (
+    extend_indices,
+    subset_kernel_for,
+)
+from sglang.srt.layers.attention.sage_attention.crossover import arch_of, measured_crossover
 from sglang.srt.layers.attention.sage_attention.decode_kv8 import sage_decode_kv8
 from sglang.srt.layers.attention.sage_attention.extend_attention import use_hopper_kernel
 from sglang.srt.layers.attention.sage_attention.extend_kv8 import sage_extend_attention_kv8
@@ -62,9 +66,14 @@ from sglang.srt.layers.attention.sage_attention.request_split import (
     RequestSubset,
     split_requests,
 )
-from sglang.srt.layers.attention.sage_attention.settings import KV_CACHE_ENV, SageAttnSettings
+from sglang.srt.layers.attention.sage_attention.settings import (
+    KV_CACHE_ENV,
+    MIN_EXTEND_LEN_ENV,
+    SageAttnSettings,
+)
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
 from sglang.srt.layers.radix_attention import AttentionType
+from sglang.srt.mem_cache.kv_loc_plan import IdSpaceKind
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 from sglang.srt.runtime_context import get_parallel
@@ -116,18 +125,20 @@ class KV8Indices:
 class SageForwardMetadata:
     """One batch's plan: which requests run on which kernel, or why the batch is delegated.
 
-    Built from the Triton backend's index tensors (its ``init_forward_metadata``
-    builds them once per batch), so the delegated and native layers of a batch
-    read the same slots.
+    Built once per batch after the base backend's own plan, from the same slots
+    (``base_extend.extend_indices``), so the delegated and native layers of a batch
+    read the same cache.
     """
 
-    # Requests on the 8-bit kernel and on the bf16 Triton extend kernel.
+    # Requests on the 8-bit kernel and on the base backend's kernel (with that
+    # kernel's plan for them, ``base_extend``).
     sage: RequestSubset | None
-    bf16: RequestSubset | None
+    base: RequestSubset | None
     # A sliding-window pool's write slots for the batch (None for other pools).
     swa_out_cache_loc: torch.Tensor | None
-    # Why this whole batch runs on the Triton backend, or None.
+    # Why this whole batch runs on the base backend, or None.
     delegate_reason: str | None
+    base_plan: object = None
     # The 8-bit pre-pass's packed K/V, allocated by the batch's first layer and
     # reused by the others (sized for the ``sage`` requests only).
     workspace: PackedKV | None = None
@@ -197,9 +208,9 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-class TritonHook:
-    """A backend attribute that is the internal Triton backend's: a bound method for
-    a method, the value for a property or a plain attribute."""
+class BaseHook:
+    """A backend attribute that is the base backend's: a bound method for a method, the
+    value for a property or a plain attribute."""
 
     def __set_name__(self, owner, name: str):
         self.name = name
@@ -207,35 +218,35 @@ class TritonHook:
     def __get__(self, backend, owner=None):
         if backend is None:
             return self
-        return getattr(backend.triton_backend, self.name)
+        return getattr(backend.base, self.name)
 
 
 class SageAttentionBackend(AttentionBackend):
-    # The Triton backend builds every batch's metadata and runs decode, its CUDA
-    # graphs and the speculative modes, so these are its values.
-    needs_cpu_seq_lens = TritonAttnBackend.needs_cpu_seq_lens
-    extend_dummy_seqs_capped_by_req_pool = TritonAttnBackend.extend_dummy_seqs_capped_by_req_pool
-
-    # What SGLang's CUDA-graph runners, speculative workers and scheduler call or
-    # read on the attention backend besides the forward path. What they concern
-    # (decode and its graphs, the TARGET_VERIFY tree mask, draft extend, the
-    # metadata glue graph, the scheduler's prefill tile budget) is the Triton
-    # backend's, so they are forwarded to it, as HybridAttnBackend forwards them
-    # to the child that runs those modes.
-    init_cuda_graph_state = TritonHook()
-    init_forward_metadata_in_graph = TritonHook()
-    on_after_cuda_graph_warmup = TritonHook()
-    get_cuda_graph_seq_len_fill_value = TritonHook()
-    validate_elastic_cuda_graph_recapture = TritonHook()
-    verify_mask = TritonHook()
-    update_verify_buffers_to_fill_after_draft = TritonHook()
-    glue_target_verify_metadata = TritonHook()
-    glue_draft_metadata = TritonHook()
-    supports_ragged_verify_graph = TritonHook()
-    supports_draft_extend_metadata_staging = TritonHook()
-    draft_extend_metadata_captured_in_graph = TritonHook()
-    max_context_len = TritonHook()
-    extend_attention_block_m = TritonHook()
+    # What SGLang's model runner, CUDA-graph runners, speculative workers and scheduler
+    # call or read on the attention backend besides the forward path. What they concern
+    # (which lengths must be on the host, decode and its graphs, prefill-graph limits,
+    # the TARGET_VERIFY tree mask, draft extend, the metadata glue graph) is the base's,
+    # so they are forwarded to it, as HybridAttnBackend forwards them to the child that
+    # runs those modes.
+    needs_cpu_seq_lens = BaseHook()
+    extend_dummy_seqs_capped_by_req_pool = BaseHook()
+    max_context_len = BaseHook()
+    init_cuda_graph_state = BaseHook()
+    init_forward_metadata_in_graph = BaseHook()
+    on_after_cuda_graph_warmup = BaseHook()
+    get_cuda_graph_seq_len_fill_value = BaseHook()
+    validate_elastic_cuda_graph_recapture = BaseHook()
+    shared_read_ends = BaseHook()
+    supports_prefill_cuda_graph_max_context_size = BaseHook()
+    prefill_cuda_graph_default_max_seq_len = BaseHook()
+    verify_mask = BaseHook()
+    update_verify_buffers_to_fill_after_draft = BaseHook()
+    glue_target_verify_metadata = BaseHook()
+    glue_draft_metadata = BaseHook()
+    supports_ragged_verify_graph = BaseHook()
+    supports_draft_extend_metadata_staging = BaseHook()
+    stage_draft_extend_metadata = BaseHook()
+    draft_extend_metadata_captured_in_graph = BaseHook()
 
     def __init__(self, model_runner: ModelRunner, settings: SageAttnSettings | None = None):
         super().__init__()
@@ -247,8 +258,6 @@ class SageAttentionBackend(AttentionBackend):
         self.kv_index_translator = model_runner.kv_index_translator
         parallel = get_parallel()
         self.decode_context_parallel = parallel.attn_dcp_size > 1
-        self.triton_backend = TritonAttnBackend(model_runner)
-        raise_decode_split_cap(self.triton_backend, self.settings.decode_max_splits)
         # sage_attn's 8-bit KV cache (kv8_pool.py): then every attention of the
         # model runs on the 8-bit cache kernels, since no other kernel reads it.
         pool = self.token_to_kv_pool
@@ -260,13 +269,28 @@ class SageAttentionBackend(AttentionBackend):
             )
         if self.kv8_pool is not None and getattr(model_runner, "model", None) is not None:
             refuse_layers_the_kv8_cache_cannot_serve(model_runner.model)
+        self.base, self.base_choice = build_base_backend(
+            model_runner, override=self.settings.base_backend, kv8_cache=self.kv8_pool is not None
+        )
+        if isinstance(self.base, TritonAttnBackend):
+            raise_decode_split_cap(self.base, self.settings.decode_max_splits)
+        elif self.kv8_pool is not None:
+            raise ValueError(
+                f"{KV_CACHE_ENV}=int8 needs the Triton base backend (its decode split "
+                f"metadata), not {self.base_choice.name}"
+            )
+        # The base's kernel on the short requests of an extend batch that also holds
+        # 8-bit ones (base_extend.py).
+        self.base_subset_kernel = subset_kernel_for(self.base, model_runner.page_size)
+        head_dim = model_runner.model_config.head_dim
+        self.min_extend_len, crossover_source = self._crossover(model_runner.device, head_dim)
         # Set while kv8_calibration.py runs its start-up forward.
         self.calibration = None
         self.kv8_decode_batches = 0
         # Snapshot/restore code (metadata glue graph) walks these for forward_metadata.
-        self.attn_backend_list = [self.triton_backend]
-        # Kept out of torch.compile's trace (piecewise prefill graphs), as the
-        # Triton backend's kernels are.
+        self.attn_backend_list = [self.base]
+        # Kept out of torch.compile's trace (piecewise prefill graphs), as SGLang's
+        # backends keep their kernels.
         self.extend_attention = torch.compiler.disable(sage_extend_attention)
         self.extend_attention_kv8 = torch.compiler.disable(sage_extend_attention_kv8)
         self.decode_attention_kv8 = torch.compiler.disable(sage_decode_kv8)
@@ -282,45 +306,54 @@ class SageAttentionBackend(AttentionBackend):
             model_runner.model_config, parallel.attn_tp_size
         )
         logger.info(
-            "SageAttentionBackend: %d query / %d KV heads per rank, P·V %s, kernel %s, "
-            "Q/K rotation %s (%s at head dim %d), chunks shorter than %d tokens on the "
-            "Triton extend kernel, decode split cap %d, KV cache %s",
+            "SageAttentionBackend: base backend %s (%s); %d query / %d KV heads per rank, "
+            "P·V %s, kernel %s, Q/K rotation %s (%s at head dim %d), 8-bit kernel for "
+            "chunks of %s (%s), KV cache %s",
+            self.base_choice.name,
+            self.base_choice.reason,
             self.num_q_heads,
             self.num_kv_heads,
             self.settings.pv,
             self.settings.kernel,
             self.settings.qk_rotation,
-            "on" if self.settings.rotate_qk(model_runner.model_config.head_dim) else "off",
-            model_runner.model_config.head_dim,
-            self.settings.min_extend_len,
-            self.triton_backend.max_kv_splits,
+            "on" if self.settings.rotate_qk(head_dim) else "off",
+            head_dim,
+            "no length: off" if self.min_extend_len is None else f">= {self.min_extend_len} tokens",
+            crossover_source,
             "8-bit (int8, sage_attn's kernels for prefill and decode)"
             if self.kv8_pool is not None
-            else "model dtype (decode on SGLang's Triton kernel)",
+            else f"model dtype (decode on {self.base_choice.name})",
         )
+        if isinstance(self.base, TritonAttnBackend):
+            logger.info("sage_attn: Triton decode split cap %d", self.base.max_kv_splits)
+
+    def _crossover(self, device, head_dim: int) -> tuple[int | None, str]:
+        """The shortest chunk on the 8-bit kernel (None: never) and where it comes from."""
+        setting = self.settings.min_extend_len
+        if self.kv8_pool is not None:
+            return 0, "the 8-bit KV cache: every chunk"
+        if setting == "auto":
+            return measured_crossover(arch_of(device), head_dim, self.base_choice.name)
+        return (None if setting == "off" else setting), f"{MIN_EXTEND_LEN_ENV}={setting}"
 
     # ---- metadata -------------------------------------------------------------
 
     def init_forward_metadata(self, forward_batch: ForwardBatch):
-        self.triton_backend.init_forward_metadata(forward_batch)
+        self.base.init_forward_metadata(forward_batch)
         self.forward_metadata = self._plan(forward_batch)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
-        # Graph modes (decode, target verify, draft extend) all run on the Triton path.
-        self.triton_backend.init_forward_metadata_out_graph(forward_batch, in_capture)
+        # Graph modes (decode, target verify, draft extend) all run on the base.
+        self.base.init_forward_metadata_out_graph(forward_batch, in_capture)
         self.forward_metadata = self._plan(forward_batch)
 
     def _plan(self, forward_batch) -> SageForwardMetadata:
         mode = forward_batch.forward_mode
-        triton_metadata = self.triton_backend.forward_metadata
         plan = SageForwardMetadata(
-            sage=None,
-            bf16=None,
-            swa_out_cache_loc=triton_metadata.swa_out_cache_loc,
-            delegate_reason=None,
+            sage=None, base=None, swa_out_cache_loc=None, delegate_reason=None
         )
         if mode.is_decode_or_idle():
-            return plan  # decode always runs on the Triton kernel; nothing to log
+            return plan  # decode always runs on the base (or the 8-bit cache's kernel)
         if mode not in NATIVE_MODES:
             plan.delegate_reason = (
                 f"forward mode {mode.name} (speculative or custom-mask attention)"
@@ -330,35 +363,38 @@ class SageAttentionBackend(AttentionBackend):
             plan.delegate_reason = "decode context parallelism (DCP) shards the KV cache"
             return plan
         if self.kv8_pool is not None:
-            plan.kv8_indices = self._kv8_indices(forward_batch, triton_metadata)
+            plan.kv8_indices = self._kv8_indices(forward_batch)
             return plan
-        extend_lens = getattr(forward_batch, "extend_seq_lens_cpu", None)
-        prefix_lens = getattr(forward_batch, "extend_prefix_lens_cpu", None)
-        if extend_lens is None or prefix_lens is None:
-            # No host lengths: decide for the batch as a whole, on its longest chunk
-            # (equal lengths put every request on one side, which then uses the
-            # batch's own index tensors; the prefix lengths are not read).
-            batch_size = triton_metadata.qo_indptr.shape[0] - 1
-            extend_lens = [triton_metadata.max_extend_len] * batch_size
-            prefix_lens = [0] * batch_size
-        plan.sage, plan.bf16 = split_requests(
-            qo_indptr=triton_metadata.qo_indptr,
-            kv_indptr=triton_metadata.kv_indptr,
-            kv_indices=triton_metadata.kv_indices,
-            extend_lens=list(extend_lens),
-            prefix_lens=list(prefix_lens),
-            min_extend_len=self.settings.min_extend_len,
+        if self.min_extend_len is None:
+            plan.delegate_reason = "the 8-bit kernel is off for this model (start-up log)"
+            return plan
+        indices = extend_indices(self.base, forward_batch, self.kv_index_translator)
+        plan.sage, plan.base = split_requests(
+            qo_indptr=indices.qo_indptr,
+            kv_indptr=indices.kv_indptr,
+            kv_indices=indices.kv_indices,
+            extend_lens=indices.extend_lens,
+            prefix_lens=indices.prefix_lens,
+            min_extend_len=self.min_extend_len,
         )
         if plan.sage is None:
             plan.delegate_reason = (
-                f"chunks shorter than {self.settings.min_extend_len} tokens "
-                "(SGLANG_SAGE_ATTN_MIN_EXTEND_LEN)"
+                f"chunks shorter than {self.min_extend_len} tokens (the crossover)"
             )
+            return plan
+        if forward_batch.out_cache_loc is not None:
+            # The layers' KV writes on a sliding-window pool (None on other pools).
+            plan.swa_out_cache_loc = self.kv_index_translator.write_ids(
+                forward_batch, IdSpaceKind.SLIDING_WINDOW
+            )
+        if plan.base is not None:
+            plan.base_plan = self.base_subset_kernel.plan(plan.base)
         return plan
 
-    def _kv8_indices(self, forward_batch, triton_metadata) -> KV8Indices:
-        """Whole-sequence slots of an extend batch (the Triton backend's list only the
+    def _kv8_indices(self, forward_batch) -> KV8Indices:
+        """Whole-sequence slots of an extend batch (the Triton base's list only the
         cached prefixes), built by SGLang's own index packer."""
+        triton_metadata = self.base.forward_metadata
         batch_size = forward_batch.batch_size
         total = forward_batch.seq_lens_sum
         if total is None:
@@ -367,7 +403,7 @@ class SageAttentionBackend(AttentionBackend):
             batch_size + 1, dtype=torch.int32, device=forward_batch.seq_lens.device
         )
         kv_indices = torch.empty(total, dtype=torch.int64, device=kv_indptr.device)
-        self.triton_backend._fill_kv_indptr_and_indices(
+        self.base._fill_kv_indptr_and_indices(
             forward_batch.kv_loc_plan,
             batch_size,
             forward_batch.seq_lens[:batch_size],
@@ -405,7 +441,9 @@ class SageAttentionBackend(AttentionBackend):
     def _log_delegation(self, reason: str) -> None:
         if reason not in self._logged_reasons:
             self._logged_reasons.add(reason)
-            logger.info("sage_attn: running on the Triton backend: %s", reason)
+            logger.info(
+                "sage_attn: running on the base backend (%s): %s", self.base_choice.name, reason
+            )
 
     def forward_extend(
         self,
@@ -425,9 +463,7 @@ class SageAttentionBackend(AttentionBackend):
             return self._extend_kv8(q, k, v, layer, forward_batch, save_kv_cache, reason)
         if reason is not None:
             self._log_delegation(reason)
-            return self.triton_backend.forward_extend(
-                q, k, v, layer, forward_batch, save_kv_cache, **kwargs
-            )
+            return self.base.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
 
         if save_kv_cache:
             # Same dtype as the cache and no scales: the pool copies, it never
@@ -449,8 +485,12 @@ class SageAttentionBackend(AttentionBackend):
             self.token_to_kv_pool.get_value_buffer(layer.layer_id),
         )
         _run_on_subset(plan.sage, qkvo, lambda *t: self._sage_kernel(plan, layer, *t, *cache))
-        if plan.bf16 is not None:
-            _run_on_subset(plan.bf16, qkvo, lambda *t: self._bf16_kernel(plan, layer, *t, *cache))
+        if plan.base is not None:
+            _run_on_subset(
+                plan.base,
+                qkvo,
+                lambda *t: self.base_subset_kernel.run(plan.base_plan, layer, *t, *cache),
+            )
         return o
 
     def _count_sage_batch(self, plan, layer, q) -> None:
@@ -468,7 +508,7 @@ class SageAttentionBackend(AttentionBackend):
                 )
                 kernel, pv = ("Gluon, Hopper" if hopper else "Triton"), self.settings.pv
                 requests, longest = plan.sage.batch_size, plan.sage.max_extend_len
-                total = requests + (plan.bf16.batch_size if plan.bf16 else 0)
+                total = requests + (plan.base.batch_size if plan.base else 0)
             logger.info(
                 "sage_attn: extend batches run on the 8-bit kernel (%s; first: %d of %d "
                 "requests 8-bit, longest chunk %d tokens, P·V %s)",
@@ -531,11 +571,11 @@ class SageAttentionBackend(AttentionBackend):
         return o
 
     def _decode_kv8(self, q, k, v, layer, forward_batch, save_kv_cache, kwargs):
-        """A decode step on the 8-bit cache: SGLang's Triton decode metadata (splits,
+        """A decode step on the 8-bit cache: the Triton base's decode metadata (splits,
         scratch, CUDA-graph buffers), sage_attn's kernel."""
         reason = self._layer_delegate_reason(q, k, layer, kwargs)
         o, qoc = self._write_kv8(q, k, v, layer, forward_batch, save_kv_cache, reason)
-        metadata = self.triton_backend.forward_metadata
+        metadata = self.base.forward_metadata
         self.decode_attention_kv8(
             *qoc,
             kv_indptr=metadata.kv_indptr,
@@ -543,7 +583,7 @@ class SageAttentionBackend(AttentionBackend):
             attn_logits=metadata.attn_logits,
             attn_lse=metadata.attn_lse,
             num_kv_splits=metadata.num_kv_splits,
-            max_kv_splits=self.triton_backend.max_kv_splits,
+            max_kv_splits=self.base.max_kv_splits,
             sm_scale=layer.scaling,
         )
         if layer.layer_id == self.kv8_pool.start_layer:
@@ -599,31 +639,6 @@ class SageAttentionBackend(AttentionBackend):
             )
         return workspace
 
-    def _bf16_kernel(self, plan, layer, q, k, v, o, k_buffer, v_buffer):
-        """SGLang's Triton extend kernel on the short requests, as the Triton backend calls it
-        for a plain causal layer (no window, soft-cap, sinks or cache scales)."""
-        subset = plan.bf16
-        self.triton_backend.extend_attention_fwd(
-            q,
-            k.contiguous(),
-            v.contiguous(),
-            o,
-            k_buffer,
-            v_buffer,
-            subset.qo_indptr,
-            subset.kv_indptr,
-            subset.kv_indices,
-            None,  # custom_mask
-            True,  # causal
-            None,  # mask_indptr
-            subset.max_extend_len,
-            1.0,  # k_descale
-            1.0,  # v_descale
-            layer.scaling,
-            page_size=self.triton_backend.page_size,
-            extend_seq_lens_cpu=subset.extend_lens,
-        )
-
     def forward_decode(
         self,
         q: torch.Tensor,
@@ -636,9 +651,7 @@ class SageAttentionBackend(AttentionBackend):
     ):
         if self.kv8_pool is not None:
             return self._decode_kv8(q, k, v, layer, forward_batch, save_kv_cache, kwargs)
-        return self.triton_backend.forward_decode(
-            q, k, v, layer, forward_batch, save_kv_cache, **kwargs
-        )
+        return self.base.forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
 
 
 def _run_on_subset(subset: RequestSubset, qkvo, kernel) -> None:

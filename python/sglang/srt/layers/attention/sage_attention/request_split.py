@@ -1,12 +1,11 @@
 """Which requests of an extend batch run on the 8-bit kernel, decided per request.
 
-A request whose new chunk is shorter than the crossover gains nothing from 8
-bits (its cost is re-quantizing its whole cached prefix), so it runs on SGLang's
-bf16 Triton extend kernel: decode rows of MIXED batches, short chunks after a
-radix hit. Deciding per request (on the request's own chunk length) keeps a
-request's path -- and its output bits -- independent of its batch neighbours,
-and keeps short requests' cached prefixes out of the 8-bit pre-pass's
-workspace.
+A request whose new chunk is shorter than the crossover (measured against the
+base backend, ``crossover.py``) runs on the base backend's kernel: decode rows of
+MIXED batches, short chunks after a radix hit. Deciding per request (on the
+request's own chunk length) keeps a request's path -- and its output bits --
+independent of its batch neighbours, and keeps short requests' cached prefixes out
+of the 8-bit pre-pass's workspace.
 
 ``split_requests`` runs once per batch, on the host lengths SGLang already
 keeps (no device read). A ``RequestSubset`` is an extend batch of its own in
@@ -31,6 +30,8 @@ class RequestSubset:
     extend_lens: list[int]
     # [tokens] int64: the subset's rows of the batch's q/k/v/o; None = the whole batch.
     rows: torch.Tensor | None
+    # [n] int64: the subset's requests, as indices into the batch's requests.
+    requests: torch.Tensor
 
     @property
     def batch_size(self) -> int:
@@ -58,6 +59,7 @@ def _subset(
     device = qo_indptr.device
     sub_extend = [extend_lens[b] for b in picked]
     sub_prefix = [prefix_lens[b] for b in picked]
+    index = torch.tensor(picked, dtype=torch.int64, device=device)
     if whole_batch:
         return RequestSubset(
             qo_indptr=qo_indptr,
@@ -66,8 +68,8 @@ def _subset(
             max_extend_len=max(sub_extend),
             extend_lens=sub_extend,
             rows=None,
+            requests=index,
         )
-    index = torch.tensor(picked, dtype=torch.int64, device=device)
 
     def indptr(lens):
         return torch.tensor([0, *accumulate(lens)], dtype=torch.int32, device=device)
@@ -80,6 +82,7 @@ def _subset(
         max_extend_len=max(sub_extend),
         extend_lens=sub_extend,
         rows=_ranges(qo_indptr[index], sub_extend, device),
+        requests=index,
     )
 
 
@@ -91,7 +94,7 @@ def split_requests(
     prefix_lens: list[int],
     min_extend_len: int,
 ) -> tuple[RequestSubset | None, RequestSubset | None]:
-    """(requests for the 8-bit kernel, requests for the bf16 kernel); either may be None.
+    """(requests for the 8-bit kernel, requests for the base's kernel); either may be None.
 
     A request runs 8-bit when its chunk has at least ``min_extend_len`` tokens
     (and at least one). Requests with an empty chunk go nowhere: they have no rows.

@@ -19,6 +19,7 @@ QK_ROTATION_ENV = "SGLANG_SAGE_ATTN_QK_ROTATION"
 DECODE_MAX_SPLITS_ENV = "SGLANG_SAGE_ATTN_DECODE_MAX_SPLITS"
 KV_CACHE_ENV = "SGLANG_SAGE_ATTN_KV_CACHE"
 KV_SMOOTHING_ENV = "SGLANG_SAGE_ATTN_KV_SMOOTHING"
+BASE_BACKEND_ENV = "SGLANG_SAGE_ATTN_BASE_BACKEND"
 # "auto": the model dtype (SGLang's own pool); "int8": sage_attn's 8-bit pool (kv8_pool.py).
 SUPPORTED_KV_CACHES = ("auto", "int8")
 # "calibrate": the 8-bit cache's per-(layer, head) smoothing vectors are the key means
@@ -31,11 +32,6 @@ SUPPORTED_QK_ROTATIONS = ("auto", "none", "hadamard")
 # 1.87-2.07x). At hd128 it cost 4-15% of the Gluon kernel's speed and has no
 # real-model measurement yet, so "auto" leaves it off there.
 AUTO_ROTATION_MAX_HEAD_DIM = 64
-# Measured crossover against the bf16 Triton extend kernel short requests fall back
-# to (benchmark/kernels/sage_attention/RESULTS.md): an 8B-shaped layer prefilling
-# one request is 0.85x at 1024 tokens, 1.02x at 2048, 1.31x at 4096 (H100, v1);
-# 0.63x at 1024 and 1.40x at 4096 (H200, v2).
-DEFAULT_MIN_EXTEND_LEN = 2048
 # Cap on the KV splits of SGLang's Triton decode kernel under sage_attn, raised to
 # this when SGLang's own (--triton-attention-num-kv-splits, default 8) is lower.
 # Measured on the H200 (RESULTS.md round 4, 32 q / 8 KV heads, hd128) against a cap
@@ -62,8 +58,10 @@ class SageAttnSettings:
     # neither 8-bit mode is both faster and as accurate as fp16 on a real model
     # (benchmark/kernels/sage_attention/RESULTS.md, benchmark/sage_attention/VALIDATION.md).
     pv: str = "fp16"
-    # Requests whose new chunk is shorter run on SGLang's Triton extend kernel.
-    min_extend_len: int = DEFAULT_MIN_EXTEND_LEN
+    # Requests whose new chunk is shorter run on the base backend. "auto": the crossover
+    # measured against the base for this GPU and head dim (crossover.py); "off": every
+    # request on the base (the bf16 cache never runs the 8-bit kernel).
+    min_extend_len: int | str = "auto"
     # "auto" (the Gluon kernel on Hopper, Triton elsewhere) or "triton" (Triton everywhere).
     kernel: str = "auto"
     # "hadamard": rotate Q and K before their INT8 quantization (rotation.py); "none";
@@ -75,6 +73,9 @@ class SageAttnSettings:
     kv_cache: str = "auto"
     # The 8-bit cache's smoothing vectors: "calibrate" (start-up prompt) or "none".
     kv_smoothing: str = "calibrate"
+    # The SGLang backend everything off the 8-bit path runs on: "auto" (base_backend.py)
+    # or a name in SGLang's registry.
+    base_backend: str = "auto"
 
     @property
     def kv8_cache(self) -> bool:
@@ -108,7 +109,13 @@ class SageAttnSettings:
             raise ValueError(
                 f"{KV_SMOOTHING_ENV}={self.kv_smoothing!r}: must be one of {SUPPORTED_KV_SMOOTHING}"
             )
-        if self.min_extend_len < 0:
+        if isinstance(self.min_extend_len, str):
+            if self.min_extend_len not in ("auto", "off"):
+                raise ValueError(
+                    f"{MIN_EXTEND_LEN_ENV}={self.min_extend_len!r}: must be auto, off or a "
+                    "token count"
+                )
+        elif self.min_extend_len < 0:
             raise ValueError(f"{MIN_EXTEND_LEN_ENV}={self.min_extend_len}: must be >= 0")
         if not 0 <= self.decode_max_splits <= 1024:
             raise ValueError(
@@ -132,19 +139,23 @@ class SageAttnSettings:
 
     @classmethod
     def from_env(cls, environ=os.environ) -> SageAttnSettings:
-        def integer(name: str, default: int) -> int:
+        def integer(name: str, default: int | str) -> int:
             raw = environ.get(name, str(default))
             try:
                 return int(raw)
             except ValueError:
                 raise ValueError(f"{name}={raw!r}: must be an integer") from None
 
+        min_extend_len = environ.get(MIN_EXTEND_LEN_ENV, "auto").lower()
         return cls(
             pv=environ.get(PV_ENV, "fp16").lower(),
-            min_extend_len=integer(MIN_EXTEND_LEN_ENV, DEFAULT_MIN_EXTEND_LEN),
+            min_extend_len=min_extend_len
+            if min_extend_len in ("auto", "off")
+            else integer(MIN_EXTEND_LEN_ENV, min_extend_len),
             decode_max_splits=integer(DECODE_MAX_SPLITS_ENV, DEFAULT_DECODE_MAX_SPLITS),
             kernel=environ.get(KERNEL_ENV, "auto").lower(),
             qk_rotation=environ.get(QK_ROTATION_ENV, "auto").lower(),
             kv_cache=kv_cache_setting(environ),
             kv_smoothing=environ.get(KV_SMOOTHING_ENV, "calibrate").lower(),
+            base_backend=environ.get(BASE_BACKEND_ENV, "auto").lower(),
         )
