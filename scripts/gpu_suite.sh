@@ -6,9 +6,12 @@ set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 steps=${*:-tests bench kit serve}
 summary="$OUT/summary.txt"
-# SKIP_INSTALL=1: the bundle is installed already (several timed invocations in one call).
-if [ -z "${SKIP_INSTALL:-}" ]; then bash .gpu-bundle/install.sh; : > "$summary"; fi
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+# SKIP_INSTALL=1: the bundle is installed already (several timed invocations in one call,
+# or a later call on the same warm machine).
+if [ -z "${SKIP_INSTALL:-}" ]; then bash .gpu-bundle/install.sh; fi
+touch "$summary"
+# The second entry is where make-cute-parts.sh's CuTe DSL lands (FA4; harmless without it).
+export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages PYTHONUNBUFFERED=1
 failed=0
 # A server run that did not take the 8-bit path proves nothing about it: the backend
 # logs "sage_attn: N extend batches on the 8-bit kernel so far" at N = 1, 2, 4, ...;
@@ -110,6 +113,28 @@ PY
       python3 benchmark/sage_attention/validate.py --model smollm2 ${SMOLLM2_ARGS:-} \
       --out "$OUT" > "$OUT/validate_smollm2.log" 2>&1
     echo "smollm2 rc=$?" | tee -a "$summary"; head -60 "$OUT/validation_smollm2.md" | tee -a "$summary"
+    ;;
+  crossover)
+    # The 8-bit kernel against the base backends at layer level (crossover.py); the
+    # fa4/hd128 decision is also written as a server setting (/tmp/crossover.env, kept
+    # while the machine stays warm) for a serve_bench run of the same session.
+    python3 benchmark/sage_attention/crossover.py ${CROSSOVER_ARGS:-} --out "$OUT" \
+      --env-out fa4/128=/tmp/crossover.env > "$OUT/crossover.log" 2>&1
+    echo "crossover rc=$?" | tee -a "$summary"; grep -E "^\||decisions" "$OUT/crossover.log" | tee -a "$summary"
+    ;;
+  serve_bench)
+    # SGLang's own serving benchmark, one server per configuration (serve_bench.py);
+    # SERVE_BENCH_ARGS picks configurations, memory fraction, flags (see its --help).
+    # Results accumulate in SERVE_OUT (default /tmp/serve_bench, kept while the machine
+    # stays warm: a later call adds configurations with --resume) and are copied to $OUT.
+    serve_out=${SERVE_OUT:-/tmp/serve_bench}
+    pkill -f '[s]glang.launch_server'; sleep 1  # (the bracket: not this shell's own line)
+    python3 benchmark/sage_attention/serve_bench.py --out "$serve_out" ${SERVE_BENCH_ARGS:-} \
+      > "$OUT/serve_bench.log" 2>&1
+    echo "serve_bench rc=$?" | tee -a "$summary"
+    grep -E "^\||Failed|failed|cannot serve" "$OUT/serve_bench.log" | tail -30 | tee -a "$summary"
+    cp "$serve_out"/*_serving_*.json "$serve_out"/*_serving_*.md "$OUT"/ 2>/dev/null
+    for log in "$serve_out"/server_*.log; do gzip -c "$log" > "$OUT/$(basename "$log").gz"; done
     ;;
   layer)
     python3 benchmark/sage_attention/layer_timing.py ${LAYER_ARGS:-} --out "$OUT" > "$OUT/layer.log" 2>&1

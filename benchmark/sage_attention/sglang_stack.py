@@ -144,11 +144,11 @@ class SGLangStack:
             self.backend, lambda: self.forward(model, ids, ForwardMode.EXTEND, 0), length
         )
 
-    def begin(self, batch: int, total_len: int, seed: int = 0) -> None:
-        """Slot layout for ``batch`` requests of up to ``total_len`` tokens: each
-        request's pages shuffled (the kit's default layout)."""
+    def begin(self, batch: int, total_len: int, seed: int = 0, layout="shuffled_pages") -> None:
+        """Slot layout for ``batch`` requests of up to ``total_len`` tokens: by default
+        each request's pages shuffled (the kit's default layout)."""
         self.loc_fn = self.kit.make_loc_fn(
-            "shuffled_pages",
+            layout,
             batch_size=batch,
             seq_lens=(total_len,) * batch,
             prefix_lens=(0,) * batch,

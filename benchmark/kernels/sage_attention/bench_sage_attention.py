@@ -1,6 +1,8 @@
-"""sage_attn kernel benchmark, side by side with cuDNN, FlashAttention, SGLang's Triton kernels.
+"""sage_attn kernel benchmark, side by side with FA4, cuDNN, SGLang's Triton kernels.
 
-One process, the same inputs for every implementation, medians of
+FA4 (SGLang's vendored FlashAttention-4 CuTe kernels, what ``--attention-backend fa4``
+runs and sage_attn's base on Hopper) is the baseline the tables' ratios use. One
+process, the same inputs for every implementation, medians of
 ``triton.testing.do_bench`` after warm-up; inputs are larger than L2 (decode
 rotates through several KV sets). TOPS count only visible (query, key) pairs:
 4 * H * D * pairs, pairs = Lq*Lk (full) or the bottom-right causal triangle.
@@ -8,11 +10,13 @@ rotates through several KV sets). TOPS count only visible (query, key) pairs:
 Suites (``--suites``):
 - dense:  prefill without cached prefix, L = 1K..32K, hd 64/128, causal and not;
           sage fp16/fp8/int8 P·V (the op: Gluon kernel on Hopper; kernel-only; and the op
-          forced onto the portable Triton kernel, ``*_triton``), SDPA flash/cuDNN,
-          SGLang's Triton extend kernel, sageattention 1.0.6, FlashInfer.
+          forced onto the portable Triton kernel, ``*_triton``), ``fa4`` over the paged
+          cache, SDPA flash/cuDNN, SGLang's Triton extend kernel, sageattention 1.0.6,
+          FlashInfer.
 - extend: prefill over a paged, scrambled cache with 0/50/90% of each request cached.
-- decode: batch 1..64 x KV 1K..128K, the decode kernel sage_attn uses (SGLang's
-          Triton split-KV), GB/s against the card's measured copy bandwidth.
+- decode: batch 1..64 x KV 1K..128K, ``fa4_decode``, SGLang's Triton split-KV decode and
+          the 8-bit cache's decode over the same slots, GB/s against the card's measured
+          copy bandwidth.
 - sweep:  sage kernel-only time for each tile config of ``--tiles`` (tuning),
           including the plain-load (non-TMA) path Ampere and Ada run.
 
@@ -283,6 +287,9 @@ def prefill_impls(inputs, batch, prefix_len, chunk_len, causal, with_baselines=T
         return o
 
     impls["sglang_triton"] = sglang_triton
+    fa4 = fa4_paged_prefill(inputs, batch, prefix_len, chunk_len, causal)
+    if fa4 is not None:
+        impls["fa4"] = fa4
 
     # Dense baselines see contiguous K/V (gathered once, outside the timing): the
     # ideal a paged kernel is measured against.
@@ -347,6 +354,60 @@ def prefill_impls(inputs, batch, prefix_len, chunk_len, causal, with_baselines=T
     return impls
 
 
+def fa4_kernel():
+    """SGLang's vendored FlashAttention-4 (``--attention-backend fa4``'s kernel), or None
+    with the reason printed where its CuTe DSL is not installed."""
+    try:
+        from sglang.kernels.ops.attention.flash_attention_v4 import (
+            flash_attn_with_kvcache,
+            is_flash_attention_v4_available,
+        )
+    except ImportError as exc:
+        print(f"  fa4: not available ({exc})")
+        return None
+    if not is_flash_attention_v4_available():
+        print("  fa4: not available (FlashAttention-4's CuTe DSL does not import)")
+        return None
+    return flash_attn_with_kvcache
+
+
+def fa4_paged_prefill(inputs, batch, prefix_len, chunk_len, causal, page=64):
+    """What the fa4 backend runs for an extend: FA4 over the paged cache holding each
+    request's prefix (the same scrambled pages) and, after it, its chunk (written once,
+    outside the timing: the backend writes it before attending)."""
+    kernel = fa4_kernel()
+    if kernel is None or chunk_len % page:
+        return None
+    q, o = inputs["q_extend"], inputs["o_extend"]
+    num_prefix_slots = inputs["k_buffer"].shape[0]
+    kv_heads, head_dim = inputs["k_buffer"].shape[1:]
+
+    def paged(buffer, extend):
+        return torch.cat([buffer, extend]).view(-1, page, kv_heads, head_dim)
+
+    k_cache, v_cache = (
+        paged(inputs["k_buffer"], inputs["k_extend"]),
+        paged(inputs["v_buffer"], inputs["v_extend"]),
+    )
+    rows = []
+    for b in range(batch):
+        prefix = inputs["kv_indices"][b * prefix_len : (b + 1) * prefix_len : page] // page
+        chunk = num_prefix_slots + b * chunk_len + torch.arange(0, chunk_len, page, device="cuda")
+        rows.append(torch.cat([prefix, chunk // page]))
+    page_table = torch.stack(rows).to(torch.int32)
+    cache_seqlens = torch.full((batch,), prefix_len + chunk_len, dtype=torch.int32, device="cuda")
+
+    def run():
+        kernel(
+            q, k_cache, v_cache, page_table=page_table, cache_seqlens=cache_seqlens,
+            cu_seqlens_q=inputs["qo_indptr"], max_seqlen_q=chunk_len,
+            softmax_scale=head_dim**-0.5, causal=causal, out=o,
+        )  # fmt: skip
+        return o
+
+    return run
+
+
 def bench_prefill(args, suite, head_dim, prefix_len, chunk_len, causal) -> list[Row]:
     kv_len = prefix_len + chunk_len
     batch = max(1, args.tokens // kv_len)
@@ -397,10 +458,11 @@ def copy_bandwidth_gbps() -> float:
 
 
 def bench_decode(args, batch, kv_len, head_dim=128) -> list[Row]:
-    """SGLang's Triton decode on the bf16 cache (what sage_attn decodes with today), at
-    SGLang's split cap (16 here, as its backend) and a raised one (64), against the
-    8-bit cache's decode (``sage_kv8_decode``) at both caps. GB/s count the bytes each
-    cache actually holds for the keys read."""
+    """FA4's decode over the bf16 cache (``fa4_decode``: what a Hopper server decodes
+    with, and sage_attn on its fa4 base), SGLang's Triton decode at its split cap (16
+    here, as its backend) and a raised one (64), and the 8-bit cache's decode
+    (``sage_kv8_decode``) at both caps, all reading the same slots. GB/s count the bytes
+    each cache actually holds for the keys read."""
     from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
     from sglang.kernels.ops.attention.metadata import get_num_kv_splits_triton
     from sglang.srt.layers.attention.sage_attention.decode_kv8 import sage_decode_kv8
@@ -460,6 +522,27 @@ def bench_decode(args, batch, kv_len, head_dim=128) -> list[Row]:
         )  # fmt: skip
         return o
 
+    def fa4_decode_over_the_same_slots():
+        """FA4 through a page table of single-token pages (SGLang's fa4 backend at its
+        default --page-size 1 on Hopper): request b's row is its slots. Its cache is one
+        tensor each for K and V, as SGLang's pool holds a layer (the same values)."""
+        fa4 = fa4_kernel()
+        if fa4 is None:
+            return None
+        page_tables = {s.data_ptr(): s.view(batch, kv_len).to(torch.int32) for s in index_sets}
+        k_pages, v_pages = (b.contiguous().unsqueeze(1) for b in (k_buffer, v_buffer))
+        cu_seqlens_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+
+        def run(kv_indices, max_splits, splits):
+            fa4(
+                q, k_pages, v_pages, page_table=page_tables[kv_indices.data_ptr()],
+                cache_seqlens=seq_lens, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=1,
+                softmax_scale=head_dim**-0.5, causal=True, out=o,
+            )  # fmt: skip
+            return o
+
+        return run
+
     def kv8(kv_indices, max_splits, splits):
         num_kv_splits, logits, lse = splits
         sage_decode_kv8(
@@ -470,13 +553,16 @@ def bench_decode(args, batch, kv_len, head_dim=128) -> list[Row]:
 
     rows = []
     impls = [
-        ("sglang_triton_decode (sage_attn's decode)", bf16, 16, bf16_bytes),
+        ("sglang_triton_decode", bf16, 16, bf16_bytes),
         ("sglang_triton_decode_splits64", bf16, 64, bf16_bytes),
         ("sage_kv8_decode", kv8, 16, kv8_bytes),
         ("sage_kv8_decode_splits64", kv8, 64, kv8_bytes),
     ]
+    fa4_decode = fa4_decode_over_the_same_slots() if wanted(args, "fa4_decode") else None
+    if fa4_decode is not None:
+        impls.insert(0, ("fa4_decode", fa4_decode, 16, bf16_bytes))
     for name, run, max_splits, nbytes in impls:
-        if not wanted(args, name.split()[0]):
+        if not wanted(args, name):
             continue
         splits = splits_for(max_splits)
         step = functools.partial(run, max_splits=max_splits, splits=splits)
@@ -579,7 +665,7 @@ def plan(args):
     """(description, thunk) for every measurement, in order."""
     jobs = []
     if "dense" in args.suites:
-        for hd, length, causal in itertools.product(args.head_dims, args.seq_lens, (False, True)):
+        for hd, length, causal in itertools.product(args.head_dims, args.seq_lens, args.causal):
             jobs.append(
                 (
                     f"dense hd{hd} L={length} causal={causal}",
@@ -587,23 +673,27 @@ def plan(args):
                 )
             )
     if "extend" in args.suites:
-        for total, frac in itertools.product(args.extend_lens, args.cached_fractions):
+        for hd, total, frac in itertools.product(
+            args.head_dims, args.extend_lens, args.cached_fractions
+        ):
             prefix = int(total * frac) // 64 * 64
             jobs.append(
                 (
-                    f"extend hd128 total={total} cached={frac:.0%}",
-                    lambda p=prefix, n=total - prefix: bench_prefill(
-                        args, "extend", 128, p, n, True
+                    f"extend hd{hd} total={total} cached={frac:.0%}",
+                    lambda hd=hd, p=prefix, n=total - prefix: bench_prefill(
+                        args, "extend", hd, p, n, True
                     ),
                 )
             )
     if "decode" in args.suites:
-        for batch, kv_len in itertools.product(args.decode_batches, args.decode_lens):
+        for hd, batch, kv_len in itertools.product(
+            args.head_dims, args.decode_batches, args.decode_lens
+        ):
             if batch * kv_len <= args.decode_max_tokens:
                 jobs.append(
                     (
-                        f"decode bs={batch} kv={kv_len}",
-                        lambda b=batch, n=kv_len: bench_decode(args, b, n),
+                        f"decode hd{hd} bs={batch} kv={kv_len}",
+                        lambda hd=hd, b=batch, n=kv_len: bench_decode(args, b, n, hd),
                     )
                 )
     if "sweep" in args.suites:
@@ -715,7 +805,8 @@ def plot(json_path: str) -> None:
 
 
 def markdown_tables(json_path: str) -> str:
-    """RESULTS.md-style tables of a run: TOPS per implementation, ratios to cuDNN."""
+    """RESULTS.md-style tables of a run: TOPS per implementation, ratios to FA4 (SGLang's
+    fastest Hopper backend; cuDNN where the run has no FA4 rows)."""
     rows = [Row(**r) for r in json.load(open(json_path))["rows"]]
     out = []
     for suite in ("dense", "extend", "sweep"):
@@ -732,9 +823,10 @@ def markdown_tables(json_path: str) -> str:
         modes = [i.removeprefix("sage_") for i in whole_op]
         modes = modes or list(dict.fromkeys(r.impl.split("_")[1] for r in sel))
         cols = impls if suite != "sweep" else [f"sage_{pv}_kernel_only" for pv in modes]
-        ratio = suite != "sweep" and "sdpa_cudnn" in impls
+        baseline = "fa4" if "fa4" in impls else "sdpa_cudnn"
+        ratio = suite != "sweep" and baseline in impls
         head = ["hd", "causal", "Lk", "Lq", "tile"][: 5 if suite == "sweep" else 4] + cols
-        head += [f"{pv}/cuDNN" for pv in modes] if ratio else []
+        head += [f"{pv}/{baseline}" for pv in modes] if ratio else []
         out += [
             f"#### {suite} (TOPS)",
             "",
@@ -746,29 +838,29 @@ def markdown_tables(json_path: str) -> str:
             cells = [str(key[0]), "yes" if key[1] else "no", str(key[2]), str(key[3])]
             cells += [key[4].removeprefix("tile=")] if suite == "sweep" else []
             cells += [f"{vals[c]:.0f}" if c in vals else "-" for c in cols]
-            if ratio and "sdpa_cudnn" in vals:
-                cells += [f"{vals.get(f'sage_{pv}', 0) / vals['sdpa_cudnn']:.2f}x" for pv in modes]
+            if ratio and baseline in vals:
+                cells += [f"{vals.get(f'sage_{pv}', 0) / vals[baseline]:.2f}x" for pv in modes]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     decode = [r for r in rows if r.suite == "decode"]
     if decode:
         # One row per shape: each implementation's time, GB/s (bytes its cache holds
         # for the keys read) and share of the copy rate; speed-ups against the first
-        # implementation (the bf16 decode sage_attn ran before this round).
+        # implementation (FA4 on the bf16 cache where the run has it).
         copy = json.load(open(json_path)).get("copy_gbps", 0)
         impls = list(dict.fromkeys(r.impl.split()[0] for r in decode))
         keyed = {}
         for r in decode:
-            keyed.setdefault((r.batch, r.kv_len), {})[r.impl.split()[0]] = r
-        head = ["batch", "KV len", *impls, *(f"{i} speed-up" for i in impls[1:])]
+            keyed.setdefault((r.head_dim, r.batch, r.kv_len), {})[r.impl.split()[0]] = r
+        head = ["hd", "batch", "KV len", *impls, *(f"{i} speed-up" for i in impls[1:])]
         out += [
             f"#### decode: ms (GB/s, share of the {copy:.0f} GB/s copy rate)",
             "",
             "| " + " | ".join(head) + " |",
             "|" + "---|" * len(head),
         ]
-        for (batch, kv_len), vals in sorted(keyed.items()):
-            cells = [str(batch), str(kv_len)]
+        for (head_dim, batch, kv_len), vals in sorted(keyed.items()):
+            cells = [str(head_dim), str(batch), str(kv_len)]
             cells += [
                 f"{vals[i].ms:.3f} ({vals[i].gbps:.0f}, {vals[i].gbps / copy:.0%})"
                 if i in vals
@@ -791,6 +883,14 @@ def main():
         "--seq-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768]
     )
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument(
+        "--causal",
+        type=lambda s: s == "causal",
+        nargs="+",
+        default=[False, True],
+        metavar="{causal,full}",
+        help="dense: the masks to run (default both)",
+    )
     parser.add_argument("--extend-lens", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--cached-fractions", type=float, nargs="+", default=[0.0, 0.5, 0.9])
     parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8, 64])
