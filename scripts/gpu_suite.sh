@@ -115,11 +115,10 @@ PY
     echo "smollm2 rc=$?" | tee -a "$summary"; head -60 "$OUT/validation_smollm2.md" | tee -a "$summary"
     ;;
   crossover)
-    # The 8-bit kernel against the base backends at layer level (crossover.py); the
-    # fa4/hd128 decision is also written as a server setting (/tmp/crossover.env, kept
-    # while the machine stays warm) for a serve_bench run of the same session.
+    # The 8-bit kernel against the base backends at layer level (crossover.py): the
+    # rows and decisions the table in sage_attention/crossover.py is updated from.
     python3 benchmark/sage_attention/crossover.py ${CROSSOVER_ARGS:-} --out "$OUT" \
-      --env-out fa4/128=/tmp/crossover.env > "$OUT/crossover.log" 2>&1
+      > "$OUT/crossover.log" 2>&1
     echo "crossover rc=$?" | tee -a "$summary"; grep -E "^\||decisions" "$OUT/crossover.log" | tee -a "$summary"
     ;;
   serve_bench)

@@ -14,9 +14,7 @@ per chunk length over a fresh prefix and a 75%-cached one (3 x the chunk), throu
 
 The per-batch metadata is built outside the timing, as a server builds it once for all
 layers. ``crossover.decide`` turns each (base, head dim)'s rows into the entry of
-``sage_attention/crossover.py``'s table; the JSON holds rows and decisions, and
-``--env-out`` writes the decision for one (base, head dim) as the setting a server run
-in the same session takes (``SGLANG_SAGE_ATTN_MIN_EXTEND_LEN=<n>|off``).
+``sage_attention/crossover.py``'s table; the JSON holds rows and decisions.
 """
 
 from __future__ import annotations
@@ -127,9 +125,6 @@ def main():
         "--chunk-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768]
     )
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument(
-        "--env-out", metavar="BASE/HD=FILE", help="write that decision as a server setting"
-    )
     args = parser.parse_args()
     import sglang
     from sglang.srt.layers.attention.sage_attention.crossover import MIN_GAIN, arch_of
@@ -157,11 +152,6 @@ def main():
             f"{r['base_ms']:.3f} | {r['sage_ms']:.3f} | {r['gain']:.2f}x |"
         )
     print("decisions (shortest chunk on the 8-bit kernel; None = never):", decided)
-    if args.env_out:
-        key, file = args.env_out.split("=", 1)
-        value = decided.get(key)
-        with open(file, "w") as f:
-            f.write(f"SGLANG_SAGE_ATTN_MIN_EXTEND_LEN={'off' if value is None else value}\n")
 
 
 if __name__ == "__main__":

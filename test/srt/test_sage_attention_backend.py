@@ -164,7 +164,7 @@ def _triton_base(**forward_metadata):
     return base
 
 
-def _bare_plan_backend(min_extend_len):
+def _bare_plan_backend(min_extend_len, page_size=1):
     """A SageAttentionBackend with just what ``_plan`` reads, on a Triton base."""
     backend = object.__new__(SageAttentionBackend)
     backend.min_extend_len = min_extend_len
@@ -172,7 +172,7 @@ def _bare_plan_backend(min_extend_len):
     backend.kv8_pool = None
     backend.calibration = None
     backend.base_choice = BaseChoice("triton", "a test's bare backend")
-    backend.base_subset_kernel = base_extend.TritonKernelOnSubset(page_size=1)
+    backend.base_subset_kernel = base_extend.TritonKernelOnSubset(page_size)
     return backend
 
 
@@ -203,6 +203,15 @@ def test_no_crossover_delegates_every_extend():
     backend = _bare_plan_backend(min_extend_len=None)
     plan = backend._plan(_bare_batch(ForwardMode.EXTEND, [32768], [0]))
     assert plan.sage is None and "off for this model" in plan.delegate_reason
+
+
+def test_a_batch_of_short_chunks_is_planned_from_host_lengths_alone():
+    """No request reaches the crossover: the batch is delegated before any index is
+    built (a base without extend metadata is never asked for it)."""
+    backend = _bare_plan_backend(min_extend_len=16384)
+    backend.base = object()
+    plan = backend._plan(_bare_batch(ForwardMode.EXTEND, [8192, 1024], [24576, 0]))
+    assert plan.sage is None and "shorter than 16384" in plan.delegate_reason
 
 
 @pytest.fixture
@@ -279,8 +288,7 @@ def _bare_backend(inputs, min_extend_len, page_size=1):
     """A SageAttentionBackend around ``inputs``' cache and index tensors on a Triton
     base, without a model runner: the batch plan and the forward path as SGLang
     drives them (the ``kernel_calls`` fixture counts the kernels)."""
-    backend = _bare_plan_backend(min_extend_len)
-    backend.base_subset_kernel = base_extend.TritonKernelOnSubset(page_size)
+    backend = _bare_plan_backend(min_extend_len, page_size)
     backend._logged_reasons, backend._announced_sage_path = set(), False
     backend.sage_extend_batches = 0
     backend.settings = backend_module.SageAttnSettings(min_extend_len=min_extend_len)

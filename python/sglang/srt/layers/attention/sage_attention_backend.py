@@ -49,6 +49,7 @@ from sglang.srt.layers.attention.sage_attention import (
 from sglang.srt.layers.attention.sage_attention.base_backend import build_base_backend
 from sglang.srt.layers.attention.sage_attention.base_extend import (
     extend_indices,
+    host_lens,
     subset_kernel_for,
 )
 from sglang.srt.layers.attention.sage_attention.crossover import arch_of, measured_crossover
@@ -65,6 +66,7 @@ from sglang.srt.layers.attention.sage_attention.layout import (
 from sglang.srt.layers.attention.sage_attention.request_split import (
     RequestSubset,
     split_requests,
+    takes_8bit,
 )
 from sglang.srt.layers.attention.sage_attention.settings import (
     KV_CACHE_ENV,
@@ -274,11 +276,6 @@ class SageAttentionBackend(AttentionBackend):
         )
         if isinstance(self.base, TritonAttnBackend):
             raise_decode_split_cap(self.base, self.settings.decode_max_splits)
-        elif self.kv8_pool is not None:
-            raise ValueError(
-                f"{KV_CACHE_ENV}=int8 needs the Triton base backend (its decode split "
-                f"metadata), not {self.base_choice.name}"
-            )
         # The base's kernel on the short requests of an extend batch that also holds
         # 8-bit ones (base_extend.py).
         self.base_subset_kernel = subset_kernel_for(self.base, model_runner.page_size)
@@ -368,20 +365,22 @@ class SageAttentionBackend(AttentionBackend):
         if self.min_extend_len is None:
             plan.delegate_reason = "the 8-bit kernel is off for this model (start-up log)"
             return plan
-        indices = extend_indices(self.base, forward_batch, self.kv_index_translator)
-        plan.sage, plan.base = split_requests(
-            qo_indptr=indices.qo_indptr,
-            kv_indptr=indices.kv_indptr,
-            kv_indices=indices.kv_indices,
-            extend_lens=indices.extend_lens,
-            prefix_lens=indices.prefix_lens,
-            min_extend_len=self.min_extend_len,
-        )
-        if plan.sage is None:
+        extend_lens, prefix_lens = host_lens(forward_batch)
+        if not any(takes_8bit(n, self.min_extend_len) for n in extend_lens):
+            # Decided on the host lengths alone: an all-base batch packs no indices.
             plan.delegate_reason = (
                 f"chunks shorter than {self.min_extend_len} tokens (the crossover)"
             )
             return plan
+        indices = extend_indices(self.base, forward_batch, self.kv_index_translator, prefix_lens)
+        plan.sage, plan.base = split_requests(
+            qo_indptr=indices.qo_indptr,
+            kv_indptr=indices.kv_indptr,
+            kv_indices=indices.kv_indices,
+            extend_lens=extend_lens,
+            prefix_lens=prefix_lens,
+            min_extend_len=self.min_extend_len,
+        )
         if forward_batch.out_cache_loc is not None:
             # The layers' KV writes on a sliding-window pool (None on other pools).
             plan.swa_out_cache_loc = self.kv_index_translator.write_ids(

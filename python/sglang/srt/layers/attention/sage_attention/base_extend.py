@@ -32,8 +32,6 @@ class ExtendIndices:
     qo_indptr: torch.Tensor  # [B + 1] int32
     kv_indptr: torch.Tensor  # [B + 1] int32, over kv_indices
     kv_indices: torch.Tensor  # [sum prefix] int64: prefix slots, request after request
-    extend_lens: list[int]
-    prefix_lens: list[int]
 
 
 def _is_triton(base) -> bool:
@@ -47,21 +45,24 @@ def _is_flash_attention(base) -> bool:
     return type(base).__name__ == "FlashAttentionBackend"
 
 
-def extend_indices(base, forward_batch, kv_index_translator) -> ExtendIndices:
-    """The batch's extend indices: the Triton base's own, else packed here once."""
+def host_lens(forward_batch) -> tuple[list[int], list[int]]:
+    """(new-chunk lengths, cached-prefix lengths) of an extend batch's requests."""
     extend_lens = forward_batch.extend_seq_lens_cpu
     prefix_lens = forward_batch.extend_prefix_lens_cpu
     if extend_lens is None or prefix_lens is None:
         # SGLang's GPU-only extend path: read the lengths back, as Triton's backend does.
         extend_lens = forward_batch.extend_seq_lens.tolist()
         prefix_lens = forward_batch.extend_prefix_lens.tolist()
-    extend_lens, prefix_lens = list(extend_lens), list(prefix_lens)
+    return list(extend_lens), list(prefix_lens)
+
+
+def extend_indices(base, forward_batch, kv_index_translator, prefix_lens: list[int]):
+    """The batch's extend indices (``prefix_lens`` from ``host_lens``): the Triton base's
+    own, else packed here once."""
     if _is_triton(base):
         metadata = base.forward_metadata
-        return ExtendIndices(
-            metadata.qo_indptr, metadata.kv_indptr, metadata.kv_indices, extend_lens, prefix_lens
-        )
-    batch_size = len(extend_lens)
+        return ExtendIndices(metadata.qo_indptr, metadata.kv_indptr, metadata.kv_indices)
+    batch_size = len(prefix_lens)
     device = forward_batch.extend_seq_lens.device
     qo_indptr = torch.zeros(batch_size + 1, dtype=torch.int32, device=device)
     qo_indptr[1:] = torch.cumsum(forward_batch.extend_seq_lens[:batch_size], dim=0)
@@ -76,7 +77,7 @@ def extend_indices(base, forward_batch, kv_index_translator) -> ExtendIndices:
         indptr=kv_indptr,
         out=kv_indices,
     )
-    return ExtendIndices(qo_indptr, kv_indptr, kv_indices, extend_lens, prefix_lens)
+    return ExtendIndices(qo_indptr, kv_indptr, kv_indices)
 
 
 class TritonKernelOnSubset:

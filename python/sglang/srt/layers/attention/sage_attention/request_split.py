@@ -86,6 +86,11 @@ def _subset(
     )
 
 
+def takes_8bit(extend_len: int, min_extend_len: int) -> bool:
+    """Whether a request with this new chunk runs on the 8-bit kernel."""
+    return extend_len > 0 and extend_len >= min_extend_len
+
+
 def split_requests(
     qo_indptr: torch.Tensor,
     kv_indptr: torch.Tensor,
@@ -99,7 +104,7 @@ def split_requests(
     A request runs 8-bit when its chunk has at least ``min_extend_len`` tokens
     (and at least one). Requests with an empty chunk go nowhere: they have no rows.
     """
-    long_ones = [b for b, n in enumerate(extend_lens) if n > 0 and n >= min_extend_len]
+    long_ones = [b for b, n in enumerate(extend_lens) if takes_8bit(n, min_extend_len)]
     short_ones = [b for b, n in enumerate(extend_lens) if 0 < n < min_extend_len]
     # The whole batch's metadata serves a side that holds every request with rows.
     with_rows = len(long_ones) + len(short_ones)
