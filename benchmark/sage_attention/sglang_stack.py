@@ -68,6 +68,10 @@ class SGLangStack:
         from sglang.test.kits.attention_unittest.attention_methods import dense_attention as kit
 
         plugin.register()
+        # Whole pages per request, so token i sits at offset i % page_size as SGLang's
+        # paged allocator places it (the kit's layouts start a request every
+        # max_context slots; paged kernels read a page from its first slot).
+        max_context = -(-max_context // page_size) * page_size
         self.kit, self.device, self.max_context = kit, device, max_context
         self.page_size, self.num_heads, self.num_kv_heads = page_size, num_heads, num_kv_heads
         name, settings = SGLANG_BACKENDS[backend_key]

@@ -143,11 +143,13 @@ def run_op(op, inputs: dict, **kwargs) -> torch.Tensor:
 
 
 def make_kv8_inputs(case: ExtendCase, rotated: bool = False, smooth: bool = True) -> dict:
-    """The case's batch over sage_attn's 8-bit KV cache: every prefix slot and each
-    chunk (written to fresh slots after the prefixes, as SGLang writes a chunk before
-    attention) quantized by ``write_kv8``; ``kv_indptr``/``kv_indices`` list each
-    request's whole sequence. Slots no request owns hold NaN scales, so a kernel that
-    reads outside its request cannot pass. ``exact``: the fp32 op on the original K/V.
+    """The case's batch over sage_attn's 8-bit KV cache in pages of ``case.page_size``:
+    each request's whole sequence (prefix, then chunk, as SGLang writes a chunk before
+    attention) in its own pages, handed out in a random order, token i at offset
+    i % page_size as SGLang's paged allocator places it; all quantized by ``write_kv8``.
+    ``kv_indptr``/``kv_indices`` list each request's whole sequence. Slots no request
+    owns (the rest of a last page included) hold NaN scales, so a kernel that reads
+    outside its request cannot pass. ``exact``: the fp32 op on the original K/V.
     ``smooth``: the keys' mean as the smoothing vector (a calibration mean), else 0."""
     from sglang.srt.layers.attention.sage_attention.kv8_cache import allocate_kv8_cache, write_kv8
     from sglang.srt.layers.attention.sage_attention.reference import sage_extend_attention_ref
@@ -156,30 +158,31 @@ def make_kv8_inputs(case: ExtendCase, rotated: bool = False, smooth: bool = True
     inputs = make_extend_inputs(case)
     device = inputs["q_extend"].device
     hkv, d = case.num_kv_heads, case.head_dim
-    num_prefix_slots, num_tokens = inputs["k_buffer"].shape[0], inputs["k_extend"].shape[0]
     owned = inputs["kv_indices"]
-    chunk_slots = num_prefix_slots + torch.arange(num_tokens, device=device)
+    seq_lens = [p + e for p, e in zip(case.prefix_lens, case.extend_lens, strict=True)]
+    seq_slots, num_slots = _scrambled_slots(
+        seq_lens, case.page_size, torch.Generator().manual_seed(1)
+    )
+    seq_slots = [ids.to(device) for ids in seq_slots]
+    prefix_slots = torch.cat([torch.zeros(0, dtype=torch.int64, device=device)] + [
+        ids[:p] for ids, p in zip(seq_slots, case.prefix_lens, strict=True)
+    ])  # fmt: skip
+    chunk_slots = torch.cat([torch.zeros(0, dtype=torch.int64, device=device)] + [
+        ids[p:] for ids, p in zip(seq_slots, case.prefix_lens, strict=True)
+    ])  # fmt: skip
     keys = torch.cat([inputs["k_buffer"][owned], inputs["k_extend"]])
     mean = keys.float().mean(0) if smooth else torch.zeros(hkv, d, device=device)
     if rotated:
         mean = mean @ hadamard_matrix(d, device=device)
     cache = allocate_kv8_cache(
-        num_prefix_slots + num_tokens, hkv, d, case.head_dim_v or d, device,
-        k_mean=mean, rotated=rotated,
+        num_slots, hkv, d, case.head_dim_v or d, device, k_mean=mean, rotated=rotated,
+        page_size=case.page_size,
     )  # fmt: skip
     cache.k_scale.fill_(float("nan"))
     cache.v_scale.fill_(float("nan"))
-    write_kv8(cache, owned, inputs["k_buffer"][owned], inputs["v_buffer"][owned])
+    write_kv8(cache, prefix_slots, inputs["k_buffer"][owned], inputs["v_buffer"][owned])
     write_kv8(cache, chunk_slots, inputs["k_extend"], inputs["v_extend"])
-
-    prefix, chunk = inputs["kv_indptr"].tolist(), inputs["qo_indptr"].tolist()
-    kv_indices = torch.cat(
-        [torch.zeros(0, dtype=torch.int64, device=device)]
-        + [
-            torch.cat([owned[prefix[b] : prefix[b + 1]], chunk_slots[chunk[b] : chunk[b + 1]]])
-            for b in range(len(prefix) - 1)
-        ]
-    )
+    kv_indices = torch.cat([torch.zeros(0, dtype=torch.int64, device=device), *seq_slots])
     exact = inputs["o_extend"].clone()
     sage_extend_attention_ref(**dict(inputs, o_extend=exact), causal=True)
     return dict(
@@ -194,14 +197,15 @@ def make_kv8_inputs(case: ExtendCase, rotated: bool = False, smooth: bool = True
     )
 
 
-def huge_kv8_cache(length=300):
+def huge_kv8_cache(length=300, page_size=1):
     """A 1-KV-head hd64 cache whose int8 buffers pass 2^31 elements, and ``length`` keys
     written to its last slots (int64 addressing or bust). GPU only (~4.5 GB)."""
     from sglang.srt.layers.attention.sage_attention.kv8_cache import allocate_kv8_cache, write_kv8
 
     num_slots = 2**31 // 64 + 4096
-    cache = allocate_kv8_cache(num_slots, 1, 64, 64, "cuda")
-    slots = torch.arange(num_slots - length, num_slots, device="cuda")
+    cache = allocate_kv8_cache(num_slots, 1, 64, 64, "cuda", page_size=page_size)
+    first = (num_slots - length) // page_size * page_size  # token i at offset i % page_size
+    slots = torch.arange(first, first + length, device="cuda")
     k = torch.randn(length, 1, 64, dtype=torch.float16, device="cuda")
     write_kv8(cache, slots, k, torch.randn_like(k))
     return cache, slots, torch.tensor([0, length], dtype=torch.int32, device="cuda")

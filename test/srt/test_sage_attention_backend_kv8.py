@@ -88,6 +88,20 @@ def test_the_log_says_which_cache_and_counts_batches(kv8_calls, caplog):
     assert "sage_attn: 1 extend batches on the 8-bit kernel so far" in messages
 
 
+@pytest.mark.skipif(**requires_kernels)
+def test_the_decode_log_says_how_the_kernel_reads_the_cache(kv8_calls, caplog):
+    decode = next(c for c in DENSE_CASES if c.name == "mha_decode_page_boundary")
+    assert decode.page_size == 16
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger=backend_module.__name__):
+        kit.run_dense_attention_case(
+            KitTestCase(), decode, head_dim=64, dtype=KIT_DTYPE, device=DEVICE
+        )
+    assert kv8_calls == ["sage_decode_kv8"]
+    messages = [r.getMessage() for r in caplog.records]
+    want = "sage_attn: 1 decode batches on the 8-bit cache kernel so far (whole pages of 16"
+    assert any(m.startswith(want) for m in messages), messages
+
+
 def test_int8_setting_without_the_8bit_pool_is_refused(monkeypatch):
     """The setting with SGLang's bf16 pool (another pool class won the configurator:
     a hybrid model, --prefill-only-disable-kv-cache, ...) stops the server at start-up."""

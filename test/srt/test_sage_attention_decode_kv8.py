@@ -33,6 +33,8 @@ from sglang.srt.layers.attention.sage_attention.decode_kv8 import (
 )
 from sglang.srt.layers.attention.sage_attention.reference import attention_error
 
+# Where the whole-page reads go through TMA: sm_90+, or the interpreter's emulation.
+HAS_GPU_TMA = not HAS_GPU or torch.cuda.get_device_capability()[0] >= 9
 VS_EXACT = (0.9995, 0.03)
 VS_TWIN = (0.99999, 2e-3)
 MAX_SPLITS = 4
@@ -43,12 +45,17 @@ CASES = [
     ExtendCase("gqa8_hd128", (500, 1), (1, 1), num_q_heads=8, num_kv_heads=1, head_dim=128),
     ExtendCase("one_key", (0, 5), (1, 1), num_q_heads=4, num_kv_heads=1),
     ExtendCase("gqa3", (90, 17), (1, 1), num_q_heads=6, num_kv_heads=2),
+    # Whole pages: a full page, one short of it, one past it, several pages.
+    ExtendCase("page64_edges", (62, 63, 64, 199), (1,) * 4, 8, 2, page_size=64),
+    ExtendCase("page128_hd128", (127, 300), (1, 1), 8, 1, head_dim=128, page_size=128),
+    ExtendCase("page256", (255, 40), (1, 1), 4, 2, page_size=256),
+    ExtendCase("page4_gathered", (30, 9), (1, 1), 4, 2, page_size=4),
 ]
 OUTLIER_CASES = [
     ExtendCase(f"{values}_hd{d}", (400, 90), (1, 1), 8, 2, head_dim=d, values=values)
     for values in ("k_bias", "sink")
     for d in (64, 128)
-]
+] + [ExtendCase("k_bias_page64", (400, 90), (1, 1), 8, 2, values="k_bias", page_size=64)]
 
 
 def decode_batch(case: ExtendCase, rotated: bool = False, smooth: bool = True):
@@ -103,17 +110,36 @@ def test_smoothing_is_what_handles_k_outliers():
 
 
 @pytest.mark.skipif(**requires_kernels)
-def test_split_count_changes_only_rounding_and_runs_are_bitwise_repeatable():
-    q, cache, indptr, indices, _ = decode_batch(CASES[0])
+@pytest.mark.parametrize("case", [CASES[0], CASES[5]], ids=lambda c: c.name)
+def test_split_count_changes_only_rounding_and_runs_are_bitwise_repeatable(case):
+    q, cache, indptr, indices, _ = decode_batch(case)
+    batch = q.shape[0]
     before = (q.clone(), cache.k_int8.clone(), cache.v_int8.clone(), indices.clone())
-    one = run_decode(q, cache, indptr, indices, splits=[1, 1, 1])
-    four = run_decode(q, cache, indptr, indices, splits=[4, 4, 4])
-    again = run_decode(q, cache, indptr, indices, splits=[4, 4, 4])
+    one = run_decode(q, cache, indptr, indices, splits=[1] * batch)
+    four = run_decode(q, cache, indptr, indices, splits=[4] * batch)
+    again = run_decode(q, cache, indptr, indices, splits=[4] * batch)
     assert torch.equal(four, again)
     cos, rel_l1 = attention_error(four, one)
     assert cos >= 0.999999 and rel_l1 <= 1e-3
     after = (q, cache.k_int8, cache.v_int8, indices)
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), "inputs modified"
+
+
+@pytest.mark.skipif(**requires_kernels)
+def test_whole_pages_read_the_same_through_tma_and_plain_loads(monkeypatch):
+    """From page size 16 the kernel reads whole pages; TMA boxes carry the bytes of a
+    page's tokens outside the split too, which the scores mask: the same output."""
+    case = next(c for c in CASES if c.name == "page64_edges")
+    q, cache, indptr, indices, _ = decode_batch(case)
+    assert decode_kv8.how_decode_reads(cache, q.device) == (True, HAS_GPU_TMA)
+    outputs = {}
+    for use_tma in (True, False):
+        monkeypatch.setattr(decode_kv8, "USE_TMA", use_tma)
+        assert decode_kv8.how_decode_reads(cache, q.device)[1] == (use_tma and HAS_GPU_TMA)
+        outputs[use_tma] = run_decode(q, cache, indptr, indices)
+    assert torch.equal(outputs[True], outputs[False])
+    small = next(c for c in CASES if c.name == "page4_gathered")
+    assert decode_kv8.how_decode_reads(decode_batch(small)[1], q.device) == (False, False)
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="the PTX conversion runs on a GPU only")
@@ -131,8 +157,9 @@ def test_where_v_is_converted_changes_only_rounding(case, monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="a cache of more than 2^31 elements needs a GPU")
-def test_slots_beyond_two_to_the_31_elements():
-    cache, slots, indptr = huge_kv8_cache()
+@pytest.mark.parametrize("page_size", [1, 64])
+def test_slots_beyond_two_to_the_31_elements(page_size):
+    cache, slots, indptr = huge_kv8_cache(page_size=page_size)
     q = torch.randn(1, 4, 64, dtype=torch.float16, device="cuda")
     out = run_decode(q, cache, indptr, slots, splits=[3])
     twin = torch.empty_like(out)

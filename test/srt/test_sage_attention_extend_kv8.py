@@ -45,6 +45,9 @@ CASES = [
     # 128-row programs (one token each).
     ExtendCase("gqa3", (40, 0), (70, 20), num_q_heads=6, num_kv_heads=2),
     ExtendCase("mqa66", (30,), (20,), num_q_heads=66, num_kv_heads=1),
+    # Page-major caches: chunks that start mid-page, fill one, and span several.
+    ExtendCase("pages64", (100, 0, 64), (40, 64, 1), 8, 2, page_size=64),
+    ExtendCase("pages128_hd128", (130,), (90,), 8, 1, head_dim=128, page_size=128),
 ]
 OUTLIER_CASES = [
     ExtendCase(f"{values}_hd{d}", (100, 37), (60, 150), 8, 2, head_dim=d, values=values)

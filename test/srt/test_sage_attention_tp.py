@@ -42,6 +42,8 @@ SHAPES = {
     "cpu": dict(chunk_1=(70, 33), chunk_2=(40, 9), dtype=torch.float16),
 }
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The 8-bit cache runs in pages its decode reads whole (kv8_cache.py); bf16 at page size 1.
+PAGE_SIZE = {"auto": 1, "int8": 16}
 
 
 def _free_port() -> int:
@@ -84,7 +86,7 @@ def _make_runner(model_config, num_kv_heads, device, dtype, max_context_len, bat
         server_args=get_server_args(),
         device=device, dtype=dtype, kv_cache_dtype=dtype, kv_cache_dtype_str="auto",
         gpu_id=torch.cuda.current_device() if device == "cuda" else 0,
-        page_size=1, model_config=model_config, is_draft_worker=False,
+        page_size=PAGE_SIZE[kv_cache], model_config=model_config, is_draft_worker=False,
         max_running_requests=batch, model=nn.Module(), spec_algorithm=SpeculativeAlgorithm.NONE,
         prefill_attention_backend_str="sage_attn", decode_attention_backend_str="sage_attn",
         draft_attention_backend=None, canary_manager=None, _kernel_warmed_up=True,
@@ -96,12 +98,13 @@ def _make_runner(model_config, num_kv_heads, device, dtype, max_context_len, bat
     )
     pool_class = SageKV8TokenToKVPool if kv_cache == "int8" else MHATokenToKVPool
     runner.token_to_kv_pool = pool_class(
-        size=batch * max_context_len + 1, page_size=1, dtype=dtype, head_num=num_kv_heads,
+        size=batch * max_context_len, page_size=runner.page_size, dtype=dtype,
+        head_num=num_kv_heads,
         head_dim=HEAD_DIM, layer_num=1, device=device, enable_memory_saver=False,
         enable_alt_stream=False,
     )  # fmt: skip
     runner.token_to_kv_pool_allocator = SimpleNamespace(
-        page_size=1, get_kvcache=lambda: runner.token_to_kv_pool
+        page_size=runner.page_size, get_kvcache=lambda: runner.token_to_kv_pool
     )
     runner.graph_shared_output = GraphSharedOutput(device=device, max_rows=batch * max_context_len)
     runner.init_kv_index_translator()
@@ -114,7 +117,8 @@ def _forward_batch(runner, mode, prefix_lens, input_lens, max_context_len, devic
     seq_lens = [p + n for p, n in zip(prefix_lens, input_lens, strict=True)]
     locs, positions = [], []
     for req, (prefix, seq_len) in enumerate(zip(prefix_lens, seq_lens, strict=True)):
-        slots = 1 + req * max_context_len + torch.arange(seq_len)
+        # After the padding page; token i at offset i % page_size, as SGLang pages them.
+        slots = runner.page_size + req * max_context_len + torch.arange(seq_len)
         runner.req_to_token_pool.req_to_token[req, :seq_len] = slots.to(device)
         locs += slots[prefix:].tolist()
         positions += list(range(prefix, seq_len))
@@ -258,7 +262,7 @@ def worker(
         (ForwardMode.EXTEND, (c1, c2), (d1, d2)),  # over the cached first chunk
         (ForwardMode.DECODE, (c1 + d1, c2 + d2), (1, 1)),
     ]
-    max_ctx = max(c1 + d1, c2 + d2) + 8
+    max_ctx = (max(c1 + d1, c2 + d2) // 16 + 1) * 16  # whole pages
     full_qkv = _full_qkv(steps, num_kv_heads, shapes["dtype"])
     backend, outputs = _run_layer(q_per_rank, kv_per_rank, q_heads, kv_heads, full_qkv, steps,
                                   device, shapes["dtype"], max_ctx, kv_cache)  # fmt: skip

@@ -53,7 +53,10 @@ from sglang.srt.layers.attention.sage_attention.base_extend import (
     subset_kernel_for,
 )
 from sglang.srt.layers.attention.sage_attention.crossover import arch_of, measured_crossover
-from sglang.srt.layers.attention.sage_attention.decode_kv8 import sage_decode_kv8
+from sglang.srt.layers.attention.sage_attention.decode_kv8 import (
+    how_decode_reads,
+    sage_decode_kv8,
+)
 from sglang.srt.layers.attention.sage_attention.extend_attention import use_hopper_kernel
 from sglang.srt.layers.attention.sage_attention.extend_kv8 import sage_extend_attention_kv8
 from sglang.srt.layers.attention.sage_attention.kv8_pool import SageKV8TokenToKVPool
@@ -589,9 +592,14 @@ class SageAttentionBackend(AttentionBackend):
             # Python runs once per eager step and once per graph capture.
             self.kv8_decode_batches += 1
             if _is_power_of_two(self.kv8_decode_batches):
+                cache = qoc[2]
+                whole_pages, tma = how_decode_reads(cache, q.device)
                 logger.info(
-                    "sage_attn: %d decode batches on the 8-bit cache kernel so far%s",
+                    "sage_attn: %d decode batches on the 8-bit cache kernel so far (%s)%s",
                     self.kv8_decode_batches,
+                    f"whole pages of {cache.page_size}{' through TMA' if tma else ''}"
+                    if whole_pages
+                    else "token by token",
                     " (CUDA-graph capture included)"
                     if q.is_cuda and torch.cuda.is_current_stream_capturing()
                     else "",

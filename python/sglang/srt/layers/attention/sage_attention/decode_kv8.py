@@ -3,7 +3,10 @@
 Stage 1 (this module): one program per (request, KV head, split) takes the query
 heads of that KV head together (padded to 16 rows, the smallest tensor-core tile)
 and runs an exp2 online softmax over its split of the request's slots, reading
-INT8 K and V through ``kv_indices`` with their per-token scales. The query rows
+INT8 K and V with their per-token scales. At page sizes >= 16 it reads whole pages
+(``load_kv8_page``: per step, one page's K block, its transposed V block and their
+scales, each contiguous, found from the page's first slot in ``kv_indices``); below,
+token by token through ``kv_indices`` (``load_kv8_tile``). The query rows
 are quantized to INT8 once per program (one scale per head, as the extend
 kernels do), so Q·Kᵀ is an INT8 tensor-core product on K as stored: K is never
 converted. P·V is FP16 on the exact INT8 V with V's row scales folded into P
@@ -33,7 +36,14 @@ from sglang.kernels.ops.attention.decode_attention import (
     _decode_softmax_reducev_fwd,
 )
 from sglang.srt.layers.attention.sage_attention.extend_kv8 import sage_extend_attention_kv8_ref
-from sglang.srt.layers.attention.sage_attention.kv8_cache import KV8Cache, load_kv8_tile
+from sglang.srt.layers.attention.sage_attention.kv8_cache import (
+    MIN_WHOLE_PAGE,
+    KV8Cache,
+    kv8_page_sources,
+    load_kv8_page,
+    load_kv8_tile,
+    tma_can_read,
+)
 from sglang.srt.layers.attention.sage_attention.kv8_tiles import (
     fast_int8_cvt,
     kv8_scores,
@@ -53,6 +63,12 @@ BLOCK_N = 128
 NUM_STAGES = 5
 NUM_WARPS = 4
 CVT_IN_ROWS = True
+# Query heads per KV head one program's rows hold (as the extend kernel).
+MAX_GROUP = 128
+# Whole pages through TMA descriptors where the device has TMA (sm_90+; the CPU
+# interpreter emulates them), else plain loads. Neither is measured yet (RESULTS.md
+# round 8): tune_kv8.py sweeps both.
+USE_TMA = True
 
 
 @triton.jit
@@ -62,6 +78,8 @@ def _kv8_decode_stage1(
     k_scale,
     v_int8,
     v_scale,
+    k_page_src,  # kv8_page_sources: TMA descriptors or the buffers
+    v_page_src,
     kv_indptr,
     kv_indices,
     num_kv_splits,
@@ -78,6 +96,9 @@ def _kv8_decode_stage1(
     BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    WHOLE_PAGES: tl.constexpr,
+    USE_TMA: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MIN_BLOCK_KV: tl.constexpr,
     ROTATE: tl.constexpr,
@@ -112,13 +133,28 @@ def _kv8_decode_stage1(
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM_V], dtype=tl.float32)
-    for start in tl.range(lo, hi, BLOCK_N, num_stages=NUM_STAGES):
+    # Whole pages: tiles start at multiples of BLOCK_N (which divides the page size), so
+    # a tile is one page's contiguous run; a split's first tile is masked below lo.
+    first = (lo // BLOCK_N) * BLOCK_N if WHOLE_PAGES else lo
+    for start in tl.range(first, hi, BLOCK_N, num_stages=NUM_STAGES):
         pos = start + tl.arange(0, BLOCK_N)
-        valid = pos < hi
-        key, key_scale, value, value_scale = load_kv8_tile(
-            k_int8, k_scale, v_int8, v_scale, kv_indices + kv_start, pos, valid, kv_head,
-            num_kv_heads, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V,
-        )  # fmt: skip
+        valid = (pos >= lo) & (pos < hi)
+        if WHOLE_PAGES:
+            # The tile's tokens are consecutive slots of one page because SGLang's paged
+            # allocator puts a request's token i at offset i % page_size (its own debug
+            # check; test_sage_attention_kv8_pool.py holds it to that).
+            first_slot = tl.load(kv_indices + kv_start + start)
+            key, key_scale, value_t, value_scale = load_kv8_page(
+                k_page_src, k_scale, v_page_src, v_scale, first_slot,
+                valid, kv_head, num_kv_heads, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V,
+                PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N, USE_TMA=USE_TMA,
+            )  # fmt: skip
+            value = tl.trans(value_t)
+        else:
+            key, key_scale, value, value_scale = load_kv8_tile(
+                k_int8, k_scale, v_int8, v_scale, kv_indices + kv_start, pos, valid, kv_head,
+                num_kv_heads, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, PAGE_SIZE=PAGE_SIZE,
+            )  # fmt: skip
         s = kv8_scores(q_int8, q_scale, key, key_scale)
         s = tl.where(valid[None, :], s, float("-inf"))
         acc, l_i, m_i = kv8_softmax_step(
@@ -135,6 +171,12 @@ def _kv8_decode_stage1(
     # SGLang's stage 2 merges in natural log: lse = ln(l) + m·ln 2 (m is in log2 units).
     lse = (m_i + tl.math.log2(l_i)) * _LN2
     tl.store(attn_lse + out_rows // HEAD_DIM_V, lse, mask=row_valid)
+
+
+def how_decode_reads(cache: KV8Cache, device: torch.device) -> tuple[bool, bool]:
+    """(whole pages, through TMA): how ``sage_decode_kv8`` reads this cache here."""
+    whole_pages = cache.page_size >= MIN_WHOLE_PAGE
+    return whole_pages, whole_pages and USE_TMA and tma_can_read(cache, device)
 
 
 def sage_decode_kv8(
@@ -176,13 +218,23 @@ def sage_decode_kv8(
     if batch == 0:
         return
     group = num_q_heads // cache.num_kv_heads
+    if group > MAX_GROUP:
+        raise ValueError(
+            f"sage_attn: {group} query heads per KV head; the 8-bit cache's decode kernel "
+            f"takes at most {MAX_GROUP}"
+        )
     sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
+    whole_pages, use_tma = how_decode_reads(cache, q.device)
+    block_n = min(cache.page_size, BLOCK_N) if whole_pages else BLOCK_N
+    k_page_src, v_page_src = kv8_page_sources(cache, block_n, use_tma)
     _kv8_decode_stage1[(batch, cache.num_kv_heads, max_kv_splits)](
         q,
         cache.k_int8,
         cache.k_scale,
         cache.v_int8,
         cache.v_scale,
+        k_page_src,
+        v_page_src,
         kv_indptr,
         kv_indices,
         num_kv_splits,
@@ -199,7 +251,10 @@ def sage_decode_kv8(
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         HEAD_DIM_V=cache.head_dim_v,
-        BLOCK_N=BLOCK_N,
+        PAGE_SIZE=cache.page_size,
+        WHOLE_PAGES=whole_pages,
+        USE_TMA=use_tma,
+        BLOCK_N=block_n,
         MIN_BLOCK_KV=_MIN_BLOCK_KV,
         ROTATE=cache.rotated,
         NUM_STAGES=NUM_STAGES,

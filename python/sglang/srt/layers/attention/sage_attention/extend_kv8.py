@@ -16,7 +16,8 @@ rows that is no fewer gathers per KV head than one program per query head: the
 tuned tile, measured in RESULTS.md round 4, not the packing, made it fast). Q is
 quantized once per block to INT8 (per row, ``sm_scale * log2(e)`` folded in;
 rotated first when the cache holds rotated K), then an exp2 online softmax runs
-over key tiles gathered through ``kv_indices`` (page size 1: no TMA, plain loads):
+over key tiles gathered token by token through ``kv_indices`` (plain loads at any
+page size; the prefill kernel that reads whole pages by TMA is the next step):
 INT8 Q·Kᵀ with one K scale per key (``kv8_scores``), FP16 P·V on the exact INT8 V
 with V's row scales folded into P (``kv8_pv``). No host sync; the grid comes from
 ``max_len_extend``.
@@ -82,6 +83,7 @@ def _kv8_tiles(
     hi,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -94,7 +96,7 @@ def _kv8_tiles(
         in_range = pos < kv_len
         key, key_scale, value, value_scale = load_kv8_tile(
             k_int8, k_scale, v_int8, v_scale, kv_indices + kv_start, pos, in_range, kv_head,
-            num_kv_heads, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V,
+            num_kv_heads, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, PAGE_SIZE=PAGE_SIZE,
         )  # fmt: skip
         s = kv8_scores(q_int8, q_scale, key, key_scale)
         if MASKED:
@@ -127,6 +129,7 @@ def _sage_extend_kv8_kernel(
     GROUP_ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_V: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -166,16 +169,16 @@ def _sage_extend_kv8_kernel(
         k_int8=k_int8, k_scale=k_scale, v_int8=v_int8, v_scale=v_scale, kv_indices=kv_indices,
         kv_start=kv_start, kv_head=kv_head, num_kv_heads=num_kv_heads, row_token=row_token,
         prefix_len=prefix_len, kv_len=kv_len, lo=0, hi=free_hi,
-        HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL,
-        FAST_CVT=FAST_CVT,
+        HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N,
+        MASKED=False, CAUSAL=CAUSAL, FAST_CVT=FAST_CVT,
     )  # fmt: skip
     acc, l_i, m_i = _kv8_tiles(
         acc, l_i, m_i, q_int8, q_scale,
         k_int8=k_int8, k_scale=k_scale, v_int8=v_int8, v_scale=v_scale, kv_indices=kv_indices,
         kv_start=kv_start, kv_head=kv_head, num_kv_heads=num_kv_heads, row_token=row_token,
         prefix_len=prefix_len, kv_len=kv_len, lo=free_hi, hi=hi,
-        HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, BLOCK_N=BLOCK_N, MASKED=True, CAUSAL=CAUSAL,
-        FAST_CVT=FAST_CVT,
+        HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N,
+        MASKED=True, CAUSAL=CAUSAL, FAST_CVT=FAST_CVT,
     )  # fmt: skip
 
     offs_dv = tl.arange(0, HEAD_DIM_V)
@@ -244,6 +247,7 @@ def sage_extend_attention_kv8(
         GROUP_ROWS=group_rows,
         HEAD_DIM=head_dim,
         HEAD_DIM_V=cache.head_dim_v,
+        PAGE_SIZE=cache.page_size,
         BLOCK_M=block_m,
         BLOCK_N=BLOCK_N,
         CAUSAL=causal,

@@ -1,9 +1,10 @@
 """sage_attn's 8-bit KV cache as an SGLang token-to-KV pool (``SGLANG_SAGE_ATTN_KV_CACHE=int8``).
 
 A subclass of SGLang's ``MHATokenToKVPool`` (as ``MHATokenToKVPoolMXFP8`` is) whose
-per-layer buffers are the format of ``kv8_cache.py``, defined there once: INT8 K
-(smoothed by a frozen per-(layer, head) vector, Hadamard-rotated when the settings
-rotate this head dim), INT8 V, one fp32 scale per token and head for each. SGLang's
+per-layer buffers are the format of ``kv8_cache.py``, defined there once, in pages
+of the server's ``--page-size``: INT8 K (smoothed by a frozen per-(layer, head)
+vector, Hadamard-rotated when the settings rotate this head dim), INT8 V stored
+transposed within its page, one fp32 scale per token and head for each. SGLang's
 allocator, radix cache and scheduler only handle slot ids, so they work unchanged;
 what reads the bytes is sage_attn's backend alone (``kv8_cache(layer_id)``), and
 the plugin's hooks (``kv8_hooks.py``) refuse every server option that would hand
@@ -23,9 +24,13 @@ import torch
 
 from sglang.srt.constants import GPU_MEMORY_TYPE_KV_CACHE
 from sglang.srt.layers.attention.sage_attention.kv8_cache import (
+    MIN_WHOLE_PAGE,
     KV8Cache,
     allocate_kv8_cache,
+    check_page_size,
     kv8_bytes_per_token_head,
+    kv8_token_rows,
+    set_kv8_token_rows,
     write_kv8,
 )
 from sglang.srt.layers.attention.sage_attention.settings import SageAttnSettings
@@ -37,7 +42,10 @@ from sglang.srt.mem_cache.memory_pool import (
 
 logger = logging.getLogger(__name__)
 
-KV8_FORMAT = "INT8 K (smoothed, per-token scale) + INT8 V (per-token scale)"
+# What the start-up log suggests when a server runs the cache at page size 1.
+RECOMMENDED_PAGE_SIZE = 64
+
+KV8_FORMAT = "INT8 K (smoothed, per-token scale) + INT8 V (per-token scale, transposed per page)"
 
 
 def kv8_cell_bytes(num_layers: int, num_kv_heads: int, head_dim: int, head_dim_v: int) -> int:
@@ -68,9 +76,15 @@ class SageKV8TokenToKVPool(MHATokenToKVPool):
         bf16_bytes = 2 * (self.head_dim + self.v_head_dim)
         kv8_bytes = kv8_bytes_per_token_head(self.head_dim, self.v_head_dim)
         logger.info(
-            "sage_attn: 8-bit KV cache: %s, %d B per token and KV head (bf16: %d, %.2fx the "
-            "tokens per byte), Q/K rotation %s; %d tokens x %d layers x %d KV heads = %.2f GB",
+            "sage_attn: 8-bit KV cache: %s, pages of %d tokens (%s), %d B per token and KV "
+            "head (bf16: %d, %.2fx the tokens per byte), Q/K rotation %s; %d tokens x %d "
+            "layers x %d KV heads = %.2f GB",
             KV8_FORMAT,
+            self.page_size,
+            "decode reads whole pages"
+            if self.page_size >= MIN_WHOLE_PAGE
+            else f"decode gathers token by token; --page-size {RECOMMENDED_PAGE_SIZE} reads "
+            "whole pages",
             kv8_bytes,
             bf16_bytes,
             bf16_bytes / kv8_bytes,
@@ -84,6 +98,7 @@ class SageKV8TokenToKVPool(MHATokenToKVPool):
     # ---- buffers --------------------------------------------------------------
 
     def _create_buffers(self):
+        check_page_size(self.page_size)
         self.rotated = self.settings.rotate_qk(self.head_dim)
         self.store_dtype = torch.int8
         with self.memory_saver_adapter.region(GPU_MEMORY_TYPE_KV_CACHE):
@@ -103,12 +118,14 @@ class SageKV8TokenToKVPool(MHATokenToKVPool):
                         head_dim_v=self.v_head_dim,
                         device=self.device,
                         rotated=self.rotated,
+                        page_size=self.page_size,
                     )
                     for _ in range(self.layer_num)
                 ]
-        # SGLang's per-layer buffer lists, as views of the caches.
+        # SGLang's per-layer buffer lists, as views of the caches: [pages, Hkv, P, D(v)],
+        # V's a transposed view, since SGLang reads a value buffer's last dim as Dv.
         self.k_buffer = [cache.k_int8 for cache in self.caches]
-        self.v_buffer = [cache.v_int8 for cache in self.caches]
+        self.v_buffer = [cache.v_int8.transpose(2, 3) for cache in self.caches]
         self.k_scale_buffer = [cache.k_scale for cache in self.caches]
         self.v_scale_buffer = [cache.v_scale for cache in self.caches]
         self.k_mean = [cache.k_mean for cache in self.caches]
@@ -179,15 +196,9 @@ class SageKV8TokenToKVPool(MHATokenToKVPool):
 
     # ---- retraction's CPU copy: the INT8 rows and their scales ------------------
 
-    @staticmethod
-    def _token_rows(cache: KV8Cache) -> tuple[torch.Tensor, ...]:
-        """A layer's per-slot buffers (the smoothing vector is per layer, not per slot)."""
-        return cache.k_int8, cache.v_int8, cache.k_scale, cache.v_scale
-
     def get_cpu_copy(self, indices, mamba_indices=None, req_pool_index=None):
-        return [[rows[indices].cpu() for rows in self._token_rows(c)] for c in self.caches]
+        return [[rows.cpu() for rows in kv8_token_rows(c, indices)] for c in self.caches]
 
     def load_cpu_copy(self, kv_cache_cpu, indices, mamba_indices=None, req_pool_index=None):
         for cache, saved_rows in zip(self.caches, kv_cache_cpu, strict=True):
-            for rows, saved in zip(self._token_rows(cache), saved_rows, strict=True):
-                rows[indices] = saved.to(rows.device)
+            set_kv8_token_rows(cache, indices, saved_rows)
