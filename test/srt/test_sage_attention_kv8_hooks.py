@@ -26,7 +26,8 @@ def server_args(**overrides):
     fields = dict(
         attention_backend="sage_attn", prefill_attention_backend=None,
         decode_attention_backend=None, kv_cache_dtype="auto", disaggregation_mode="null",
-        speculative_algorithm=None, pp_size=1, dcp_size=1,
+        speculative_algorithm=None, pp_size=1, dcp_size=1, attn_dp_size=1, ep_join_mode=None,
+        **dict.fromkeys(kv8_hooks._REFUSED_FLAGS, False),
     )  # fmt: skip
     fields.update(overrides)
     return SimpleNamespace(**fields)
@@ -55,6 +56,7 @@ def test_a_plain_sage_attn_server_is_servable():
         (dict(speculative_algorithm="EAGLE"), "speculative decoding"),
         (dict(pp_size=2), "pipeline parallelism"),
         (dict(dcp_size=2), "decode context parallelism"),
+        (dict(attn_dp_size=2), "DP attention"),
     ],
 )
 def test_options_that_hand_the_cache_to_another_reader_are_refused(overrides, reason):
@@ -73,6 +75,18 @@ def test_options_that_hand_the_cache_to_another_reader_are_refused(overrides, re
 def test_models_without_a_plain_mha_pool_are_refused(overrides, reason):
     reasons = kv8_hooks.kv8_refusals(server_args(), configurator(**overrides))
     assert len(reasons) == 1 and reason in reasons[0], reasons
+
+
+def test_every_option_the_refusals_read_is_a_server_arg_of_this_sglang():
+    """A renamed option must fail here and at start-up, never read as False."""
+    from sglang.srt.arg_groups.arg_utils import field_names
+    from sglang.srt.server_args import ServerArgs
+
+    assert set(vars(server_args())) <= field_names(ServerArgs)
+    args = server_args()
+    del args.enable_lmcache
+    with pytest.raises(ValueError, match="'enable_lmcache'.*does not support this SGLang"):
+        kv8_hooks.kv8_refusals(args, configurator())
 
 
 def test_refusal_names_the_setting_and_every_reason():

@@ -133,10 +133,16 @@ def planner_cell_bytes() -> dict:
     import sglang.srt.runtime_context as runtime_context
 
     parallel = SimpleNamespace(attn_tp_size=2, attn_dcp_size=1, enable_dsa_cache_layer_split=False)
+    try:
+        from sglang.srt.layers.attention.sage_attention.kv8_hooks import _REFUSED_FLAGS
+    except ModuleNotFoundError:  # pristine SGLang: nothing reads the 8-bit cache's flags
+        _REFUSED_FLAGS = {}
+
     server_args = SimpleNamespace(
         attention_backend="sage_attn", prefill_attention_backend=None,
         decode_attention_backend=None, kv_cache_dtype="auto", disaggregation_mode="null",
-        speculative_algorithm=None, pp_size=1, dcp_size=1, enable_hisparse=False,
+        speculative_algorithm=None, pp_size=1, dcp_size=1, attn_dp_size=1, ep_join_mode=None,
+        **dict.fromkeys(("enable_hisparse", *_REFUSED_FLAGS), False),  # the planner reads it
     )  # fmt: skip
     model_config = SimpleNamespace(
         head_dim=128, v_head_dim=128, hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"]),

@@ -50,6 +50,21 @@ _REFUSED_FLAGS = {
 }
 
 
+_MISSING = object()
+
+
+def _option(view, name: str):
+    """A server option's value; a name this SGLang lacks is an error, not False, so a
+    renamed option cannot silently drop a refusal."""
+    value = getattr(view, name, _MISSING)
+    if value is _MISSING:
+        raise ValueError(
+            f"sage_attn's 8-bit KV cache checks the server option {name!r}, which this "
+            "SGLang does not have: this sage_attn release does not support this SGLang"
+        )
+    return value
+
+
 def kv8_requested() -> bool:
     # The setting alone: the backend checks the whole SageAttnSettings (and refuses a
     # bad value) at start-up.
@@ -71,23 +86,28 @@ def kv8_refusals(server_args, configurator=None) -> list[str]:
             f"prefill and decode must both run sage_attn, the cache's only reader (got "
             f"prefill={prefill}, decode={decode}): use --attention-backend sage_attn"
         )
-    kv_dtype = getattr(view, "kv_cache_dtype", "auto")
+    kv_dtype = _option(view, "kv_cache_dtype")
     if kv_dtype not in (None, "auto", "bf16", "bfloat16", "fp16", "float16"):
         reasons.append(f"--kv-cache-dtype {kv_dtype} asks for another cache format")
     for flag, why in _REFUSED_FLAGS.items():
-        if getattr(view, flag, False):
+        if _option(view, flag):
             reasons.append(f"--{flag.replace('_', '-')}: {why}")
-    if getattr(view, "disaggregation_mode", "null") not in (None, "null"):
+    if _option(view, "disaggregation_mode") not in (None, "null"):
         reasons.append("PD disaggregation transfers KV pages in the bf16 layout")
-    if getattr(view, "speculative_algorithm", None):
+    if _option(view, "speculative_algorithm"):
         reasons.append(
             "speculative decoding verifies and drafts on SGLang's Triton backend, which "
             "cannot read the 8-bit cache"
         )
-    if getattr(view, "pp_size", 1) > 1:
+    if _option(view, "pp_size") > 1:
         reasons.append("pipeline parallelism (the start-up calibration runs all layers)")
-    if getattr(view, "dcp_size", 1) > 1:
+    if _option(view, "dcp_size") > 1:
         reasons.append("decode context parallelism shards the cache")
+    if _option(view, "attn_dp_size") > 1 or _option(view, "ep_join_mode") == "scale":
+        reasons.append(
+            "DP attention (the start-up calibration's forward is not run in DP lockstep, "
+            "and it is untested with the 8-bit cache)"
+        )
     if envs.SGLANG_USE_HND_KVCACHE.get():
         reasons.append("SGLANG_USE_HND_KVCACHE: the 8-bit cache is token-major (NHD)")
     if configurator is not None:
