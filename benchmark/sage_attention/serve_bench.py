@@ -82,13 +82,16 @@ CONFIGS = {
     # Which base it composes with and where its 8-bit kernel runs: the backend's own
     # start-up line (``--require sage_attn=...`` adds what a run must show beyond it).
     "sage_attn": Config("sage_attn", proof=(r"SageAttentionBackend: base backend \w+",)),
+    # The 8-bit cache in pages its decode reads whole (kv8_cache.py), proven by the pool's
+    # start-up line.
     "sage_attn_kv8": Config(
         "sage_attn",
+        ("--page-size", "64"),
         env={"SGLANG_SAGE_ATTN_KV_CACHE": "int8"},
         proof=(
-            r"sage_attn: 8-bit KV cache:",
+            r"sage_attn: 8-bit KV cache: .*pages of 64 tokens \(decode reads whole pages\)",
             r"extend batches on the 8-bit kernel so far",
-            r"decode batches on the 8-bit cache kernel so far",
+            r"decode batches on the 8-bit cache kernel so far \(whole pages of 64",
         ),
         bf16_cache=False,
     ),

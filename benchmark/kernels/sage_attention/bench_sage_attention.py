@@ -461,8 +461,10 @@ def bench_decode(args, batch, kv_len, head_dim=128) -> list[Row]:
     """FA4's decode over the bf16 cache (``fa4_decode``: what a Hopper server decodes
     with, and sage_attn on its fa4 base), SGLang's Triton decode at its split cap (16
     here, as its backend) and a raised one (64), and the 8-bit cache's decode
-    (``sage_kv8_decode``) at both caps, all reading the same slots. GB/s count the bytes
-    each cache actually holds for the keys read."""
+    (``sage_kv8_decode``) at both caps, all reading the same slots, in pages of
+    ``--decode-page-size`` tokens (both caches: the bf16 pool as SGLang pages it, the
+    8-bit one in its page-major format). GB/s count the bytes each cache actually holds
+    for the keys read."""
     from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
     from sglang.kernels.ops.attention.metadata import get_num_kv_splits_triton
     from sglang.srt.layers.attention.sage_attention.decode_kv8 import sage_decode_kv8
@@ -476,24 +478,36 @@ def bench_decode(args, batch, kv_len, head_dim=128) -> list[Row]:
     bf16_bytes = batch * kv_len * kv_heads * head_dim * 2 * 2
     kv8_bytes = batch * kv_len * kv_heads * kv8_bytes_per_token_head(head_dim, head_dim)
     copies = max(1, math.ceil(256e6 / bf16_bytes))  # rotate past the 50 MB L2
-    num_slots = copies * batch * kv_len + 1
+    page_size = args.decode_page_size
+    pages_per_req = math.ceil(kv_len / page_size)
+    num_pages = copies * batch * pages_per_req + 1  # page 0 unused, as in SGLang
+    num_slots = num_pages * page_size
     pool = torch.randn(num_slots, 2, kv_heads, head_dim, dtype=torch.bfloat16, device="cuda")
     k_buffer, v_buffer = pool[:, 0], pool[:, 1]
     cache = allocate_kv8_cache(
         num_slots, kv_heads, head_dim, head_dim, "cuda",
-        k_mean=k_buffer[: min(num_slots, 4096)].float().mean(0),
+        k_mean=k_buffer[: min(num_slots, 4096)].float().mean(0), page_size=page_size,
     )  # fmt: skip
     all_slots = torch.arange(num_slots, device="cuda")
     for chunk in all_slots.split(1 << 20):
         write_kv8(cache, chunk, k_buffer[chunk], v_buffer[chunk])
-    # random: every key in its own place (the worst case for a gather); contiguous:
-    # each request's keys in consecutive slots, as a fresh server allocates them.
+    # random: every page in its own place, as a server's pages end up after churn (at
+    # page size 1, every key: the worst case for a gather); contiguous: each request's
+    # pages in order, as a fresh server allocates them.
     order = getattr(args, "decode_slots", "random")
-    index_sets = [
-        (torch.randperm(batch * kv_len, device="cuda") if order == "random"
-         else torch.arange(batch * kv_len, device="cuda")) + 1 + c * batch * kv_len
-        for c in range(copies)
-    ]  # fmt: skip
+    in_page = torch.arange(page_size, device="cuda")
+    page_tables, index_sets = [], []
+    for c in range(copies):
+        pages = batch * pages_per_req
+        page_ids = (
+            torch.randperm(pages, device="cuda")
+            if order == "random"
+            else torch.arange(pages, device="cuda")
+        )
+        page_ids = (page_ids + 1 + c * pages).view(batch, pages_per_req)
+        slots = (page_ids[:, :, None] * page_size + in_page).view(batch, -1)[:, :kv_len]
+        page_tables.append(page_ids.to(torch.int32))
+        index_sets.append(slots.reshape(-1))
     q = torch.randn(batch, q_heads, head_dim, dtype=torch.bfloat16, device="cuda")
     o = torch.empty_like(q)
     kv_indptr = torch.arange(0, batch + 1, dtype=torch.int32, device="cuda") * kv_len
@@ -523,19 +537,22 @@ def bench_decode(args, batch, kv_len, head_dim=128) -> list[Row]:
         return o
 
     def fa4_decode_over_the_same_slots():
-        """FA4 through a page table of single-token pages (SGLang's fa4 backend at its
-        default --page-size 1 on Hopper): request b's row is its slots. Its cache is one
-        tensor each for K and V, as SGLang's pool holds a layer (the same values)."""
+        """FA4 through the same page table (SGLang's fa4 backend at that --page-size):
+        request b's row is its pages. Its cache is one tensor each for K and V, as
+        SGLang's pool holds a layer (the same values)."""
         fa4 = fa4_kernel()
         if fa4 is None:
             return None
-        page_tables = {s.data_ptr(): s.view(batch, kv_len).to(torch.int32) for s in index_sets}
-        k_pages, v_pages = (b.contiguous().unsqueeze(1) for b in (k_buffer, v_buffer))
+        tables = {s.data_ptr(): t for s, t in zip(index_sets, page_tables, strict=True)}
+        k_pages, v_pages = (
+            b.contiguous().view(num_pages, page_size, kv_heads, head_dim)
+            for b in (k_buffer, v_buffer)
+        )
         cu_seqlens_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
 
         def run(kv_indices, max_splits, splits):
             fa4(
-                q, k_pages, v_pages, page_table=page_tables[kv_indices.data_ptr()],
+                q, k_pages, v_pages, page_table=tables[kv_indices.data_ptr()],
                 cache_seqlens=seq_lens, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=1,
                 softmax_scale=head_dim**-0.5, causal=True, out=o,
             )  # fmt: skip
@@ -900,7 +917,13 @@ def main():
         "--decode-slots",
         choices=["random", "contiguous"],
         default="random",
-        help="decode: each key's slot drawn at random, or each request's keys in consecutive slots",
+        help="decode: each page drawn at random, or each request's pages in order",
+    )
+    parser.add_argument(
+        "--decode-page-size",
+        type=int,
+        default=64,
+        help="decode: tokens per page of both caches (1: every key in its own slot)",
     )
     parser.add_argument(
         "--tiles",

@@ -13,6 +13,7 @@ with its ``sage_kv8_*`` rows. Prints one line per
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from unittest import mock
 
@@ -22,19 +23,23 @@ from sglang.srt.layers.attention.sage_attention import decode_kv8, extend_kv8
 
 DECODE_SHAPES = [(1, 131072), (8, 32768), (32, 32768), (64, 32768)]  # (batch, KV length)
 EXTEND_SHAPES = [(0, 8192), (7424, 768)]  # (cached prefix, chunk): 0% and 90% at 8K
-DECODE_CONFIGS = {  # name -> (BLOCK_N, NUM_STAGES, NUM_WARPS, CVT_IN_ROWS)
+DECODE_CONFIGS = {  # name -> (BLOCK_N, NUM_STAGES, NUM_WARPS, CVT_IN_ROWS, USE_TMA)
     # Triton 3.6 gives this loop one buffer per gathered tile at 3-4 stages (the copy
     # for step i+1 waits for step i's compute) and two from 5 on (compile_info.py).
-    f"n{n}_s{s}_w{w}{'_rows' if rows else ''}": (n, s, w, rows)
-    for n, s, w, rows in [
-        (128, 3, 4, False),
-        (128, 3, 4, True),
-        (128, 5, 4, True),
-        (64, 3, 4, True),
-        (64, 5, 4, True),
-        (64, 8, 4, True),
-        (32, 5, 4, True),
-        (128, 3, 8, True),
+    # BLOCK_N caps the keys per step; whole pages take min(page size, BLOCK_N), through
+    # TMA or plain loads (USE_TMA; page size 1 gathers either way).
+    f"n{n}_s{s}_w{w}{'_rows' if rows else ''}{'' if tma else '_notma'}": (n, s, w, rows, tma)
+    for n, s, w, rows, tma in [
+        (128, 3, 4, False, True),
+        (128, 3, 4, True, True),
+        (128, 5, 4, True, True),
+        (128, 5, 4, False, True),
+        (128, 5, 4, True, False),
+        (64, 3, 4, True, True),
+        (64, 5, 4, True, True),
+        (64, 8, 4, True, True),
+        (32, 5, 4, True, True),
+        (128, 3, 8, True, True),
     ]
 }
 EXTEND_CONFIGS = {  # name -> (BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES, PTX conversion)
@@ -65,16 +70,22 @@ def main():
         "--decode-slots", nargs="+", default=["contiguous", "random"],
         help="slot orders to decode over (bench_sage_attention.py --decode-slots)",
     )  # fmt: skip
+    parser.add_argument(
+        "--decode-page-sizes", type=int, nargs="+", default=[1, 64],
+        help="page sizes of both caches to decode over (1: every key in its own slot)",
+    )  # fmt: skip
     parser.add_argument("--extend-configs", nargs="+", help="names from EXTEND_CONFIGS; all")
     args = parser.parse_args()
     opts = argparse.Namespace(
-        q_heads=32, kv_heads=8, tokens=32768, warmup_ms=50, rep_ms=200, impls=[]
-    )
+        q_heads=32, kv_heads=8, tokens=32768, warmup_ms=50, rep_ms=200, impls=[],
+        decode_page_size=1,
+    )  # fmt: skip
     header = ("kernel", "config", "shape", "ms", "TOPS", "GB/s", "cos", "slots")
     print("{:8} {:18} {:>14} {:>8} {:>7} {:>7} {:>9} {}".format(*header))
     if "decode" in args.kernels:
-        for order in args.decode_slots:
-            opts.decode_slots = order
+        for order, page_size in itertools.product(args.decode_slots, args.decode_page_sizes):
+            opts.decode_slots, opts.decode_page_size = order, page_size
+            order = f"{order} p{page_size}"
             # SGLang's Triton decode on the bf16 cache at split caps 16 and 64 (the baselines),
             # then each kv8 configuration at cap 64 (sage_attn's).
             opts.impls = ["sglang_triton_decode", "sglang_triton_decode_splits64"]
@@ -83,8 +94,8 @@ def main():
                     cap = "cap64" if row.impl.endswith("splits64") else "cap16"
                     report("bf16", cap, f"b{batch} kv{kv_len}", row, order)
             opts.impls = ["sage_kv8_decode_splits64"]
-            for name, (n, s, w, rows) in DECODE_CONFIGS.items():
-                patches = dict(BLOCK_N=n, NUM_STAGES=s, NUM_WARPS=w, CVT_IN_ROWS=rows)
+            for name, (n, s, w, rows, tma) in DECODE_CONFIGS.items():
+                patches = dict(BLOCK_N=n, NUM_STAGES=s, NUM_WARPS=w, CVT_IN_ROWS=rows, USE_TMA=tma)
                 with mock.patch.multiple(decode_kv8, **patches):
                     for batch, kv_len in DECODE_SHAPES:
                         (row,) = bench.bench_decode(opts, batch, kv_len)
