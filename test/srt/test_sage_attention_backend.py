@@ -354,3 +354,18 @@ def test_gpu_mixed_batch_packs_only_its_long_chunk(kernel_calls):
     assert torch.isfinite(out).all()
     assert attention_error(out[:2048], exact[:2048])[0] >= 0.9999  # 8-bit rows
     assert attention_error(out[2048:], exact[2048:])[0] >= 0.99999  # bf16 rows
+
+
+@pytest.mark.parametrize("error", [None, "ImportError('no gluon')"])
+def test_a_missing_gluon_is_said_at_start_up(monkeypatch, caplog, error):
+    """Where the settings pick the Gluon Hopper kernel and Gluon did not import, the
+    start-up log says so and why, instead of running Triton silently."""
+    monkeypatch.setattr(backend_module, "hopper_kernel_wanted", lambda *args: True)
+    monkeypatch.setattr(backend_module, "gluon_import_error", lambda: error)
+    with caplog.at_level(logging.WARNING, logger=backend_module.__name__):
+        backend_module.warn_if_gluon_is_missing("auto", 128, "cpu")
+    said = [r.getMessage() for r in caplog.records if "Gluon Hopper kernel" in r.getMessage()]
+    if error is None:
+        assert said == []
+    else:
+        assert len(said) == 1 and error in said[0], said

@@ -121,9 +121,13 @@ def test_layers_the_8bit_kernels_cannot_compute_are_refused_at_start_up():
             RadixAttention(4, 64, 0.125, 2, layer_id=0),
             RadixAttention(4, 64, 0.125, 2, layer_id=1, sliding_window_size=128),
             RadixAttention(4, 64, 0.125, 2, layer_id=2, logit_cap=30.0),
+            RadixAttention(129, 64, 0.125, 1, layer_id=3),  # a GQA group past 128 rows
         ]
     )
-    with pytest.raises(ValueError, match="logit soft-capping; sliding-window layers"):
+    with pytest.raises(
+        ValueError,
+        match="129 query heads per KV head on a rank .*; logit soft-capping; sliding-window",
+    ):
         backend_module.refuse_layers_the_kv8_cache_cannot_serve(model)
     backend_module.refuse_layers_the_kv8_cache_cannot_serve(model[:1])  # a plain layer passes
 

@@ -27,6 +27,8 @@ import re
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from sage_attention_inputs import (
     DEVICE,
     HAS_GPU,
@@ -44,6 +46,7 @@ from sglang.srt.layers.attention.sage_attention.extend_attention import (
 )
 from sglang.srt.layers.attention.sage_attention.layout import (
     PV,
+    PackedKV,
     allocate_packed_kv,
     packed_len,
 )
@@ -462,3 +465,46 @@ def test_bad_input_raises_value_error(mutate, message):
 @pytest.mark.parametrize("case", GPU_CASES, ids=_ids(GPU_CASES))
 def test_gpu_realistic(case, causal, pv, dtype):
     check_against_twins(case, causal, pv, dtype=dtype, device="cuda")
+
+
+@triton.jit
+def _offsets_probe(out_k, out_v, kv_head, tok, num_rows, V_TOKEN_MAJOR: tl.constexpr):
+    k_offsets, v_offsets = extend_attention.packed_tile_offsets(
+        kv_head, tok, num_rows, 128, 128, 16, V_TOKEN_MAJOR
+    )
+    tl.store(out_k + tl.arange(0, 16)[:, None] * 128 + tl.arange(0, 128)[None, :], k_offsets)
+    shape = (128, 16) if V_TOKEN_MAJOR else (16, 128)
+    v_rows = tl.arange(0, shape[0])[:, None] * shape[1] + tl.arange(0, shape[1])[None, :]
+    tl.store(out_v + v_rows, v_offsets)
+
+
+@pytest.mark.skipif(**requires_kernels)
+@pytest.mark.parametrize("v_token_major", [True, False])
+def test_plain_load_offsets_do_not_wrap_past_two_to_the_31(v_token_major):
+    """The plain-load (Ampere/Ada) path's addresses at 8 KV heads, hd128 and 2.2M packed
+    rows per head, where Hkv * T * D passes 2^31: int64, equal to Python's integers."""
+    kv_head, num_rows, tok = 7, 2_200_000, 2_200_000 - 16
+    out_k = torch.empty(16, 128, dtype=torch.int64, device=DEVICE)
+    out_v = torch.empty(2048, dtype=torch.int64, device=DEVICE)
+    _offsets_probe[(1,)](out_k, out_v, kv_head, tok, num_rows, V_TOKEN_MAJOR=v_token_major)
+    n, d = torch.arange(16)[:, None], torch.arange(128)[None, :]
+    row = kv_head * num_rows + tok
+    assert torch.equal(out_k.cpu(), (row + n) * 128 + d)
+    if v_token_major:  # [Dv, N] of [Hkv * Dv, T]
+        want_v = (kv_head * 128 + d.T) * num_rows + tok + n.T
+    else:
+        want_v = (row + n) * 128 + d
+    assert torch.equal(out_v.cpu().view(want_v.shape), want_v)
+    assert want_v.max() > 2**31  # the case is past the wrap
+
+
+def test_tma_views_refuse_what_int32_coordinates_cannot_reach():
+    packed = PackedKV(
+        k_int8=torch.empty(8, 2**28, 128, dtype=torch.int8, device="meta"),
+        k_scale=torch.empty(8, 2**21, device="meta"),
+        v=torch.empty(8, 2**28, 128, dtype=torch.float16, device="meta"),
+        v_scale=torch.empty(1, 8, 128, device="meta"),
+        pv=PV.FP16,
+    )
+    with pytest.raises(ValueError, match="int32 coordinates"):
+        packed.tile_views(128)

@@ -57,9 +57,14 @@ from sglang.srt.layers.attention.sage_attention.decode_kv8 import (
     how_decode_reads,
     sage_decode_kv8,
 )
-from sglang.srt.layers.attention.sage_attention.extend_attention import use_hopper_kernel
+from sglang.srt.layers.attention.sage_attention.extend_attention import (
+    hopper_kernel_wanted,
+    use_hopper_kernel,
+)
 from sglang.srt.layers.attention.sage_attention.extend_kv8 import sage_extend_attention_kv8
+from sglang.srt.layers.attention.sage_attention.hopper_attention import gluon_import_error
 from sglang.srt.layers.attention.sage_attention.kv8_pool import SageKV8TokenToKVPool
+from sglang.srt.layers.attention.sage_attention.kv8_tiles import MAX_GROUP
 from sglang.srt.layers.attention.sage_attention.layout import (
     PV,
     PackedKV,
@@ -195,17 +200,30 @@ def refuse_layers_the_kv8_cache_cannot_serve(model) -> None:
     Triton backend computes: with the 8-bit cache nothing else can read the KV."""
     from sglang.srt.layers.radix_attention import RadixAttention
 
-    reasons = {
-        reason
-        for module in model.modules()
-        if isinstance(module, RadixAttention)
-        and (reason := unsupported_layer_reason(module)) is not None
+    layers = [module for module in model.modules() if isinstance(module, RadixAttention)]
+    reasons = {reason for layer in layers if (reason := unsupported_layer_reason(layer))}
+    reasons |= {
+        f"{group} query heads per KV head on a rank (the 8-bit kernels take up to {MAX_GROUP})"
+        for layer in layers
+        if (group := layer.tp_q_head_num // layer.tp_k_head_num) > MAX_GROUP
     }
     if reasons:
         raise ValueError(
             f"{KV_CACHE_ENV}=int8: this model has attention layers the 8-bit cache's "
             f"kernels do not compute ({'; '.join(sorted(reasons))}); serve it without "
             f"{KV_CACHE_ENV}"
+        )
+
+
+def warn_if_gluon_is_missing(kernel: str, head_dim: int, device) -> None:
+    """Say at start-up when the settings pick the Gluon Hopper kernel for this model but
+    Gluon did not import, so the bf16-cache 8-bit path runs the slower Triton kernel."""
+    error = gluon_import_error()
+    if error is not None and hopper_kernel_wanted(kernel, head_dim, head_dim, torch.device(device)):
+        logger.warning(
+            "sage_attn: the Gluon Hopper kernel is unavailable (%s); the 8-bit kernel on "
+            "the bf16 cache runs the portable Triton kernel instead",
+            error,
         )
 
 
@@ -284,6 +302,7 @@ class SageAttentionBackend(AttentionBackend):
         self.base_subset_kernel = subset_kernel_for(self.base, model_runner.page_size)
         head_dim = model_runner.model_config.head_dim
         self.min_extend_len, crossover_source = self._crossover(model_runner.device, head_dim)
+        warn_if_gluon_is_missing(self.settings.kernel, head_dim, model_runner.device)
         # Set while kv8_calibration.py runs its start-up forward.
         self.calibration = None
         self.kv8_decode_batches = 0

@@ -45,6 +45,7 @@ from sglang.srt.layers.attention.sage_attention.kv8_cache import (
     tma_can_read,
 )
 from sglang.srt.layers.attention.sage_attention.kv8_tiles import (
+    MAX_GROUP,
     fast_int8_cvt,
     kv8_scores,
     kv8_softmax_step,
@@ -63,8 +64,6 @@ BLOCK_N = 128
 NUM_STAGES = 5
 NUM_WARPS = 4
 CVT_IN_ROWS = True
-# Query heads per KV head one program's rows hold (as the extend kernel).
-MAX_GROUP = 128
 # Whole pages through TMA descriptors where the device has TMA (sm_90+; the CPU
 # interpreter emulates them), else plain loads. Neither is measured yet (RESULTS.md
 # round 8): tune_kv8.py sweeps both.

@@ -133,7 +133,10 @@ def _load_kv_tile(
     (token-contiguous). ``k_src``/``v_src`` are tensor descriptors with USE_TMA,
     else base pointers of the same buffers.
     """
-    row = kv_head * num_rows + tok  # row of the [Hkv * T, D] view
+    # Row of the [Hkv * T, D] view. TMA coordinates are int32 (PackedKV.tile_views
+    # bounds the views); pointer offsets are int64, since Hkv * T * D passes 2^31 from
+    # ~2.1M packed rows at 8 KV heads, hd128.
+    row = kv_head.to(tl.int64) * num_rows + tok
     if USE_TMA:
         k = k_src.load([row.to(tl.int32), 0])
         if V_TOKEN_MAJOR:
@@ -141,15 +144,37 @@ def _load_kv_tile(
         else:
             v = v_src.load([row.to(tl.int32), 0])
     else:
-        offs_n = tl.arange(0, BLOCK_N)
-        k = tl.load(k_src + (row + offs_n)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :])
-        offs_dv = tl.arange(0, HEAD_DIM_V)
-        if V_TOKEN_MAJOR:
-            v_rows = kv_head * HEAD_DIM_V + offs_dv
-            v = tl.load(v_src + v_rows[:, None] * num_rows + (tok + offs_n)[None, :])
-        else:
-            v = tl.load(v_src + (row + offs_n)[:, None] * HEAD_DIM_V + offs_dv[None, :])
+        k_offsets, v_offsets = packed_tile_offsets(
+            kv_head, tok, num_rows, HEAD_DIM, HEAD_DIM_V, BLOCK_N, V_TOKEN_MAJOR
+        )
+        k = tl.load(k_src + k_offsets)
+        v = tl.load(v_src + v_offsets)
     return k, v
+
+
+@triton.jit
+def packed_tile_offsets(
+    kv_head,
+    tok,
+    num_rows,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    V_TOKEN_MAJOR: tl.constexpr,
+):
+    """int64 element offsets of keys ``tok .. tok + BLOCK_N`` of one KV head in the
+    packed K ``[Hkv, T, D]`` ([N, D]) and V ([Dv, N] of ``[Hkv, Dv, T]`` when
+    V_TOKEN_MAJOR, else [N, Dv] of ``[Hkv, T, Dv]``): the plain-load path's addresses."""
+    row = kv_head.to(tl.int64) * num_rows + tok
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    k_offsets = (row + offs_n)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    if V_TOKEN_MAJOR:
+        v_rows = kv_head.to(tl.int64) * HEAD_DIM_V + offs_dv
+        v_offsets = v_rows[:, None] * num_rows + (tok + offs_n)[None, :]
+    else:
+        v_offsets = (row + offs_n)[:, None] * HEAD_DIM_V + offs_dv[None, :]
+    return k_offsets, v_offsets
 
 
 @triton.jit
@@ -510,16 +535,22 @@ def sage_attention_from_packed(
 HOPPER_AUTO_HEAD_DIMS = (128,)
 
 
-def use_hopper_kernel(kernel: str, head_dim: int, head_dim_v: int, device) -> bool:
-    """Whether a call runs the Gluon Hopper kernel (warp-specialised, sm_90 only)."""
+def hopper_kernel_wanted(kernel: str, head_dim: int, head_dim_v: int, device) -> bool:
+    """Whether ``kernel`` picks the Gluon Hopper kernel (warp-specialised, sm_90 only)
+    for these head dims on ``device``, whether or not Gluon imported."""
     return (
         kernel == "auto"
         and device.type == "cuda"
         and torch.cuda.get_device_capability(device)[0] == 9
         and head_dim in HOPPER_AUTO_HEAD_DIMS
-        and hopper_kernel_available()
         and hopper_kernel_supports(head_dim, head_dim_v)
     )
+
+
+def use_hopper_kernel(kernel: str, head_dim: int, head_dim_v: int, device) -> bool:
+    """Whether a call runs the Gluon Hopper kernel: wanted, and Gluon imported (where it
+    did not, the backend's start-up log says why and that Triton runs instead)."""
+    return hopper_kernel_wanted(kernel, head_dim, head_dim_v, device) and hopper_kernel_available()
 
 
 def sage_extend_attention(

@@ -37,6 +37,7 @@ from sglang.srt.layers.attention.sage_attention.kv8_cache import (
     load_kv8_tile,
 )
 from sglang.srt.layers.attention.sage_attention.kv8_tiles import (
+    MAX_GROUP,
     fast_int8_cvt,
     kv8_scores,
     kv8_softmax_step,
@@ -57,7 +58,6 @@ BLOCK_N = 128
 BLOCK_M = 64
 NUM_WARPS = 4
 NUM_STAGES = 2
-MAX_GROUP_ROWS = 128
 _M_INIT = tl.constexpr(-1.0e30)
 
 
@@ -221,10 +221,10 @@ def sage_extend_attention_kv8(
     # A program's rows hold at least one token's whole group (MQA-style models with up
     # to 128 query heads per KV head on a rank get 128-row programs).
     block_m = max(BLOCK_M, group_rows)
-    if block_m > MAX_GROUP_ROWS:
+    if block_m > MAX_GROUP:
         raise ValueError(
             f"sage_attn: {group} query heads per KV head; the 8-bit cache's extend kernel "
-            f"takes at most {MAX_GROUP_ROWS}"
+            f"takes at most {MAX_GROUP}"
         )
     grid = (triton.cdiv(max_len_extend, block_m // group_rows), cache.num_kv_heads, batch)
     _sage_extend_kv8_kernel[grid](

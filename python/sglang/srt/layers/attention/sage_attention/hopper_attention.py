@@ -76,6 +76,11 @@ def hopper_kernel_available() -> bool:
     return _GLUON_IMPORT_ERROR is None
 
 
+def gluon_import_error() -> str | None:
+    """Why the Gluon Hopper API did not import (None when it did)."""
+    return None if _GLUON_IMPORT_ERROR is None else repr(_GLUON_IMPORT_ERROR)
+
+
 def hopper_kernel_supports(head_dim: int, head_dim_v: int) -> bool:
     """Head dims this kernel is built for: 64 or 128, equal for Q·Kᵀ and P·V."""
     return head_dim == head_dim_v and head_dim in HOPPER_HEAD_DIMS

@@ -13,6 +13,10 @@ import os
 import triton
 import triton.language as tl
 
+# Query heads per KV head that one program's rows hold, in both kernels (a GQA group
+# is padded to a power of two of MMA rows); a model past it is refused at start-up.
+MAX_GROUP = 128
+
 
 def fast_int8_cvt() -> bool:
     """Whether kernels may convert INT8 with PTX (``int8_to_fp16``): not under the

@@ -128,6 +128,12 @@ class PackedKV:
         else:
             head_dim_v = self.v.shape[2]
             v = (self.v.view(num_kv_heads * num_rows, head_dim_v), [block_n, head_dim_v])
+        # A descriptor's coordinates are int32: refuse what they cannot reach.
+        if max(k[0].shape[0], v[0].shape[0], v[0].shape[1]) >= 2**31:
+            raise ValueError(
+                f"sage_attn: a packed K/V of {num_kv_heads} x {num_rows} rows is past TMA's "
+                "int32 coordinates"
+            )
         return k, v
 
 

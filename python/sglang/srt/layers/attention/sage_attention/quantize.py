@@ -350,7 +350,9 @@ def _kv_pack_kernel(
         if PV_MODE == "int8":
             v_out = v_out + tl.where(v_out >= 0, 0.5, -0.5)  # round half away, as K
         v_out = v_out.to(v_packed.dtype.element_ty)
-        tl.store(vp_base + rows[:, None] * stride_vp_tok + offs_dv[None, :] * stride_vp_dim, v_out)
+        # int64: token-major V is [Dv, T] per head, Dv * T passes 2^31 from ~17M rows.
+        v_offsets = rows[:, None] * stride_vp_tok + offs_dv.to(tl.int64)[None, :] * stride_vp_dim
+        tl.store(vp_base + v_offsets, v_out)
 
 
 def quantize_kv(
