@@ -316,10 +316,18 @@ def target_table(result: dict) -> list[str]:
             dppl = ppl[(text, ctx, key)] / ppl[(text, ctx, BASELINE)] - 1
             lines.append(
                 f"| {text} | {ctx} | {key} | {dppl:+.3%} | {row['kl_mean']:.2e} "
-                f"({row['kl_mean'] / base['kl_mean']:.2f}×) | {miss:.2%} "
-                f"({miss / max(base_miss, 1e-12):.2f}×) |"
+                f"({_times(row['kl_mean'], base['kl_mean'])}) | {miss:.2%} "
+                f"({_times(miss, base_miss)}) |"
             )
     return lines + [""]
+
+
+def _times(value: float, baseline: float) -> str:
+    """``value`` as a multiple of ``baseline``; a zero baseline has no multiple (bf16
+    missing nothing makes any miss infinitely worse, which says nothing)."""
+    if baseline == 0:
+        return "bf16: 0" if value else "both 0"
+    return f"{value / baseline:.2f}×"
 
 
 def render(result: dict, out_dir: str) -> str:

@@ -31,10 +31,17 @@ from sglang.srt.layers.attention.sage_attention import extend_attention, sage_ex
 
 HOPPER = GPUTarget("cuda", 90, 32)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-compiled_kernels = pytest.mark.skipif(INTERPRET, reason="run by the child process below")
+compiled_kernels = pytest.mark.skipif(
+    INTERPRET,
+    reason="ahead-of-time compile for sm_80/89/90: needs the compiler, which TRITON_INTERPRET=1 "
+    "replaces; test_compile_suite_without_interpreter runs it in a child process",
+)
 
 
-@pytest.mark.skipif(not INTERPRET, reason="the tests below run in this process")
+@pytest.mark.skipif(
+    not INTERPRET,
+    reason="without TRITON_INTERPRET=1 the compile tests run in this process directly",
+)
 def test_compile_suite_without_interpreter():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
@@ -150,23 +157,29 @@ def test_every_launch_compiles(arch, dtype, head_dim, causal, pv, rotate, monkey
 
 
 # The 8-bit KV cache's write, decode (with SGLang's split reduction) and extend kernels,
-# for every architecture: hd 64/128, GQA 1 and 8, plain and rotated K.
+# for every architecture: hd 64/128, GQA 1 and 8, plain and rotated K, at page size 1;
+# and the whole-page decode (TMA on sm_90, plain loads below) at page sizes 16 and 64.
 KV8_CONFIGS = [
-    (arch, head_dim, group, rotated)
+    (arch, head_dim, group, rotated, 1)
     for arch in TARGETS
     for head_dim in (64, 128)
     for group in (1, 8)
     for rotated in (False, True)
+] + [
+    (arch, head_dim, group, rotated, page_size)
+    for arch in TARGETS
+    for head_dim, group, rotated, page_size in ((128, 8, False, 64), (64, 1, True, 16))
 ]
 
 
 @compiled_kernels
 @pytest.mark.parametrize(
-    "arch,head_dim,group,rotated",
+    "arch,head_dim,group,rotated,page_size",
     KV8_CONFIGS,
-    ids=[f"sm{a}-hd{h}-gqa{g}{'-rotated' if r else ''}" for a, h, g, r in KV8_CONFIGS],
+    ids=[f"sm{a}-hd{h}-gqa{g}{'-rotated' if r else ''}-page{p}" for a, h, g, r, p in KV8_CONFIGS],
 )
-def test_kv8_cache_launches_compile(arch, head_dim, group, rotated):
+def test_kv8_cache_launches_compile(arch, head_dim, group, rotated, page_size, monkeypatch):
+    from sglang.srt.layers.attention.sage_attention import decode_kv8
     from sglang.srt.layers.attention.sage_attention.decode_kv8 import sage_decode_kv8
     from sglang.srt.layers.attention.sage_attention.extend_kv8 import sage_extend_attention_kv8
     from sglang.srt.layers.attention.sage_attention.kv8_cache import (
@@ -174,8 +187,12 @@ def test_kv8_cache_launches_compile(arch, head_dim, group, rotated):
         write_kv8,
     )
 
+    # TMA where the target has it, as decode_kv8.how_decode_reads picks on a GPU.
+    monkeypatch.setattr(decode_kv8, "USE_TMA", arch >= 90)
     batch, num_kv_heads, splits = 2, 2, 4
-    cache = allocate_kv8_cache(64, num_kv_heads, head_dim, head_dim, "cpu", rotated=rotated)
+    cache = allocate_kv8_cache(
+        64, num_kv_heads, head_dim, head_dim, "cpu", rotated=rotated, page_size=page_size
+    )
     kv = torch.zeros(8, num_kv_heads, head_dim, dtype=torch.bfloat16)
     q = torch.zeros(batch, num_kv_heads * group, head_dim, dtype=torch.bfloat16)
     logits = torch.zeros(batch, q.shape[1], splits, head_dim)
@@ -205,3 +222,6 @@ def test_kv8_cache_launches_compile(arch, head_dim, group, rotated):
         kernel = compile_for(fn, bound, options, target=GPUTarget("cuda", arch, 32))
         assert kernel.asm["cubin"], fn.__name__
         assert kernel.metadata.shared <= 227 * 1024
+        if fn.__name__ == "_kv8_decode_stage1":  # whole pages by TMA exactly where meant
+            uses_tma = "cp.async.bulk.tensor" in kernel.asm["ptx"]
+            assert uses_tma == (page_size >= 16 and arch >= 90), (arch, page_size)

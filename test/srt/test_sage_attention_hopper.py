@@ -47,13 +47,20 @@ from sglang.srt.layers.attention.sage_attention.reference import (
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 IS_HOPPER = HAS_GPU and torch.cuda.get_device_capability()[0] == 9
 needs_gluon = pytest.mark.skipif(not hopper_kernel_available(), reason="no Gluon in this triton")
-compiled_here = pytest.mark.skipif(INTERPRET, reason="run by the child process below")
+compiled_here = pytest.mark.skipif(
+    INTERPRET,
+    reason="ahead-of-time compile for sm_80/89/90: needs the compiler, which TRITON_INTERPRET=1 "
+    "replaces; test_compile_suite_without_interpreter runs it in a child process",
+)
 needs_hopper = pytest.mark.skipif(not IS_HOPPER, reason="needs an sm_90 GPU")
 # The plain kernel's Hopper configuration (TMA tiles), the one the dispatch falls back to.
 PLAIN_TMA = TileConfig(block_m=64, block_n=128, num_warps=4, num_stages=2, use_tma=True)
 
 
-@pytest.mark.skipif(not INTERPRET, reason="the tests below run in this process")
+@pytest.mark.skipif(
+    not INTERPRET,
+    reason="without TRITON_INTERPRET=1 the compile tests run in this process directly",
+)
 def test_compile_suite_without_interpreter():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(

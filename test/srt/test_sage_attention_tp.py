@@ -52,8 +52,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _model_dir(num_kv_heads: int) -> str:
-    path = tempfile.mkdtemp(prefix=f"sage_tp_kv{num_kv_heads}_")
+def _model_dir(num_kv_heads: int, parent: str) -> str:
+    """A one-layer Granite config with ``num_kv_heads`` KV heads, in ``parent``."""
+    path = os.path.join(parent, f"model_kv{num_kv_heads}")
+    os.makedirs(path)
     config = dict(
         architectures=["GraniteForCausalLM"], model_type="granite", hidden_size=4096,
         intermediate_size=14336, num_attention_heads=NUM_Q_HEADS,
@@ -219,7 +221,14 @@ def _count_sage_kernel_calls() -> list:
 
 
 def worker(
-    rank: int, world: int, device: str, port: int, num_kv_heads: int, kv_cache: str, out_path: str
+    rank: int,
+    world: int,
+    device: str,
+    port: int,
+    num_kv_heads: int,
+    kv_cache: str,
+    model_dir: str,
+    out_path: str,
 ):
     """One scheduler-like process of a ``world``-rank attention-TP group."""
     os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
@@ -242,7 +251,7 @@ def worker(
     sage_calls = _count_sage_kernel_calls()
     shapes = SHAPES[device]
     server_args = ServerArgs(
-        model_path=_model_dir(num_kv_heads), load_format="dummy", tp_size=world, device=device,
+        model_path=model_dir, load_format="dummy", tp_size=world, device=device,
         attention_backend="sage_attn", disable_cuda_graph=True,
     )  # fmt: skip
     publish(server_args, role="scheduler", ranks=SpawnRanks(world_rank=rank, gpu_id=rank))
@@ -291,12 +300,14 @@ def run_tp(device: str, num_kv_heads: int, kv_cache: str = "auto") -> dict:
     import torch.multiprocessing as mp
 
     runs = {}
-    for world in (TP, 1):
-        out_path = tempfile.mktemp(suffix=f".tp{world}.pt")
-        mp.start_processes(worker, args=(world, device, _free_port(), num_kv_heads, kv_cache,
-                                         out_path),
-                           nprocs=world, join=True, start_method="spawn")  # fmt: skip
-        runs[world] = torch.load(out_path)
+    with tempfile.TemporaryDirectory(prefix="sage_tp_") as tmp:  # removed however it ends
+        model_dir = _model_dir(num_kv_heads, tmp)
+        for world in (TP, 1):
+            out_path = os.path.join(tmp, f"outputs.tp{world}.pt")
+            mp.start_processes(worker, args=(world, device, _free_port(), num_kv_heads, kv_cache,
+                                             model_dir, out_path),
+                               nprocs=world, join=True, start_method="spawn")  # fmt: skip
+            runs[world] = torch.load(out_path)
     comparison = []
     for step, tp_out, one in zip(("extend", "extend_prefix", "decode"), runs[TP]["outputs"],
                                  runs[1]["outputs"], strict=True):  # fmt: skip
