@@ -54,6 +54,13 @@ def kv8_calls_fixture(monkeypatch):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: c.name)
 def test_kit_dense_cases_on_the_8bit_cache(case, layout, kv8_calls):
+    if layout == "non_monotonic_extend" and case.page_size > 1:
+        pytest.skip(
+            "outside SGLang's paged allocator: from page size 2 it puts a request's token i "
+            "at offset i % page_size (PagedTokenToKVPoolAllocator's own check), which the "
+            "8-bit cache's whole-page reads rely on; this layout scatters a chunk's tokens "
+            "across its pages"
+        )
     with torch.no_grad():
         kit.run_dense_attention_case(
             KitTestCase(), case, head_dim=64, dtype=KIT_DTYPE, device=DEVICE, loc_layout=layout

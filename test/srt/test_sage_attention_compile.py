@@ -179,7 +179,7 @@ KV8_CONFIGS = [
     ids=[f"sm{a}-hd{h}-gqa{g}{'-rotated' if r else ''}-page{p}" for a, h, g, r, p in KV8_CONFIGS],
 )
 def test_kv8_cache_launches_compile(arch, head_dim, group, rotated, page_size, monkeypatch):
-    from sglang.srt.layers.attention.sage_attention import decode_kv8
+    from sglang.srt.layers.attention.sage_attention import decode_kv8, extend_kv8
     from sglang.srt.layers.attention.sage_attention.decode_kv8 import sage_decode_kv8
     from sglang.srt.layers.attention.sage_attention.extend_kv8 import sage_extend_attention_kv8
     from sglang.srt.layers.attention.sage_attention.kv8_cache import (
@@ -187,8 +187,9 @@ def test_kv8_cache_launches_compile(arch, head_dim, group, rotated, page_size, m
         write_kv8,
     )
 
-    # TMA where the target has it, as decode_kv8.how_decode_reads picks on a GPU.
+    # TMA where the target has it, as kv8_cache.kv8_read_plan picks on a GPU.
     monkeypatch.setattr(decode_kv8, "USE_TMA", arch >= 90)
+    monkeypatch.setattr(extend_kv8, "USE_TMA", arch >= 90)
     batch, num_kv_heads, splits = 2, 2, 4
     cache = allocate_kv8_cache(
         64, num_kv_heads, head_dim, head_dim, "cpu", rotated=rotated, page_size=page_size
@@ -222,6 +223,7 @@ def test_kv8_cache_launches_compile(arch, head_dim, group, rotated, page_size, m
         kernel = compile_for(fn, bound, options, target=GPUTarget("cuda", arch, 32))
         assert kernel.asm["cubin"], fn.__name__
         assert kernel.metadata.shared <= 227 * 1024
-        if fn.__name__ == "_kv8_decode_stage1":  # whole pages by TMA exactly where meant
+        if fn.__name__ in ("_kv8_decode_stage1", "_sage_extend_kv8_kernel"):
+            # Whole pages by TMA exactly where meant.
             uses_tma = "cp.async.bulk.tensor" in kernel.asm["ptx"]
             assert uses_tma == (page_size >= 16 and arch >= 90), (arch, page_size)

@@ -25,10 +25,12 @@ from sage_attention_inputs import (
     requires_kernels,
 )
 
+from sglang.srt.layers.attention.sage_attention import extend_kv8
 from sglang.srt.layers.attention.sage_attention.extend_kv8 import (
     sage_extend_attention_kv8,
     sage_extend_attention_kv8_ref,
 )
+from sglang.srt.layers.attention.sage_attention.kv8_cache import kv8_read_plan
 from sglang.srt.layers.attention.sage_attention.reference import attention_error
 
 VS_EXACT = (0.9995, 0.03)
@@ -102,6 +104,23 @@ def test_extend_matches_exact_op_and_twin(case, rotated):
     assert cos >= min_cos and rel_l1 <= max_l1, f"vs fp32: {cos:.6f} / {rel_l1:.4f}"
     twin_cos, twin_l1 = attention_error(out, twin)
     assert twin_cos >= VS_TWIN[0] and twin_l1 <= VS_TWIN[1], (twin_cos, twin_l1)
+
+
+@pytest.mark.skipif(**requires_kernels)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_whole_pages_read_the_same_through_tma_and_plain_loads(monkeypatch, causal):
+    """Key tiles of one page each (page 64 here), through TMA boxes or plain loads:
+    the same output, bit for bit; and the page size decides which reads run."""
+    batch = make_kv8_inputs(next(c for c in CASES if c.name == "pages64"))
+    cache, device = batch["cache"], batch["q_extend"].device
+    whole_pages, tma, keys_per_step = kv8_read_plan(cache, device, extend_kv8.BLOCK_N, True)
+    assert whole_pages and keys_per_step == 64 and (tma or HAS_GPU)  # TMA: sm_90+ or the CPU
+    outputs = {}
+    for use_tma in (True, False):
+        monkeypatch.setattr(extend_kv8, "USE_TMA", use_tma)
+        outputs[use_tma] = run(batch, causal)
+    assert torch.isfinite(outputs[True]).all()
+    assert torch.equal(outputs[True], outputs[False])
 
 
 @pytest.mark.skipif(**requires_kernels)

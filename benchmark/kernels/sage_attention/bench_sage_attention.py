@@ -155,11 +155,13 @@ def pack(inputs, pv: str):
     return quantize_kv(*(inputs[n] for n in names), pv=PV(pv))
 
 
-def sage_kv8(inputs, batch, causal):
+def sage_kv8(inputs, batch, causal, page_size):
     """The 8-bit KV cache's path: (write the chunk + extend over the cache, extend only).
 
-    The prefix is quantized into the cache once, outside the timing (a serving cache
-    holds it already); each request's chunk goes to fresh slots after the prefixes."""
+    Each request's sequence (prefix, then chunk) lies in its own pages of
+    ``page_size`` tokens, the pages shuffled across the pool as a server's end up. The
+    prefix is quantized into the cache once, outside the timing (a serving cache holds
+    it already)."""
     from sglang.srt.layers.attention.sage_attention.extend_kv8 import sage_extend_attention_kv8
     from sglang.srt.layers.attention.sage_attention.kv8_cache import (
         allocate_kv8_cache,
@@ -169,25 +171,20 @@ def sage_kv8(inputs, batch, causal):
     q, o = inputs["q_extend"], inputs["o_extend"]
     k_buffer, v_buffer = inputs["k_buffer"], inputs["v_buffer"]
     num_tokens, kv_heads, head_dim = inputs["k_extend"].shape
-    chunk_slots = k_buffer.shape[0] + torch.arange(num_tokens, device=q.device)
+    chunk_len, prefix = inputs["max_len_extend"], inputs["kv_indices"]
+    prefix_len = prefix.shape[0] // batch
+    pages_per_req = math.ceil((prefix_len + chunk_len) / page_size)
+    pages = torch.randperm(batch * pages_per_req, device=q.device).view(batch, pages_per_req)
+    in_page = torch.arange(page_size, device=q.device)
+    seq_slots = ((pages + 1)[:, :, None] * page_size + in_page).view(batch, -1)
+    seq_slots = seq_slots[:, : prefix_len + chunk_len]  # page 0 unused, as in SGLang
     cache = allocate_kv8_cache(
-        k_buffer.shape[0] + num_tokens, kv_heads, head_dim, head_dim, q.device,
-        k_mean=k_buffer[:4096].float().mean(0),
+        (batch * pages_per_req + 1) * page_size, kv_heads, head_dim, head_dim, q.device,
+        k_mean=k_buffer[:4096].float().mean(0), page_size=page_size,
     )  # fmt: skip
-    prefix = inputs["kv_indices"]
-    write_kv8(cache, prefix, k_buffer[prefix], v_buffer[prefix])
-    chunk_len, prefix_len = inputs["max_len_extend"], prefix.shape[0] // batch
-    kv_indices = torch.cat(
-        [
-            torch.cat(
-                [
-                    prefix[b * prefix_len : (b + 1) * prefix_len],
-                    chunk_slots[b * chunk_len : (b + 1) * chunk_len],
-                ]
-            )
-            for b in range(batch)
-        ]
-    )
+    write_kv8(cache, seq_slots[:, :prefix_len].reshape(-1), k_buffer[prefix], v_buffer[prefix])
+    chunk_slots = seq_slots[:, prefix_len:].reshape(-1)
+    kv_indices = seq_slots.reshape(-1)
     kv_indptr = inputs["kv_indptr"] + inputs["qo_indptr"]
 
     def extend():
@@ -201,11 +198,14 @@ def sage_kv8(inputs, batch, causal):
         write_kv8(cache, chunk_slots, inputs["k_extend"], inputs["v_extend"])
         return extend()
 
+    assert chunk_slots.shape[0] == num_tokens
     write_and_extend()  # the chunk's slots hold it before "extend only" is timed
     return write_and_extend, extend
 
 
-def prefill_impls(inputs, batch, prefix_len, chunk_len, causal, with_baselines=True):
+def prefill_impls(
+    inputs, batch, prefix_len, chunk_len, causal, with_baselines=True, kv8_page_size=64
+):
     """name -> callable returning the output [tokens, Hq, D]."""
     from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
     from sglang.srt.layers.attention.sage_attention import sage_extend_attention
@@ -262,7 +262,9 @@ def prefill_impls(inputs, batch, prefix_len, chunk_len, causal, with_baselines=T
         impls[f"sage_{pv}_kernel_only"] = sage_kernel_only(pv)
         impls[f"sage_{pv}_triton"] = sage(pv, kernel="triton")
     impls["sage_fp16_rotated"] = sage("fp16", rotate_qk=True)  # the Q/K rotation's cost
-    impls["sage_kv8"], impls["sage_kv8_kernel_only"] = sage_kv8(inputs, batch, causal)
+    impls["sage_kv8"], impls["sage_kv8_kernel_only"] = sage_kv8(
+        inputs, batch, causal, kv8_page_size
+    )
     if not with_baselines:
         return impls
 
@@ -417,7 +419,10 @@ def bench_prefill(args, suite, head_dim, prefix_len, chunk_len, causal) -> list[
     rows, ref = reference_rows(inputs, prefix_len, chunk_len, causal)
     pairs = visible_pairs(chunk_len, kv_len, causal)
     out = []
-    for name, run in prefill_impls(inputs, batch, prefix_len, chunk_len, causal).items():
+    impls = prefill_impls(
+        inputs, batch, prefix_len, chunk_len, causal, kv8_page_size=args.kv8_page_size
+    )
+    for name, run in impls.items():
         if not wanted(args, name):
             continue
         try:
@@ -918,6 +923,12 @@ def main():
         choices=["random", "contiguous"],
         default="random",
         help="decode: each page drawn at random, or each request's pages in order",
+    )
+    parser.add_argument(
+        "--kv8-page-size",
+        type=int,
+        default=64,
+        help="prefill: tokens per page of the 8-bit cache (sage_kv8 rows)",
     )
     parser.add_argument(
         "--decode-page-size",

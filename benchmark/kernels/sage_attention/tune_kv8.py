@@ -78,7 +78,7 @@ def main():
     args = parser.parse_args()
     opts = argparse.Namespace(
         q_heads=32, kv_heads=8, tokens=32768, warmup_ms=50, rep_ms=200, impls=[],
-        decode_page_size=1,
+        decode_page_size=1, kv8_page_size=64,
     )  # fmt: skip
     header = ("kernel", "config", "shape", "ms", "TOPS", "GB/s", "cos", "slots")
     print("{:8} {:18} {:>14} {:>8} {:>7} {:>7} {:>9} {}".format(*header))

@@ -37,12 +37,10 @@ from sglang.kernels.ops.attention.decode_attention import (
 )
 from sglang.srt.layers.attention.sage_attention.extend_kv8 import sage_extend_attention_kv8_ref
 from sglang.srt.layers.attention.sage_attention.kv8_cache import (
-    MIN_WHOLE_PAGE,
     KV8Cache,
     kv8_page_sources,
-    load_kv8_page,
-    load_kv8_tile,
-    tma_can_read,
+    kv8_read_plan,
+    load_kv8_keys,
 )
 from sglang.srt.layers.attention.sage_attention.kv8_tiles import (
     MAX_GROUP,
@@ -138,22 +136,11 @@ def _kv8_decode_stage1(
     for start in tl.range(first, hi, BLOCK_N, num_stages=NUM_STAGES):
         pos = start + tl.arange(0, BLOCK_N)
         valid = (pos >= lo) & (pos < hi)
-        if WHOLE_PAGES:
-            # The tile's tokens are consecutive slots of one page because SGLang's paged
-            # allocator puts a request's token i at offset i % page_size (its own debug
-            # check; test_sage_attention_kv8_pool.py holds it to that).
-            first_slot = tl.load(kv_indices + kv_start + start)
-            key, key_scale, value_t, value_scale = load_kv8_page(
-                k_page_src, k_scale, v_page_src, v_scale, first_slot,
-                valid, kv_head, num_kv_heads, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V,
-                PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N, USE_TMA=USE_TMA,
-            )  # fmt: skip
-            value = tl.trans(value_t)
-        else:
-            key, key_scale, value, value_scale = load_kv8_tile(
-                k_int8, k_scale, v_int8, v_scale, kv_indices + kv_start, pos, valid, kv_head,
-                num_kv_heads, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, PAGE_SIZE=PAGE_SIZE,
-            )  # fmt: skip
+        key, key_scale, value, value_scale = load_kv8_keys(
+            k_int8, k_scale, v_int8, v_scale, k_page_src, v_page_src, kv_indices + kv_start,
+            start, valid, kv_head, num_kv_heads, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V,
+            PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N, WHOLE_PAGES=WHOLE_PAGES, USE_TMA=USE_TMA,
+        )  # fmt: skip
         s = kv8_scores(q_int8, q_scale, key, key_scale)
         s = tl.where(valid[None, :], s, float("-inf"))
         acc, l_i, m_i = kv8_softmax_step(
@@ -174,8 +161,7 @@ def _kv8_decode_stage1(
 
 def how_decode_reads(cache: KV8Cache, device: torch.device) -> tuple[bool, bool]:
     """(whole pages, through TMA): how ``sage_decode_kv8`` reads this cache here."""
-    whole_pages = cache.page_size >= MIN_WHOLE_PAGE
-    return whole_pages, whole_pages and USE_TMA and tma_can_read(cache, device)
+    return kv8_read_plan(cache, device, BLOCK_N, USE_TMA)[:2]
 
 
 def sage_decode_kv8(
@@ -223,8 +209,7 @@ def sage_decode_kv8(
             f"takes at most {MAX_GROUP}"
         )
     sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
-    whole_pages, use_tma = how_decode_reads(cache, q.device)
-    block_n = min(cache.page_size, BLOCK_N) if whole_pages else BLOCK_N
+    whole_pages, use_tma, block_n = kv8_read_plan(cache, q.device, BLOCK_N, USE_TMA)
     k_page_src, v_page_src = kv8_page_sources(cache, block_n, use_tma)
     _kv8_decode_stage1[(batch, cache.num_kv_heads, max_kv_splits)](
         q,

@@ -16,8 +16,9 @@ rows that is no fewer gathers per KV head than one program per query head: the
 tuned tile, measured in RESULTS.md round 4, not the packing, made it fast). Q is
 quantized once per block to INT8 (per row, ``sm_scale * log2(e)`` folded in;
 rotated first when the cache holds rotated K), then an exp2 online softmax runs
-over key tiles gathered token by token through ``kv_indices`` (plain loads at any
-page size; the prefill kernel that reads whole pages by TMA is the next step):
+over key tiles (``load_kv8_keys``: from page size 16 a tile is one page's run of
+``min(P, 128)`` keys, by TMA on sm_90+; below, keys gathered one by one through
+``kv_indices``):
 INT8 Q·Kᵀ with one K scale per key (``kv8_scores``), FP16 P·V on the exact INT8 V
 with V's row scales folded into P (``kv8_pv``). No host sync; the grid comes from
 ``max_len_extend``.
@@ -34,7 +35,9 @@ import triton.language as tl
 from sglang.srt.layers.attention.sage_attention.kv8_cache import (
     KV8Cache,
     dequantize_kv8,
-    load_kv8_tile,
+    kv8_page_sources,
+    kv8_read_plan,
+    load_kv8_keys,
 )
 from sglang.srt.layers.attention.sage_attention.kv8_tiles import (
     MAX_GROUP,
@@ -58,6 +61,9 @@ BLOCK_N = 128
 BLOCK_M = 64
 NUM_WARPS = 4
 NUM_STAGES = 2
+# From page size 16, key tiles are min(page size, BLOCK_N) tokens of one page, read
+# through TMA on sm_90+ (kv8_cache.kv8_read_plan); not yet measured (RESULTS.md round 8).
+USE_TMA = True
 _M_INIT = tl.constexpr(-1.0e30)
 
 
@@ -72,6 +78,8 @@ def _kv8_tiles(
     k_scale,
     v_int8,
     v_scale,
+    k_page_src,
+    v_page_src,
     kv_indices,
     kv_start,
     kv_head,
@@ -85,18 +93,22 @@ def _kv8_tiles(
     HEAD_DIM_V: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WHOLE_PAGES: tl.constexpr,
+    USE_TMA: tl.constexpr,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     FAST_CVT: tl.constexpr,
 ):
-    """Online softmax over keys [lo, hi); MASKED tiles check kv end and the causal edge
-    (row r is chunk token ``row_token[r]``)."""
+    """Online softmax over keys [lo, hi) (both multiples of BLOCK_N but hi's last
+    tile, so whole-page tiles start on a page's BLOCK_N-aligned slot); MASKED tiles
+    check kv end and the causal edge (row r is chunk token ``row_token[r]``)."""
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         in_range = pos < kv_len
-        key, key_scale, value, value_scale = load_kv8_tile(
-            k_int8, k_scale, v_int8, v_scale, kv_indices + kv_start, pos, in_range, kv_head,
-            num_kv_heads, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, PAGE_SIZE=PAGE_SIZE,
+        key, key_scale, value, value_scale = load_kv8_keys(
+            k_int8, k_scale, v_int8, v_scale, k_page_src, v_page_src, kv_indices + kv_start,
+            start, in_range, kv_head, num_kv_heads, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V,
+            PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N, WHOLE_PAGES=WHOLE_PAGES, USE_TMA=USE_TMA,
         )  # fmt: skip
         s = kv8_scores(q_int8, q_scale, key, key_scale)
         if MASKED:
@@ -116,6 +128,8 @@ def _sage_extend_kv8_kernel(
     k_scale,
     v_int8,
     v_scale,
+    k_page_src,  # kv8_page_sources: TMA descriptors or the buffers
+    v_page_src,
     qo_indptr,
     kv_indptr,
     kv_indices,
@@ -132,6 +146,8 @@ def _sage_extend_kv8_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WHOLE_PAGES: tl.constexpr,
+    USE_TMA: tl.constexpr,
     CAUSAL: tl.constexpr,
     ROTATE: tl.constexpr,
     FAST_CVT: tl.constexpr,
@@ -166,19 +182,21 @@ def _sage_extend_kv8_kernel(
     # Two calls of one loop: unmasked tiles, then those crossing kv end or the diagonal.
     acc, l_i, m_i = _kv8_tiles(
         acc, l_i, m_i, q_int8, q_scale,
-        k_int8=k_int8, k_scale=k_scale, v_int8=v_int8, v_scale=v_scale, kv_indices=kv_indices,
+        k_int8=k_int8, k_scale=k_scale, v_int8=v_int8, v_scale=v_scale, k_page_src=k_page_src,
+        v_page_src=v_page_src, kv_indices=kv_indices,
         kv_start=kv_start, kv_head=kv_head, num_kv_heads=num_kv_heads, row_token=row_token,
         prefix_len=prefix_len, kv_len=kv_len, lo=0, hi=free_hi,
         HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N,
-        MASKED=False, CAUSAL=CAUSAL, FAST_CVT=FAST_CVT,
+        WHOLE_PAGES=WHOLE_PAGES, USE_TMA=USE_TMA, MASKED=False, CAUSAL=CAUSAL, FAST_CVT=FAST_CVT,
     )  # fmt: skip
     acc, l_i, m_i = _kv8_tiles(
         acc, l_i, m_i, q_int8, q_scale,
-        k_int8=k_int8, k_scale=k_scale, v_int8=v_int8, v_scale=v_scale, kv_indices=kv_indices,
+        k_int8=k_int8, k_scale=k_scale, v_int8=v_int8, v_scale=v_scale, k_page_src=k_page_src,
+        v_page_src=v_page_src, kv_indices=kv_indices,
         kv_start=kv_start, kv_head=kv_head, num_kv_heads=num_kv_heads, row_token=row_token,
         prefix_len=prefix_len, kv_len=kv_len, lo=free_hi, hi=hi,
         HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N,
-        MASKED=True, CAUSAL=CAUSAL, FAST_CVT=FAST_CVT,
+        WHOLE_PAGES=WHOLE_PAGES, USE_TMA=USE_TMA, MASKED=True, CAUSAL=CAUSAL, FAST_CVT=FAST_CVT,
     )  # fmt: skip
 
     offs_dv = tl.arange(0, HEAD_DIM_V)
@@ -227,6 +245,8 @@ def sage_extend_attention_kv8(
             f"takes at most {MAX_GROUP}"
         )
     grid = (triton.cdiv(max_len_extend, block_m // group_rows), cache.num_kv_heads, batch)
+    whole_pages, use_tma, block_n = kv8_read_plan(cache, q_extend.device, BLOCK_N, USE_TMA)
+    k_page_src, v_page_src = kv8_page_sources(cache, block_n, use_tma)
     _sage_extend_kv8_kernel[grid](
         q_extend,
         o_extend,
@@ -234,6 +254,8 @@ def sage_extend_attention_kv8(
         cache.k_scale,
         cache.v_int8,
         cache.v_scale,
+        k_page_src,
+        v_page_src,
         qo_indptr,
         kv_indptr,
         kv_indices,
@@ -249,7 +271,9 @@ def sage_extend_attention_kv8(
         HEAD_DIM_V=cache.head_dim_v,
         PAGE_SIZE=cache.page_size,
         BLOCK_M=block_m,
-        BLOCK_N=BLOCK_N,
+        BLOCK_N=block_n,
+        WHOLE_PAGES=whole_pages,
+        USE_TMA=use_tma,
         CAUSAL=causal,
         ROTATE=cache.rotated,
         FAST_CVT=fast_int8_cvt(),

@@ -290,6 +290,60 @@ def load_kv8_page(
     return key, key_scale, value_t, value_scale
 
 
+def kv8_read_plan(
+    cache: KV8Cache, device: torch.device, block_n: int, use_tma: bool
+) -> tuple[bool, bool, int]:
+    """How a kernel taking ``block_n`` keys per step reads this cache here: (whole
+    pages, through TMA, keys per step). Whole pages from ``MIN_WHOLE_PAGE``, a step
+    then being ``min(page size, block_n)`` keys of one page; TMA where ``use_tma`` and
+    ``tma_can_read``."""
+    whole_pages = cache.page_size >= MIN_WHOLE_PAGE
+    tma = whole_pages and use_tma and tma_can_read(cache, device)
+    return whole_pages, tma, min(cache.page_size, block_n) if whole_pages else block_n
+
+
+@triton.jit
+def load_kv8_keys(
+    k_int8,
+    k_scale,
+    v_int8,
+    v_scale,
+    k_page_src,
+    v_page_src,
+    slots_of_seq,
+    start,
+    valid,
+    kv_head,
+    num_kv_heads,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WHOLE_PAGES: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """Keys ``start .. start + BLOCK_N`` of a sequence whose slot ids start at
+    ``slots_of_seq``, as ``kv8_read_plan`` says: INT8 K [N, D], its scales [N], INT8 V
+    [N, Dv], its scales [N]; scales 0 where not ``valid [N]`` (callers mask scores).
+    With WHOLE_PAGES, ``start`` is a multiple of BLOCK_N, so the tokens are one page's
+    consecutive slots: SGLang's paged allocator puts a request's token i at offset
+    i % page_size (its own debug check; test_sage_attention_kv8_pool.py holds it)."""
+    if WHOLE_PAGES:
+        key, key_scale, value_t, value_scale = load_kv8_page(
+            k_page_src, k_scale, v_page_src, v_scale, tl.load(slots_of_seq + start), valid,
+            kv_head, num_kv_heads, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V,
+            PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N, USE_TMA=USE_TMA,
+        )  # fmt: skip
+        value = tl.trans(value_t)
+    else:
+        key, key_scale, value, value_scale = load_kv8_tile(
+            k_int8, k_scale, v_int8, v_scale, slots_of_seq, start + tl.arange(0, BLOCK_N),
+            valid, kv_head, num_kv_heads, HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V,
+            PAGE_SIZE=PAGE_SIZE,
+        )  # fmt: skip
+    return key, key_scale, value, value_scale
+
+
 @triton.jit
 def _kv8_write_kernel(
     k,
