@@ -3,10 +3,10 @@
 Stage 1 (this module): one program per (request, KV head, split) takes the query
 heads of that KV head together (padded to 16 rows, the smallest tensor-core tile)
 and runs an exp2 online softmax over its split of the request's slots, reading
-INT8 K and V with their per-token scales. At page sizes >= 16 it reads whole pages
-(``load_kv8_page``: per step, one page's K block, its transposed V block and their
-scales, each contiguous, found from the page's first slot in ``kv_indices``); below,
-token by token through ``kv_indices`` (``load_kv8_tile``). The query rows
+INT8 K and V with their per-token scales through ``load_kv8_keys``: at page sizes
+>= 16 whole pages (per step, one page's K block, its transposed V block and their
+scales, each contiguous, found from the page's first slot in ``kv_indices``, by TMA
+on sm_90+); below, token by token through ``kv_indices``. The query rows
 are quantized to INT8 once per program (one scale per head, as the extend
 kernels do), so Q·Kᵀ is an INT8 tensor-core product on K as stored: K is never
 converted. P·V is FP16 on the exact INT8 V with V's row scales folded into P

@@ -43,7 +43,8 @@ smoothing) are valid.
 
 Writes are one Triton kernel per batch (what ``set_kv_buffer`` does for bf16): no
 host sync, fixed grid, graph-capturable, inputs only read. Kernels address the
-cache only through ``load_kv8_tile`` / ``load_kv8_page``, and torch code only
+cache only through ``load_kv8_keys`` (``load_kv8_tile`` / ``load_kv8_page``, as
+``kv8_read_plan`` decides), and torch code only
 through ``kv8_token_rows`` / ``set_kv8_token_rows``.
 """
 
