@@ -363,7 +363,7 @@ def test_a_missing_gluon_is_said_at_start_up(monkeypatch, caplog, error):
     monkeypatch.setattr(backend_module, "hopper_kernel_wanted", lambda *args: True)
     monkeypatch.setattr(backend_module, "gluon_import_error", lambda: error)
     with caplog.at_level(logging.WARNING, logger=backend_module.__name__):
-        backend_module.warn_if_gluon_is_missing("auto", 128, "cpu")
+        backend_module.warn_if_gluon_is_missing("auto", 128, 128, "cpu")
     said = [r.getMessage() for r in caplog.records if "Gluon Hopper kernel" in r.getMessage()]
     if error is None:
         assert said == []

@@ -16,6 +16,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from sglang.srt.layers.attention.sage_attention import kv8_hooks
 from sglang.srt.layers.attention.sage_attention.kv8_pool import SageKV8TokenToKVPool
@@ -201,3 +202,16 @@ def test_registering_twice_registers_each_hook_once(monkeypatch):
     for target, count in before.items():
         assert len(HookRegistry._hooks[target]) == count + 1
         HookRegistry._hooks[target].pop()  # leave the registry as it was
+
+
+def test_post_capture_kv_sizing_is_refused(monkeypatch):
+    """SGLang would size the pool after CUDA-graph capture, which the 8-bit pool does
+    not implement: refused at start-up, and by the pool should it be built anyway."""
+    monkeypatch.setenv("SGLANG_ENABLE_POST_CAPTURE_KV_SIZING", "1")
+    reasons = kv8_hooks.kv8_refusals(server_args(), configurator())
+    assert len(reasons) == 1 and "SGLANG_ENABLE_POST_CAPTURE_KV_SIZING" in reasons[0], reasons
+    with pytest.raises(ValueError, match="post-capture KV sizing"):
+        SageKV8TokenToKVPool(
+            size=16, page_size=1, dtype=torch.float16, head_num=1, head_dim=64, layer_num=1,
+            device="cpu", enable_memory_saver=False, post_capture_active=True,
+        )  # fmt: skip

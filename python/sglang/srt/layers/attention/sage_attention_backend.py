@@ -215,11 +215,13 @@ def refuse_layers_the_kv8_cache_cannot_serve(model) -> None:
         )
 
 
-def warn_if_gluon_is_missing(kernel: str, head_dim: int, device) -> None:
+def warn_if_gluon_is_missing(kernel: str, head_dim: int, head_dim_v: int, device) -> None:
     """Say at start-up when the settings pick the Gluon Hopper kernel for this model but
     Gluon did not import, so the bf16-cache 8-bit path runs the slower Triton kernel."""
     error = gluon_import_error()
-    if error is not None and hopper_kernel_wanted(kernel, head_dim, head_dim, torch.device(device)):
+    if error is not None and hopper_kernel_wanted(
+        kernel, head_dim, head_dim_v, torch.device(device)
+    ):
         logger.warning(
             "sage_attn: the Gluon Hopper kernel is unavailable (%s); the 8-bit kernel on "
             "the bf16 cache runs the portable Triton kernel instead",
@@ -302,7 +304,13 @@ class SageAttentionBackend(AttentionBackend):
         self.base_subset_kernel = subset_kernel_for(self.base, model_runner.page_size)
         head_dim = model_runner.model_config.head_dim
         self.min_extend_len, crossover_source = self._crossover(model_runner.device, head_dim)
-        warn_if_gluon_is_missing(self.settings.kernel, head_dim, model_runner.device)
+        if self.kv8_pool is None:  # the 8-bit cache's kernels are Triton alone
+            warn_if_gluon_is_missing(
+                self.settings.kernel,
+                head_dim,
+                model_runner.model_config.v_head_dim,
+                model_runner.device,
+            )
         # Set while kv8_calibration.py runs its start-up forward.
         self.calibration = None
         self.kv8_decode_batches = 0

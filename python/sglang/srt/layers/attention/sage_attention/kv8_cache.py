@@ -221,8 +221,9 @@ def tma_can_read(cache: KV8Cache, device: torch.device) -> bool:
     """Whether ``load_kv8_page`` may go through TMA: Hopper or newer (the CPU
     interpreter emulates descriptors), and every row of the layer within a
     descriptor's int32 coordinates (past them, plain loads address it in int64)."""
-    rows = cache.k_scale.numel() * max(1, cache.head_dim_v // cache.page_size)
-    if rows >= 2**31:
+    # K's view has pages * Hkv * P rows, Vᵀ's pages * Hkv * Dv.
+    pages_x_heads = cache.k_int8.shape[0] * cache.num_kv_heads
+    if pages_x_heads * max(cache.page_size, cache.head_dim_v) >= 2**31:
         return False
     return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
 

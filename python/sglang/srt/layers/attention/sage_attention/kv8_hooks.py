@@ -108,6 +108,11 @@ def kv8_refusals(server_args, configurator=None) -> list[str]:
             "DP attention (the start-up calibration's forward is not run in DP lockstep, "
             "and it is untested with the 8-bit cache)"
         )
+    if envs.SGLANG_ENABLE_POST_CAPTURE_KV_SIZING.get():
+        reasons.append(
+            "SGLANG_ENABLE_POST_CAPTURE_KV_SIZING: the pool would be sized after CUDA-graph "
+            "capture, which the 8-bit pool does not implement"
+        )
     if envs.SGLANG_USE_HND_KVCACHE.get():
         reasons.append("SGLANG_USE_HND_KVCACHE: the 8-bit cache is token-major (NHD)")
     if configurator is not None:

@@ -57,7 +57,12 @@ def kv8_cell_bytes(num_layers: int, num_kv_heads: int, head_dim: int, head_dim_v
 class SageKV8TokenToKVPool(MHATokenToKVPool):
     """Token-to-KV pool in sage_attn's 8-bit format (module docstring)."""
 
-    def __init__(self, *args, dtype: torch.dtype, **kwargs):
+    def __init__(self, *args, dtype: torch.dtype, post_capture_active: bool = False, **kwargs):
+        if post_capture_active:  # refused at start-up too (kv8_hooks.kv8_refusals)
+            raise ValueError(
+                "sage_attn's 8-bit KV cache does not support post-capture KV sizing "
+                "(unset SGLANG_ENABLE_POST_CAPTURE_KV_SIZING)"
+            )
         # Read before the base constructor, which allocates the buffers.
         self.settings = SageAttnSettings.from_env()
         # The pool's dtype is its storage, int8: code that takes a bf16 pool's fast
