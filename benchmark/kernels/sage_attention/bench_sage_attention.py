@@ -80,20 +80,26 @@ def median_ms(fn, args) -> float:
 # ---------------------------------------------------------------- inputs
 
 
+def page_slots(batch, length, page_size, device, first_page=1, shuffle=True):
+    """Slots of ``batch`` requests of ``length`` tokens, each in its own pages of
+    ``page_size`` with token i at offset i % page_size (as SGLang's paged allocator
+    places them), pages numbered from ``first_page`` (SGLang leaves page 0 unused) and
+    shuffled across the requests as a server's pages end up after churn, unless not
+    ``shuffle``: (slots [batch, length] int64, page table [batch, pages] int32)."""
+    pages_per_req = -(-length // page_size)
+    count = batch * pages_per_req
+    order = torch.randperm(count, device=device) if shuffle else torch.arange(count, device=device)
+    page_table = (order + first_page).view(batch, pages_per_req)
+    in_page = torch.arange(page_size, device=device)
+    slots = (page_table[:, :, None] * page_size + in_page).view(batch, -1)[:, :length]
+    return slots, page_table.to(torch.int32)
+
+
 def paged_batch(batch, prefix_len, chunk_len, q_heads, kv_heads, head_dim, dtype, page=64):
     """A batch of equal requests: ``prefix_len`` cached keys in scrambled pages + a chunk."""
     dev = "cuda"
-    pages_per_req = -(-prefix_len // page)
-    num_pages = batch * pages_per_req + 1
-    order = torch.randperm(batch * pages_per_req, device=dev) + 1  # page 0 unused
-    offsets = torch.arange(pages_per_req * page, device=dev) % page
-    slots = [
-        (
-            order[b * pages_per_req : (b + 1) * pages_per_req].repeat_interleave(page) * page
-            + offsets
-        )[:prefix_len]
-        for b in range(batch)
-    ]
+    num_pages = batch * -(-prefix_len // page) + 1
+    slots, _ = page_slots(batch, prefix_len, page, dev)
     tokens = batch * chunk_len
 
     def randn(*shape):
@@ -112,9 +118,7 @@ def paged_batch(batch, prefix_len, chunk_len, q_heads, kv_heads, head_dim, dtype
         v_buffer=randn(num_pages * page, kv_heads, head_dim),
         qo_indptr=indptr(chunk_len),
         kv_indptr=indptr(prefix_len),
-        kv_indices=torch.cat(slots).long()
-        if prefix_len
-        else torch.empty(0, dtype=torch.long, device=dev),
+        kv_indices=slots.reshape(-1),
         max_len_extend=chunk_len,
     )
 
@@ -173,13 +177,9 @@ def sage_kv8(inputs, batch, causal, page_size):
     num_tokens, kv_heads, head_dim = inputs["k_extend"].shape
     chunk_len, prefix = inputs["max_len_extend"], inputs["kv_indices"]
     prefix_len = prefix.shape[0] // batch
-    pages_per_req = math.ceil((prefix_len + chunk_len) / page_size)
-    pages = torch.randperm(batch * pages_per_req, device=q.device).view(batch, pages_per_req)
-    in_page = torch.arange(page_size, device=q.device)
-    seq_slots = ((pages + 1)[:, :, None] * page_size + in_page).view(batch, -1)
-    seq_slots = seq_slots[:, : prefix_len + chunk_len]  # page 0 unused, as in SGLang
+    seq_slots, page_table = page_slots(batch, prefix_len + chunk_len, page_size, q.device)
     cache = allocate_kv8_cache(
-        (batch * pages_per_req + 1) * page_size, kv_heads, head_dim, head_dim, q.device,
+        (page_table.numel() + 1) * page_size, kv_heads, head_dim, head_dim, q.device,
         k_mean=k_buffer[:4096].float().mean(0), page_size=page_size,
     )  # fmt: skip
     write_kv8(cache, seq_slots[:, :prefix_len].reshape(-1), k_buffer[prefix], v_buffer[prefix])
@@ -499,19 +499,14 @@ def bench_decode(args, batch, kv_len, head_dim=128) -> list[Row]:
     # random: every page in its own place, as a server's pages end up after churn (at
     # page size 1, every key: the worst case for a gather); contiguous: each request's
     # pages in order, as a fresh server allocates them.
-    order = getattr(args, "decode_slots", "random")
-    in_page = torch.arange(page_size, device="cuda")
+    shuffle = getattr(args, "decode_slots", "random") == "random"
     page_tables, index_sets = [], []
     for c in range(copies):
-        pages = batch * pages_per_req
-        page_ids = (
-            torch.randperm(pages, device="cuda")
-            if order == "random"
-            else torch.arange(pages, device="cuda")
-        )
-        page_ids = (page_ids + 1 + c * pages).view(batch, pages_per_req)
-        slots = (page_ids[:, :, None] * page_size + in_page).view(batch, -1)[:, :kv_len]
-        page_tables.append(page_ids.to(torch.int32))
+        slots, page_table = page_slots(
+            batch, kv_len, page_size, "cuda", first_page=1 + c * batch * pages_per_req,
+            shuffle=shuffle,
+        )  # fmt: skip
+        page_tables.append(page_table)
         index_sets.append(slots.reshape(-1))
     q = torch.randn(batch, q_heads, head_dim, dtype=torch.bfloat16, device="cuda")
     o = torch.empty_like(q)
