@@ -174,12 +174,19 @@ def kv8_row(slot, kv_head, num_kv_heads, PAGE_SIZE: tl.constexpr):
 
 
 @triton.jit
+def kv8_v_start(row, HEAD_DIM_V: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """Offset in ``v_int8`` of channel 0 of row ``row`` (``kv8_row``); channel c sits
+    ``c * PAGE_SIZE`` further on (V is transposed within its page)."""
+    in_page = row % PAGE_SIZE
+    return (row - in_page) * HEAD_DIM_V + in_page
+
+
+@triton.jit
 def kv8_v_offsets(row, channel, HEAD_DIM_V: tl.constexpr, PAGE_SIZE: tl.constexpr):
     """Element offsets in ``v_int8`` of rows ``row [N]`` (``kv8_row``), channels
-    ``channel [C]``: [N, C]. V is transposed within its page."""
-    in_page = row % PAGE_SIZE
-    page_start = (row - in_page) * HEAD_DIM_V
-    return (page_start + in_page)[:, None] + channel.to(tl.int64)[None, :] * PAGE_SIZE
+    ``channel [C]``: [N, C]."""
+    start = kv8_v_start(row, HEAD_DIM_V, PAGE_SIZE)
+    return start[:, None] + channel.to(tl.int64)[None, :] * PAGE_SIZE
 
 
 @triton.jit
@@ -266,9 +273,10 @@ def load_kv8_page(
     there are zeros (plain loads) or the page's own bytes (TMA reads whole boxes), so
     callers mask the scores."""
     row = kv8_row(first_slot, kv_head, num_kv_heads, PAGE_SIZE)
-    in_page = row % PAGE_SIZE
     tokens = tl.arange(0, BLOCK_N)
     if USE_TMA:
+        # The Vᵀ view is [pages * Hkv * Dv, P]: the (page, head)'s first row, the offset.
+        in_page = row % PAGE_SIZE
         key = k_src.load([row.to(tl.int32), 0])
         value_t = v_src.load([((row - in_page) // PAGE_SIZE * HEAD_DIM_V).to(tl.int32),
                               in_page.to(tl.int32)])  # fmt: skip
@@ -280,8 +288,7 @@ def load_kv8_page(
         )
         value_t = tl.load(
             v_src
-            + (row - in_page) * HEAD_DIM_V
-            + in_page
+            + kv8_v_start(row, HEAD_DIM_V, PAGE_SIZE)
             + tl.arange(0, HEAD_DIM_V)[:, None] * PAGE_SIZE
             + tokens[None, :],
             mask=valid[None, :],
