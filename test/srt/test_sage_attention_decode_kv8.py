@@ -35,7 +35,10 @@ from sglang.srt.layers.attention.sage_attention.reference import attention_error
 
 # Where the whole-page reads go through TMA: sm_90+, or the interpreter's emulation.
 HAS_GPU_TMA = not HAS_GPU or torch.cuda.get_device_capability()[0] >= 9
+# (cos of the worst request and head, rel-L1) against fp32. In decode that cosine rests
+# on one output row: the outlier inputs (10-sigma K bias, sinks) reach 0.9986-0.9992.
 VS_EXACT = (0.9995, 0.03)
+VS_EXACT_OUTLIER = (0.998, 0.03)
 VS_TWIN = (0.99999, 2e-3)
 MAX_SPLITS = 4
 
@@ -84,8 +87,9 @@ def check(case, rotated=False):
     twin = torch.empty_like(out)
     sage_decode_kv8_ref(q, twin, cache, indptr, indices)
     assert torch.isfinite(out).all()
-    cos, rel_l1 = attention_error(out, exact)
-    assert cos >= VS_EXACT[0] and rel_l1 <= VS_EXACT[1], f"vs fp32: {cos:.6f} / {rel_l1:.4f}"
+    cos, rel_l1 = attention_error(out, exact, request_rows=indptr.new_tensor(range(len(q) + 1)))
+    min_cos, max_l1 = VS_EXACT if case.values == "randn" else VS_EXACT_OUTLIER
+    assert cos >= min_cos and rel_l1 <= max_l1, f"vs fp32: {cos:.6f} / {rel_l1:.4f}"
     twin_cos, twin_l1 = attention_error(out, twin)
     assert twin_cos >= VS_TWIN[0] and twin_l1 <= VS_TWIN[1], (twin_cos, twin_l1)
     print(f"\nACCURACY kv8_decode_{case.name} rotated={rotated} cos={cos:.6f} rel_l1={rel_l1:.4f}")
@@ -105,8 +109,8 @@ def test_smoothing_is_what_handles_k_outliers():
     for smooth in (True, False):
         q, cache, indptr, indices, exact = decode_batch(case, smooth=smooth)
         errors[smooth] = attention_error(run_decode(q, cache, indptr, indices), exact)
-    assert errors[True][0] >= 0.9995, errors
-    assert errors[False][0] < 0.999 and errors[False][1] > 3 * errors[True][1], errors
+    assert errors[True][0] >= VS_EXACT_OUTLIER[0], errors
+    assert errors[False][0] < VS_EXACT_OUTLIER[0] and errors[False][1] > 3 * errors[True][1], errors
 
 
 @pytest.mark.skipif(**requires_kernels)

@@ -57,11 +57,12 @@ from sglang.srt.layers.attention.sage_attention.reference import (
     sage_extend_attention_ref,
 )
 
-# (min cos, max rel-L1) against the exact fp32 op, by P·V precision and input kind.
+# (cos of the worst request and head, max rel-L1) against the exact fp32 op, by P·V
+# precision and input kind. A one-token chunk rests a cosine on one row: fp16 0.99988.
 VS_EXACT = {
-    ("fp16", "randn"): (0.9999, 0.02),
+    ("fp16", "randn"): (0.9998, 0.02),
     ("fp16", "outlier"): (0.999, 0.05),
-    ("fp8", "randn"): (0.999, 0.05),
+    ("fp8", "randn"): (0.998, 0.05),
     ("fp8", "outlier"): (0.998, 0.06),
     ("int8", "randn"): (0.9995, 0.03),
     ("int8", "outlier"): (0.999, 0.05),
@@ -147,7 +148,7 @@ def check_against_twins(
         sage_extend_attention_quant_ref, inputs, causal=causal, pv=pv, rotate_qk=rotate_qk
     )
     min_cos, max_l1 = VS_EXACT[(pv, "randn" if case.values == "randn" else "outlier")]
-    cos, rel_l1 = attention_error(out, exact)
+    cos, rel_l1 = attention_error(out, exact, request_rows=inputs["qo_indptr"])
     assert cos >= min_cos and rel_l1 <= max_l1, f"vs fp32: cos {cos:.6f}, rel-L1 {rel_l1:.4f}"
     twin_cos, twin_l1 = attention_error(out, twin)
     assert twin_cos >= VS_TWIN[0] and twin_l1 <= VS_TWIN[1], (
@@ -204,7 +205,7 @@ def test_rotation_is_what_handles_shared_qk_channels():
         rotate: attention_error(run_op(sage_extend_attention, inputs, rotate_qk=rotate), exact)
         for rotate in (False, True)
     }
-    assert errors[True][0] >= 0.9999 and errors[True][1] <= 0.02, errors
+    assert errors[True][0] >= 0.9995 and errors[True][1] <= 0.02, errors
     assert errors[False][1] > 2 * errors[True][1], errors
 
 

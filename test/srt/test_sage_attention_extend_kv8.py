@@ -33,8 +33,10 @@ from sglang.srt.layers.attention.sage_attention.extend_kv8 import (
 from sglang.srt.layers.attention.sage_attention.kv8_cache import kv8_read_plan
 from sglang.srt.layers.attention.sage_attention.reference import attention_error
 
+# (cos of the worst request and head, rel-L1) against fp32. Large channels shared by Q
+# and K survive smoothing: 0.9975 unrotated, 0.9992 rotated (test_rotation's case).
 VS_EXACT = (0.9995, 0.03)
-VS_EXACT_QK_CHANNELS_PLAIN = (0.999, 0.03)
+VS_EXACT_QK_CHANNELS = {False: (0.997, 0.03), True: (0.999, 0.03)}
 VS_TWIN = (0.99999, 2e-3)
 
 CASES = [
@@ -96,11 +98,9 @@ def test_extend_matches_exact_op_and_twin(case, rotated):
     assert torch.equal(out, again), "not bitwise deterministic"
     for old, new in zip(before, watched, strict=True):  # NaN-poisoned slots included
         torch.testing.assert_close(new, old, rtol=0, atol=0, equal_nan=True)
-    cos, rel_l1 = attention_error(out, batch["exact"])
+    cos, rel_l1 = attention_error(out, batch["exact"], request_rows=batch["qo_indptr"])
     print(f"\nACCURACY kv8_extend_{case.name} rotated={rotated} cos={cos:.6f} rel_l1={rel_l1:.4f}")
-    min_cos, max_l1 = (
-        VS_EXACT_QK_CHANNELS_PLAIN if case.values == "qk_channels" and not rotated else VS_EXACT
-    )
+    min_cos, max_l1 = VS_EXACT_QK_CHANNELS[rotated] if case.values == "qk_channels" else VS_EXACT
     assert cos >= min_cos and rel_l1 <= max_l1, f"vs fp32: {cos:.6f} / {rel_l1:.4f}"
     twin_cos, twin_l1 = attention_error(out, twin)
     assert twin_cos >= VS_TWIN[0] and twin_l1 <= VS_TWIN[1], (twin_cos, twin_l1)

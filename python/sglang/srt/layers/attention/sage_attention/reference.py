@@ -250,9 +250,26 @@ def sage_extend_attention_quant_ref(
         o_extend[rows] = out.transpose(0, 1).to(o_extend.dtype)
 
 
-def attention_error(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    """(cosine similarity, relative L1) of ``out`` against ``ref``, both flattened in fp64."""
-    out, ref = out.double().flatten(), ref.double().flatten()
-    cos = F.cosine_similarity(out, ref, dim=0).item()
+def attention_error(
+    out: torch.Tensor, ref: torch.Tensor, request_rows: torch.Tensor | None = None
+) -> tuple[float, float]:
+    """(cosine similarity, relative L1) of ``out`` against ``ref`` ``[rows, heads, dim]``,
+    in fp64. The cosine is the worst over heads and, given ``request_rows`` (request
+    boundaries along the rows: an extend batch's ``cu_seqlens``, ``arange(B + 1)`` for
+    decode), over requests too, so that one bad head or request in a large batch cannot
+    hide behind the rest. The relative L1 is over the whole tensor."""
+    out, ref = out.double(), ref.double()
+    if out.dim() < 3:  # one row [heads, dim], or a bare vector
+        out, ref = out.reshape(1, -1, out.shape[-1]), ref.reshape(1, -1, ref.shape[-1])
+    bounds = [0, out.shape[0]] if request_rows is None else request_rows.tolist()
+    cos = min(
+        F.cosine_similarity(
+            out[lo:hi].transpose(0, 1).flatten(1), ref[lo:hi].transpose(0, 1).flatten(1), dim=1
+        )
+        .min()
+        .item()
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+        if hi > lo
+    )
     rel_l1 = ((out - ref).abs().sum() / ref.abs().sum().clamp_min(1e-30)).item()
     return cos, rel_l1
