@@ -472,7 +472,10 @@ def bench_decode(args, batch, kv_len, head_dim=128) -> list[Row]:
     for the keys read."""
     from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
     from sglang.kernels.ops.attention.metadata import get_num_kv_splits_triton
-    from sglang.srt.layers.attention.sage_attention.decode_kv8 import sage_decode_kv8
+    from sglang.srt.layers.attention.sage_attention.decode_kv8 import (
+        how_decode_reads,
+        sage_decode_kv8,
+    )
     from sglang.srt.layers.attention.sage_attention.kv8_cache import (
         allocate_kv8_cache,
         kv8_bytes_per_token_head,
@@ -568,6 +571,14 @@ def bench_decode(args, batch, kv_len, head_dim=128) -> list[Row]:
         )  # fmt: skip
         return o
 
+    # The path the sage rows measured, in the JSON (a row must not claim whole pages
+    # through TMA that the kernel did not take).
+    whole_pages, tma = how_decode_reads(cache, q.device)
+    kv8_path = f"page {page_size}: " + (
+        ("whole pages through TMA" if tma else "whole pages, plain loads")
+        if whole_pages
+        else "token by token"
+    )
     rows = []
     impls = [
         ("sglang_triton_decode", bf16, 16, bf16_bytes),
@@ -602,6 +613,7 @@ def bench_decode(args, batch, kv_len, head_dim=128) -> list[Row]:
                 nbytes / (ms * 1e-3) / 1e9,
                 cos,
                 rel_l1,
+                kv8_path if name.startswith("sage_kv8") else "",
             )  # fmt: skip
         )
     return rows
