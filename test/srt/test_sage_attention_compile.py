@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from unittest import mock
@@ -227,3 +228,35 @@ def test_kv8_cache_launches_compile(arch, head_dim, group, rotated, page_size, m
             # Whole pages by TMA exactly where meant.
             uses_tma = "cp.async.bulk.tensor" in kernel.asm["ptx"]
             assert uses_tma == (page_size >= 16 and arch >= 90), (arch, page_size)
+
+
+@compiled_kernels
+@pytest.mark.parametrize("arch", [80, 90], ids=["sm80", "sm90"])
+def test_int8_pv_extend_runs_both_products_on_int8_tensor_cores(arch, monkeypatch):
+    """With ``pv_int8`` the 8-bit cache's extend kernel has no fp16 MMA left: P·V reads
+    the stored V as INT8 (on sm_90 a K-major wgmma operand, as the page stores it)."""
+    from sglang.srt.layers.attention.sage_attention import extend_kv8
+    from sglang.srt.layers.attention.sage_attention.kv8_cache import allocate_kv8_cache
+
+    monkeypatch.setattr(extend_kv8, "USE_TMA", arch >= 90)
+    cache = allocate_kv8_cache(128, 2, 128, 128, "cpu", page_size=64)
+    q = torch.zeros(8, 8, 128, dtype=torch.bfloat16)
+    products = {}
+    for pv_int8 in (False, True):
+        launches = captured_launches(
+            lambda pv_int8=pv_int8: extend_kv8.sage_extend_attention_kv8(
+                q,
+                torch.zeros_like(q),
+                cache,
+                torch.tensor([0, 3, 8], dtype=torch.int32),
+                torch.tensor([0, 5, 12], dtype=torch.int32),
+                torch.arange(12),
+                5,
+                pv_int8=pv_int8,
+            )  # fmt: skip
+        )
+        ((fn, bound, options),) = launches
+        ptx = compile_for(fn, bound, options, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
+        products[pv_int8] = set(re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*", ptx))
+    assert any(".f16" in p for p in products[False]), products  # the FP16 P·V is there
+    assert products[True] and all(".s8" in p for p in products[True]), products

@@ -38,6 +38,9 @@ from sglang.srt.layers.attention.sage_attention.reference import attention_error
 VS_EXACT = (0.9995, 0.03)
 VS_EXACT_QK_CHANNELS = {False: (0.997, 0.03), True: (0.999, 0.03)}
 VS_TWIN = (0.99999, 2e-3)
+# INT8 P·V on outlier inputs: the prefill issue's bar (FP16 P·V: 0.99953 / 0.027 on
+# k_bias_hd128, INT8: 0.99939 / 0.030).
+VS_EXACT_INT8_PV_OUTLIER = (0.999, 0.04)
 
 CASES = [
     ExtendCase("ragged_gqa4", (0, 70, 5), (33, 1, 90), num_q_heads=8, num_kv_heads=2),
@@ -71,11 +74,11 @@ def _inputs(batch: dict) -> list[torch.Tensor]:
     ]
 
 
-def run(batch: dict, causal: bool = True) -> torch.Tensor:
+def run(batch: dict, causal: bool = True, pv_int8: bool | None = None) -> torch.Tensor:
     out = batch["o_extend"].clone()
     sage_extend_attention_kv8(
         batch["q_extend"], out, batch["cache"], batch["qo_indptr"], batch["kv_indptr"],
-        batch["kv_indices"], batch["max_len_extend"], causal=causal,
+        batch["kv_indices"], batch["max_len_extend"], causal=causal, pv_int8=pv_int8,
     )  # fmt: skip
     return out
 
@@ -104,6 +107,34 @@ def test_extend_matches_exact_op_and_twin(case, rotated):
     assert cos >= min_cos and rel_l1 <= max_l1, f"vs fp32: {cos:.6f} / {rel_l1:.4f}"
     twin_cos, twin_l1 = attention_error(out, twin)
     assert twin_cos >= VS_TWIN[0] and twin_l1 <= VS_TWIN[1], (twin_cos, twin_l1)
+
+
+# INT8 P·V on a few shapes of each kind (pages, GQA, every outlier kind at hd128).
+PV_INT8_CASES = [CASES[0], CASES[3], CASES[7]] + OUTLIER_CASES[1::2]
+
+
+@pytest.mark.skipif(**requires_kernels)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", PV_INT8_CASES, ids=[c.name for c in PV_INT8_CASES])
+def test_int8_pv_matches_its_twin_and_the_fp32_bars(case, causal):
+    """INT8 P·V (P per row and tile) meets the bars FP16 P·V meets, and its twin."""
+    batch = make_kv8_inputs(case)
+    out = run(batch, causal, pv_int8=True)
+    assert torch.equal(out, run(batch, causal, pv_int8=True)), "not bitwise deterministic"
+    twin = batch["o_extend"].clone()
+    sage_extend_attention_kv8_ref(
+        batch["q_extend"], twin, batch["cache"], batch["qo_indptr"], batch["kv_indptr"],
+        batch["kv_indices"], batch["max_len_extend"], causal=causal, pv_int8=True,
+    )  # fmt: skip
+    twin_cos, twin_l1 = attention_error(out, twin)
+    assert twin_cos >= VS_TWIN[0] and twin_l1 <= VS_TWIN[1], (twin_cos, twin_l1)
+    if causal:  # the fp32 reference of make_kv8_inputs is causal
+        cos, rel_l1 = attention_error(out, batch["exact"], request_rows=batch["qo_indptr"])
+        print(f"\nACCURACY kv8_extend_pv_int8_{case.name} cos={cos:.6f} rel_l1={rel_l1:.4f}")
+        min_cos, max_l1 = {"randn": VS_EXACT, "qk_channels": VS_EXACT_QK_CHANNELS[False]}.get(
+            case.values, VS_EXACT_INT8_PV_OUTLIER
+        )
+        assert cos >= min_cos and rel_l1 <= max_l1, f"vs fp32: {cos:.6f} / {rel_l1:.4f}"
 
 
 @pytest.mark.skipif(**requires_kernels)

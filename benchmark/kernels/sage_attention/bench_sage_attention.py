@@ -159,8 +159,9 @@ def pack(inputs, pv: str):
     return quantize_kv(*(inputs[n] for n in names), pv=PV(pv))
 
 
-def sage_kv8(inputs, batch, causal, page_size):
-    """The 8-bit KV cache's path: (write the chunk + extend over the cache, extend only).
+def sage_kv8(inputs, batch, causal, page_size, pv_int8=None):
+    """The 8-bit KV cache's path: (write the chunk + extend over the cache, extend only);
+    ``pv_int8`` picks its P·V (None: the kernel's default).
 
     Each request's sequence (prefix, then chunk) lies in its own pages of
     ``page_size`` tokens, the pages shuffled across the pool as a server's end up. The
@@ -190,7 +191,7 @@ def sage_kv8(inputs, batch, causal, page_size):
     def extend():
         sage_extend_attention_kv8(
             q, o, cache, inputs["qo_indptr"], kv_indptr, kv_indices, chunk_len,
-            sm_scale=head_dim**-0.5, causal=causal,
+            sm_scale=head_dim**-0.5, causal=causal, pv_int8=pv_int8,
         )  # fmt: skip
         return o
 
@@ -264,6 +265,10 @@ def prefill_impls(
     impls["sage_fp16_rotated"] = sage("fp16", rotate_qk=True)  # the Q/K rotation's cost
     impls["sage_kv8"], impls["sage_kv8_kernel_only"] = sage_kv8(
         inputs, batch, causal, kv8_page_size
+    )
+    # INT8 P·V (kv8_tiles.kv8_pv): the candidate default, timed beside FP16.
+    impls["sage_kv8_pvint8"], impls["sage_kv8_pvint8_kernel_only"] = sage_kv8(
+        inputs, batch, causal, kv8_page_size, pv_int8=True
     )
     if not with_baselines:
         return impls

@@ -37,6 +37,7 @@ from sglang.srt.layers.attention.sage_attention.kv8_cache import (
     dequantize_kv8,
     kv8_page_sources,
     kv8_read_plan,
+    kv8_token_rows,
     load_kv8_keys,
 )
 from sglang.srt.layers.attention.sage_attention.kv8_tiles import (
@@ -64,7 +65,12 @@ NUM_STAGES = 2
 # From page size 16, key tiles are min(page size, BLOCK_N) tokens of one page, read
 # through TMA on sm_90+ (kv8_cache.kv8_read_plan); not yet measured (RESULTS.md round 8).
 USE_TMA = True
+# P·V in INT8 (kv8_tiles.kv8_pv: P per row and tile against the stored INT8 V) instead
+# of FP16 on V converted: as accurate on the CPU run (RESULTS.md round 9), not yet timed
+# on a GPU, so off by default until a benchmark row says it wins.
+PV_INT8 = False
 _M_INIT = tl.constexpr(-1.0e30)
+_M_INIT_REF = -1.0e30  # the twin's
 
 
 @triton.jit
@@ -98,6 +104,7 @@ def _kv8_tiles(
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     FAST_CVT: tl.constexpr,
+    PV_INT8: tl.constexpr,
 ):
     """Online softmax over keys [lo, hi) (both multiples of BLOCK_N but hi's last
     tile, so whole-page tiles start on a page's BLOCK_N-aligned slot); MASKED tiles
@@ -116,7 +123,9 @@ def _kv8_tiles(
             if CAUSAL:
                 visible = visible & (pos[None, :] <= prefix_len + row_token[:, None])
             s = tl.where(visible, s, float("-inf"))
-        acc, l_i, m_i = kv8_softmax_step(acc, l_i, m_i, s, value, value_scale, FAST_CVT)
+        acc, l_i, m_i = kv8_softmax_step(
+            acc, l_i, m_i, s, value, value_scale, FAST_CVT, PV_INT8=PV_INT8
+        )
     return acc, l_i, m_i
 
 
@@ -151,6 +160,7 @@ def _sage_extend_kv8_kernel(
     CAUSAL: tl.constexpr,
     ROTATE: tl.constexpr,
     FAST_CVT: tl.constexpr,
+    PV_INT8: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = BLOCK_M // GROUP_ROWS  # chunk tokens per program
     kv_head = tl.program_id(1)
@@ -188,6 +198,7 @@ def _sage_extend_kv8_kernel(
         prefix_len=prefix_len, kv_len=kv_len, lo=0, hi=free_hi,
         HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N,
         WHOLE_PAGES=WHOLE_PAGES, USE_TMA=USE_TMA, MASKED=False, CAUSAL=CAUSAL, FAST_CVT=FAST_CVT,
+        PV_INT8=PV_INT8,
     )  # fmt: skip
     acc, l_i, m_i = _kv8_tiles(
         acc, l_i, m_i, q_int8, q_scale,
@@ -197,6 +208,7 @@ def _sage_extend_kv8_kernel(
         prefix_len=prefix_len, kv_len=kv_len, lo=free_hi, hi=hi,
         HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, PAGE_SIZE=PAGE_SIZE, BLOCK_N=BLOCK_N,
         WHOLE_PAGES=WHOLE_PAGES, USE_TMA=USE_TMA, MASKED=True, CAUSAL=CAUSAL, FAST_CVT=FAST_CVT,
+        PV_INT8=PV_INT8,
     )  # fmt: skip
 
     offs_dv = tl.arange(0, HEAD_DIM_V)
@@ -219,12 +231,14 @@ def sage_extend_attention_kv8(
     max_len_extend: int,
     sm_scale: float | None = None,
     causal: bool = True,
+    pv_int8: bool | None = None,
 ) -> None:
     """8-bit attention of a chunk over the 8-bit cache; writes ``o_extend [N, Hq, Dv]``.
 
     q_extend [N, Hq, D] fp16/bf16; ``kv_indptr``/``kv_indices`` list each request's
     whole sequence (prefix, then chunk, the chunk already in the cache), so
     ``kv_len_b >= extend_len_b``. ``max_len_extend`` (a host int) sizes the grid.
+    ``pv_int8``: P·V in INT8 or FP16 (None: the module's ``PV_INT8``).
     """
     num_tokens, num_q_heads, head_dim = q_extend.shape
     cache.check_queries(q_extend, o_extend)
@@ -277,6 +291,7 @@ def sage_extend_attention_kv8(
         CAUSAL=causal,
         ROTATE=cache.rotated,
         FAST_CVT=fast_int8_cvt(),
+        PV_INT8=PV_INT8 if pv_int8 is None else pv_int8,
         num_warps=NUM_WARPS,
         num_stages=NUM_STAGES,
     )
@@ -292,20 +307,25 @@ def sage_extend_attention_kv8_ref(
     max_len_extend: int,
     sm_scale: float | None = None,
     causal: bool = True,
+    pv_int8: bool = False,
 ) -> None:
     """Twin: the kernel's INT8 Q (rotated when the cache is) and the dequantized cache,
-    with an exact softmax in fp64 (the kernel adds only exp2/fp16-P rounding)."""
+    with an exact softmax in fp64 (the kernel adds only exp2/fp16-P rounding). With
+    ``pv_int8``, P·V as the kernel's INT8 path does it, tile by tile
+    (``int8_pv_softmax_ref``), since its P rounding is not rounding error to a twin."""
     del max_len_extend
     head_dim = q_extend.shape[-1]
     sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
     group = q_extend.shape[1] // cache.num_kv_heads
+    block_n = kv8_read_plan(cache, q_extend.device, BLOCK_N, USE_TMA)[2]
     qo, kv = qo_indptr.tolist(), kv_indptr.tolist()
     for b in range(len(qo) - 1):
         rows = slice(qo[b], qo[b + 1])
         num_queries, kv_len = qo[b + 1] - qo[b], kv[b + 1] - kv[b]
         if num_queries == 0:
             continue
-        k, v = dequantize_kv8(cache, kv_indices[kv[b] : kv[b + 1]])
+        slots = kv_indices[kv[b] : kv[b + 1]]
+        k, v = dequantize_kv8(cache, slots)
         q = q_extend[rows].float().transpose(0, 1)  # [Hq, E, D]
         qk_scale = sm_scale * math.log2(math.e)
         if cache.rotated:
@@ -313,12 +333,47 @@ def sage_extend_attention_kv8_ref(
         q_int, q_scale = quantize_int8_blocks(q * qk_scale, 1)
         q = q_int * q_scale.double()
         keys = k.double().transpose(0, 1).repeat_interleave(group, 0)
-        values = v.double().transpose(0, 1).repeat_interleave(group, 0)
-        s = (q @ keys.transpose(1, 2)) * math.log(2.0)  # log2 units -> natural
+        s = q @ keys.transpose(1, 2)  # log2 units
         if causal:
             prefix_len = kv_len - num_queries
             keys_seen = torch.arange(kv_len, device=q.device)[None, :]
             queries = torch.arange(num_queries, device=q.device)[:, None]
             s = s.masked_fill(keys_seen > prefix_len + queries, float("-inf"))
-        out = s.softmax(-1) @ values
+        if pv_int8:
+            _, _, v_int8, v_scale = kv8_token_rows(cache, slots)
+            out = int8_pv_softmax_ref(
+                s,
+                values=v_int8.double().transpose(0, 1).repeat_interleave(group, 0),
+                value_scales=v_scale.double().transpose(0, 1).repeat_interleave(group, 0),
+                block_n=block_n,
+            )
+        else:
+            values = v.double().transpose(0, 1).repeat_interleave(group, 0)
+            out = (s * math.log(2.0)).softmax(-1) @ values
         o_extend[rows] = out.transpose(0, 1).to(o_extend.dtype)
+
+
+def int8_pv_softmax_ref(
+    s: torch.Tensor, values: torch.Tensor, value_scales: torch.Tensor, block_n: int
+) -> torch.Tensor:
+    """Twin of the exp2 online softmax with INT8 P·V (``kv8_tiles.kv8_pv``, PV_INT8)
+    over key tiles of ``block_n``, as the kernel walks them: scores ``s [H, E, K]`` in
+    log2 units (-inf masked), INT8 ``values [H, K, Dv]`` (as floats) with one scale
+    per key ``value_scales [H, K]``. Returns the normalised output ``[H, E, Dv]``."""
+    heads, rows, num_keys = s.shape
+    m = torch.full((heads, rows, 1), _M_INIT_REF, dtype=s.dtype, device=s.device)
+    row_sum = torch.zeros_like(m)
+    acc = torch.zeros(heads, rows, values.shape[-1], dtype=s.dtype, device=s.device)
+    for lo in range(0, num_keys, block_n):
+        tile = slice(lo, lo + block_n)
+        m_new = torch.maximum(m, s[..., tile].amax(-1, keepdim=True))
+        p, alpha = torch.exp2(s[..., tile] - m_new), torch.exp2(m - m_new)
+        row_sum = row_sum * alpha + p.sum(-1, keepdim=True)
+        tile_scale = value_scales[:, tile].amax(-1, keepdim=True).clamp_min(1e-30)  # [H, 1]
+        p_v = p * (value_scales[:, tile] / tile_scale)[:, None, :]
+        row_max = p_v.amax(-1, keepdim=True).clamp_min(1e-30)
+        p_int8 = torch.floor(p_v * (127.0 / row_max) + 0.5)
+        product = p_int8 @ values[:, tile]
+        acc = acc * alpha + product * row_max * (tile_scale[:, None] / 127.0)
+        m = m_new
+    return acc / torch.where(row_sum == 0, 1.0, row_sum)

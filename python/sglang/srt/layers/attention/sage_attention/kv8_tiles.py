@@ -64,26 +64,56 @@ def kv8_scores(q_int8, q_scale, key, key_scale):
 
 
 @triton.jit
-def kv8_pv(p, value, value_scale, FAST_CVT: tl.constexpr, CVT_IN_ROWS: tl.constexpr = False):
+def kv8_pv(
+    p,
+    value,
+    value_scale,
+    FAST_CVT: tl.constexpr,
+    CVT_IN_ROWS: tl.constexpr = False,
+    PV_INT8: tl.constexpr = False,
+):
     """``p [M, N]`` (softmax numerators in [0, 1]) times an INT8 value tile with one
-    scale per row: FP16 P·V on the exact INT8 V, V's row scales folded into P
-    relative to the tile's largest (so P stays in [0, 1] whatever V's magnitude),
-    which then multiplies the tile's product."""
+    scale per row (key). V's row scales are folded into P relative to the tile's
+    largest (so P stays in [0, 1] whatever V's magnitude), which then multiplies the
+    tile's product.
+
+    FP16 (default): P in fp16 times the exact INT8 V converted to fp16.
+    PV_INT8: P quantized to INT8 against each query row's own largest value in this
+    tile (a row's scale factors out of its sum over keys), times the stored INT8 V
+    as is: an INT8 tensor-core product, no conversion of V. A row-and-tile scale keeps
+    P's small entries that one [0, 1] scale would round to zero (RESULTS.md, round 9:
+    worst-head cos 0.99986 against FP16's 0.99993, where a fixed 1/127 step gets
+    0.9990 and FP8 P 0.9992)."""
     tile_scale = tl.maximum(tl.max(value_scale, 0), 1.0e-30)
-    p_v = (p * (value_scale / tile_scale)[None, :]).to(tl.float16)
-    return tl.dot(p_v, int8_to_fp16(value, FAST_CVT, CVT_IN_ROWS)) * tile_scale
+    p_v = p * (value_scale / tile_scale)[None, :]
+    if PV_INT8:
+        row_max = tl.maximum(tl.max(p_v, 1), 1.0e-30)
+        # A row's largest P maps to 127; p_v >= 0, so adding 0.5 before the truncating
+        # cast rounds to nearest.
+        p_int8 = (p_v * (127.0 / row_max)[:, None] + 0.5).to(tl.int8)
+        product = tl.dot(p_int8, value).to(tl.float32)
+        return product * (row_max * (tile_scale / 127.0))[:, None]
+    return tl.dot(p_v.to(tl.float16), int8_to_fp16(value, FAST_CVT, CVT_IN_ROWS)) * tile_scale
 
 
 @triton.jit
 def kv8_softmax_step(
-    acc, l_i, m_i, s, value, value_scale, FAST_CVT: tl.constexpr, CVT_IN_ROWS: tl.constexpr = False
+    acc,
+    l_i,
+    m_i,
+    s,
+    value,
+    value_scale,
+    FAST_CVT: tl.constexpr,
+    CVT_IN_ROWS: tl.constexpr = False,
+    PV_INT8: tl.constexpr = False,
 ):
     """One exp2 online-softmax step over a tile of scores ``s [M, N]`` (masked entries
     -inf) and its INT8 values: (acc, row sum, row max) updated. Both kv8 kernels'
-    inner loops end in it."""
+    inner loops end in it. The row sum is of the unquantized P."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + kv8_pv(p, value, value_scale, FAST_CVT, CVT_IN_ROWS)
+    acc = acc * alpha[:, None] + kv8_pv(p, value, value_scale, FAST_CVT, CVT_IN_ROWS, PV_INT8)
     return acc, l_i, m_new
