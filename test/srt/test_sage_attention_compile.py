@@ -232,31 +232,39 @@ def test_kv8_cache_launches_compile(arch, head_dim, group, rotated, page_size, m
 
 @compiled_kernels
 @pytest.mark.parametrize("arch", [80, 90], ids=["sm80", "sm90"])
-def test_int8_pv_extend_runs_both_products_on_int8_tensor_cores(arch, monkeypatch):
-    """With ``pv_int8`` the 8-bit cache's extend kernel has no fp16 MMA left: P·V reads
-    the stored V as INT8 (on sm_90 a K-major wgmma operand, as the page stores it)."""
-    from sglang.srt.layers.attention.sage_attention import extend_kv8
+def test_int8_pv_kernels_run_both_products_on_int8_tensor_cores(arch, monkeypatch):
+    """With ``pv_int8`` the 8-bit cache's extend and decode kernels have no fp16 MMA
+    left: P·V reads the stored V as INT8 (on sm_90 extend's is a K-major wgmma operand,
+    as the page stores it)."""
+    from sglang.srt.layers.attention.sage_attention import decode_kv8, extend_kv8
     from sglang.srt.layers.attention.sage_attention.kv8_cache import allocate_kv8_cache
 
     monkeypatch.setattr(extend_kv8, "USE_TMA", arch >= 90)
+    monkeypatch.setattr(decode_kv8, "USE_TMA", arch >= 90)
     cache = allocate_kv8_cache(128, 2, 128, 128, "cpu", page_size=64)
     q = torch.zeros(8, 8, 128, dtype=torch.bfloat16)
-    products = {}
+    kv_indptr = torch.tensor([0, 5, 12], dtype=torch.int32)
+    splits = 4
+    logits = torch.zeros(2, 8, splits, 128)
+
+    def launch(pv_int8):
+        extend_kv8.sage_extend_attention_kv8(
+            q, torch.zeros_like(q), cache, torch.tensor([0, 3, 8], dtype=torch.int32),
+            kv_indptr, torch.arange(12), 5, pv_int8=pv_int8,
+        )  # fmt: skip
+        decode_kv8.sage_decode_kv8(
+            q[:2], torch.zeros_like(q[:2]), cache, kv_indptr, torch.arange(12), logits,
+            logits[..., 0].clone(), torch.full((2,), splits, dtype=torch.int32), splits,
+            pv_int8=pv_int8,
+        )  # fmt: skip
+
     for pv_int8 in (False, True):
-        launches = captured_launches(
-            lambda pv_int8=pv_int8: extend_kv8.sage_extend_attention_kv8(
-                q,
-                torch.zeros_like(q),
-                cache,
-                torch.tensor([0, 3, 8], dtype=torch.int32),
-                torch.tensor([0, 5, 12], dtype=torch.int32),
-                torch.arange(12),
-                5,
-                pv_int8=pv_int8,
-            )  # fmt: skip
-        )
-        ((fn, bound, options),) = launches
-        ptx = compile_for(fn, bound, options, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
-        products[pv_int8] = set(re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*", ptx))
-    assert any(".f16" in p for p in products[False]), products  # the FP16 P·V is there
-    assert products[True] and all(".s8" in p for p in products[True]), products
+        for fn, bound, options in captured_launches(lambda pv_int8=pv_int8: launch(pv_int8)):
+            if fn.__name__ not in ("_sage_extend_kv8_kernel", "_kv8_decode_stage1"):
+                continue
+            ptx = compile_for(fn, bound, options, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
+            products = set(re.findall(r"(?:wgmma\.mma_async|mma\.sync)\S*", ptx))
+            if pv_int8:
+                assert products and all(".s8" in p for p in products), (fn.__name__, products)
+            else:  # the FP16 P·V is there
+                assert any(".f16" in p for p in products), (fn.__name__, products)

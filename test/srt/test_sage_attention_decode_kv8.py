@@ -69,30 +69,38 @@ def decode_batch(case: ExtendCase, rotated: bool = False, smooth: bool = True):
     return tuple(batch[name] for name in names)
 
 
-def run_decode(q, cache, indptr, indices, splits=None):
+def default_splits(batch: int) -> list[int]:
+    return [1 + b % MAX_SPLITS for b in range(batch)]
+
+
+def run_decode(q, cache, indptr, indices, splits=None, pv_int8=None):
     batch, num_heads = q.shape[:2]
-    splits = splits or [1 + b % MAX_SPLITS for b in range(batch)]
+    splits = splits or default_splits(batch)
     shape = (batch, num_heads, cache.head_dim_v)
     out = torch.full(shape, float("nan"), dtype=q.dtype, device=DEVICE)
     logits = torch.empty(batch, num_heads, MAX_SPLITS, cache.head_dim_v, device=DEVICE)
     lse = torch.empty(batch, num_heads, MAX_SPLITS, device=DEVICE)
     num_splits = torch.tensor(splits, dtype=torch.int32, device=DEVICE)
-    sage_decode_kv8(q, out, cache, indptr, indices, logits, lse, num_splits, MAX_SPLITS)
+    sage_decode_kv8(
+        q, out, cache, indptr, indices, logits, lse, num_splits, MAX_SPLITS, pv_int8=pv_int8
+    )
     return out
 
 
-def check(case, rotated=False):
+def check(case, rotated=False, pv_int8=False):
     q, cache, indptr, indices, exact = decode_batch(case, rotated)
-    out = run_decode(q, cache, indptr, indices)
+    out = run_decode(q, cache, indptr, indices, pv_int8=pv_int8)
     twin = torch.empty_like(out)
-    sage_decode_kv8_ref(q, twin, cache, indptr, indices)
+    splits = torch.tensor(default_splits(len(q)), dtype=torch.int32)
+    sage_decode_kv8_ref(q, twin, cache, indptr, indices, pv_int8=pv_int8, num_kv_splits=splits)
     assert torch.isfinite(out).all()
     cos, rel_l1 = attention_error(out, exact, request_rows=indptr.new_tensor(range(len(q) + 1)))
     min_cos, max_l1 = VS_EXACT if case.values == "randn" else VS_EXACT_OUTLIER
     assert cos >= min_cos and rel_l1 <= max_l1, f"vs fp32: {cos:.6f} / {rel_l1:.4f}"
     twin_cos, twin_l1 = attention_error(out, twin)
     assert twin_cos >= VS_TWIN[0] and twin_l1 <= VS_TWIN[1], (twin_cos, twin_l1)
-    print(f"\nACCURACY kv8_decode_{case.name} rotated={rotated} cos={cos:.6f} rel_l1={rel_l1:.4f}")
+    tag = f"{case.name}{'_pv_int8' if pv_int8 else ''} rotated={rotated}"
+    print(f"\nACCURACY kv8_decode_{tag} cos={cos:.6f} rel_l1={rel_l1:.4f}")
 
 
 @pytest.mark.skipif(**requires_kernels)
@@ -100,6 +108,16 @@ def check(case, rotated=False):
 @pytest.mark.parametrize("case", CASES + OUTLIER_CASES, ids=[c.name for c in CASES + OUTLIER_CASES])
 def test_decode_matches_exact_op_and_twin(case, rotated):
     check(case, rotated)
+
+
+# INT8 P·V: several splits, whole pages at 64/128, token by token, both outlier kinds.
+PV_INT8_CASES = [CASES[0], CASES[5], CASES[6], CASES[8], OUTLIER_CASES[3], OUTLIER_CASES[4]]
+
+
+@pytest.mark.skipif(**requires_kernels)
+@pytest.mark.parametrize("case", PV_INT8_CASES, ids=[c.name for c in PV_INT8_CASES])
+def test_int8_pv_decode_matches_its_twin_and_the_fp32_bars(case):
+    check(case, pv_int8=True)
 
 
 @pytest.mark.skipif(**requires_kernels)

@@ -568,11 +568,11 @@ def bench_decode(args, batch, kv_len, head_dim=128) -> list[Row]:
 
         return run
 
-    def kv8(kv_indices, max_splits, splits):
+    def kv8(kv_indices, max_splits, splits, pv_int8=None):
         num_kv_splits, logits, lse = splits
         sage_decode_kv8(
             q, o, cache, kv_indptr, kv_indices, logits, lse, num_kv_splits, max_splits,
-            sm_scale=head_dim**-0.5,
+            sm_scale=head_dim**-0.5, pv_int8=pv_int8,
         )  # fmt: skip
         return o
 
@@ -590,6 +590,8 @@ def bench_decode(args, batch, kv_len, head_dim=128) -> list[Row]:
         ("sglang_triton_decode_splits64", bf16, 64, bf16_bytes),
         ("sage_kv8_decode", kv8, 16, kv8_bytes),
         ("sage_kv8_decode_splits64", kv8, 64, kv8_bytes),
+        # INT8 P·V (kv8_tiles.kv8_pv): no V conversion on the load path.
+        ("sage_kv8_decode_pvint8", functools.partial(kv8, pv_int8=True), 16, kv8_bytes),
     ]
     fa4_decode = fa4_decode_over_the_same_slots() if wanted(args, "fa4_decode") else None
     if fa4_decode is not None:

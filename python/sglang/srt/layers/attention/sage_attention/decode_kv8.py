@@ -35,11 +35,15 @@ from sglang.kernels.ops.attention.decode_attention import (
     _MIN_BLOCK_KV,
     _decode_softmax_reducev_fwd,
 )
-from sglang.srt.layers.attention.sage_attention.extend_kv8 import sage_extend_attention_kv8_ref
+from sglang.srt.layers.attention.sage_attention.extend_kv8 import (
+    int8_pv_softmax_ref,
+    sage_extend_attention_kv8_ref,
+)
 from sglang.srt.layers.attention.sage_attention.kv8_cache import (
     KV8Cache,
     kv8_page_sources,
     kv8_read_plan,
+    kv8_token_rows,
     load_kv8_keys,
 )
 from sglang.srt.layers.attention.sage_attention.kv8_tiles import (
@@ -49,6 +53,8 @@ from sglang.srt.layers.attention.sage_attention.kv8_tiles import (
     kv8_softmax_step,
 )
 from sglang.srt.layers.attention.sage_attention.quantize import quantized_q_block
+from sglang.srt.layers.attention.sage_attention.reference import quantize_int8_blocks
+from sglang.srt.layers.attention.sage_attention.rotation import hadamard_matrix
 
 _LN2 = tl.constexpr(math.log(2.0))
 # Keys per inner step, steps in flight, warps, where V becomes fp16. Tuned on the H200
@@ -66,6 +72,9 @@ CVT_IN_ROWS = True
 # interpreter emulates them), else plain loads. Neither is measured yet (RESULTS.md
 # round 8): tune_kv8.py sweeps both.
 USE_TMA = True
+# P·V in INT8 (kv8_tiles.kv8_pv), which leaves V unconverted on the load path; off until
+# tune_kv8.py / the kernel benchmark time it (accuracy: RESULTS.md round 9).
+PV_INT8 = False
 
 
 @triton.jit
@@ -102,6 +111,7 @@ def _kv8_decode_stage1(
     NUM_STAGES: tl.constexpr,
     FAST_CVT: tl.constexpr,
     CVT_IN_ROWS: tl.constexpr,
+    PV_INT8: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -144,7 +154,7 @@ def _kv8_decode_stage1(
         s = kv8_scores(q_int8, q_scale, key, key_scale)
         s = tl.where(valid[None, :], s, float("-inf"))
         acc, l_i, m_i = kv8_softmax_step(
-            acc, l_i, m_i, s, value, value_scale, FAST_CVT, CVT_IN_ROWS
+            acc, l_i, m_i, s, value, value_scale, FAST_CVT, CVT_IN_ROWS, PV_INT8
         )
 
     out_rows = b.to(tl.int64) * stride_logits_b + heads.to(tl.int64) * stride_logits_h
@@ -175,6 +185,7 @@ def sage_decode_kv8(
     num_kv_splits: torch.Tensor,
     max_kv_splits: int,
     sm_scale: float | None = None,
+    pv_int8: bool | None = None,
 ) -> None:
     """One decode step over the 8-bit cache; writes ``o [B, Hq, Dv]`` in place.
 
@@ -183,7 +194,8 @@ def sage_decode_kv8(
     ``write_kv8``). ``attn_logits [>=B, Hq, max_kv_splits, Dv]`` and ``attn_lse [>=B, Hq,
     max_kv_splits]`` fp32 are scratch (SGLang's Triton backend allocates the same; its
     first B rows are used);
-    ``num_kv_splits [B]`` int32, each in [1, max_kv_splits].
+    ``num_kv_splits [B]`` int32, each in [1, max_kv_splits]. ``pv_int8``: P·V in INT8 or
+    FP16 (None: the module's ``PV_INT8``).
     """
     batch, num_q_heads, head_dim = q.shape
     cache.check_queries(q, o)
@@ -244,6 +256,7 @@ def sage_decode_kv8(
         NUM_STAGES=NUM_STAGES,
         FAST_CVT=fast_int8_cvt(),
         CVT_IN_ROWS=CVT_IN_ROWS,
+        PV_INT8=PV_INT8 if pv_int8 is None else pv_int8,
         num_warps=NUM_WARPS,
     )
     # SGLang's stage 2 (v_scale 1.0: the per-token V scales are already in).
@@ -267,12 +280,54 @@ def sage_decode_kv8_ref(
     kv_indptr: torch.Tensor,
     kv_indices: torch.Tensor,
     sm_scale: float | None = None,
+    pv_int8: bool = False,
+    num_kv_splits: torch.Tensor | None = None,
 ) -> None:
     """Twin: a decode step is an extend of one-token chunks (bottom-right causal lets
     each see its whole sequence), so the extend twin's INT8 Q and exact fp64 softmax
-    over the dequantized cache serve both."""
+    over the dequantized cache serve both. With ``pv_int8`` the result depends on where
+    tiles start, so the kernel's splits (``num_kv_splits``) are replayed: each split's
+    tiles through ``int8_pv_softmax_ref``, merged by their log-sum-exp as stage 2 does."""
     batch = q.shape[0]
     qo_indptr = torch.arange(batch + 1, dtype=kv_indptr.dtype, device=q.device)
-    sage_extend_attention_kv8_ref(
-        q, o, cache, qo_indptr, kv_indptr, kv_indices, max_len_extend=1, sm_scale=sm_scale,
-    )  # fmt: skip
+    if not pv_int8:
+        sage_extend_attention_kv8_ref(
+            q, o, cache, qo_indptr, kv_indptr, kv_indices, max_len_extend=1, sm_scale=sm_scale,
+        )  # fmt: skip
+        return
+    head_dim = q.shape[-1]
+    group = q.shape[1] // cache.num_kv_heads
+    whole_pages, _, block_n = kv8_read_plan(cache, q.device, BLOCK_N, USE_TMA)
+    qk_scale = (head_dim**-0.5 if sm_scale is None else sm_scale) * math.log2(math.e)
+    kv, splits_of = kv_indptr.tolist(), num_kv_splits.tolist()
+    for b in range(batch):
+        kv_len = kv[b + 1] - kv[b]
+        key_int8, key_scale, value_int8, value_scale = (
+            t.double().transpose(0, 1).repeat_interleave(group, 0)
+            for t in kv8_token_rows(cache, kv_indices[kv[b] : kv[b + 1]])
+        )
+        query = q[b].float()
+        if cache.rotated:
+            query = query @ hadamard_matrix(head_dim, device=q.device) / head_dim
+        q_int8, q_scale = quantize_int8_blocks(query[:, None] * qk_scale, 1)  # [Hq, 1, D]
+        scores = (q_int8 @ key_int8.transpose(1, 2))[:, 0] * q_scale[:, 0].double()
+        scores = scores * key_scale  # [Hq, K], log2 units
+        per_split = triton.cdiv(triton.cdiv(kv_len, splits_of[b]), _MIN_BLOCK_KV) * _MIN_BLOCK_KV
+        outs, lses = [], []
+        for lo in range(0, kv_len, per_split):
+            hi = min(lo + per_split, kv_len)
+            first = (lo // block_n) * block_n if whole_pages else lo
+            keys = torch.arange(first, hi, device=q.device)
+            inside = keys >= lo  # a whole-page split's first tile starts below lo
+            split_scores = scores[:, first:hi].masked_fill(~inside, float("-inf"))
+            out, lse = int8_pv_softmax_ref(
+                split_scores[:, None, :],
+                values=value_int8[:, first:hi],
+                value_scales=value_scale[:, first:hi] * inside,
+                block_n=block_n,
+            )
+            outs.append(out[:, 0])
+            lses.append(lse[:, 0])
+        weights = torch.stack(lses).sub(torch.stack(lses).amax(0)).exp2()  # [splits, Hq]
+        merged = (weights[..., None] * torch.stack(outs)).sum(0) / weights.sum(0)[:, None]
+        o[b] = merged.to(o.dtype)

@@ -341,7 +341,7 @@ def sage_extend_attention_kv8_ref(
             s = s.masked_fill(keys_seen > prefix_len + queries, float("-inf"))
         if pv_int8:
             _, _, v_int8, v_scale = kv8_token_rows(cache, slots)
-            out = int8_pv_softmax_ref(
+            out, _ = int8_pv_softmax_ref(
                 s,
                 values=v_int8.double().transpose(0, 1).repeat_interleave(group, 0),
                 value_scales=v_scale.double().transpose(0, 1).repeat_interleave(group, 0),
@@ -355,11 +355,12 @@ def sage_extend_attention_kv8_ref(
 
 def int8_pv_softmax_ref(
     s: torch.Tensor, values: torch.Tensor, value_scales: torch.Tensor, block_n: int
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Twin of the exp2 online softmax with INT8 P·V (``kv8_tiles.kv8_pv``, PV_INT8)
     over key tiles of ``block_n``, as the kernel walks them: scores ``s [H, E, K]`` in
     log2 units (-inf masked), INT8 ``values [H, K, Dv]`` (as floats) with one scale
-    per key ``value_scales [H, K]``. Returns the normalised output ``[H, E, Dv]``."""
+    per key ``value_scales [H, K]``. Returns the normalised output ``[H, E, Dv]`` and
+    its log2-sum-exp2 ``[H, E]`` (what split-KV decode merges by)."""
     heads, rows, num_keys = s.shape
     m = torch.full((heads, rows, 1), _M_INIT_REF, dtype=s.dtype, device=s.device)
     row_sum = torch.zeros_like(m)
@@ -376,4 +377,5 @@ def int8_pv_softmax_ref(
         product = p_int8 @ values[:, tile]
         acc = acc * alpha + product * row_max * (tile_scale[:, None] / 127.0)
         m = m_new
-    return acc / torch.where(row_sum == 0, 1.0, row_sum)
+    out = acc / torch.where(row_sum == 0, 1.0, row_sum)
+    return out, (m + torch.log2(row_sum))[..., 0]
