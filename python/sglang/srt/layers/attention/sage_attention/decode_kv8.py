@@ -37,6 +37,8 @@ from sglang.kernels.ops.attention.decode_attention import (
 )
 from sglang.srt.layers.attention.sage_attention.extend_kv8 import (
     int8_pv_softmax_ref,
+    kv8_scores_ref,
+    per_query_head,
     sage_extend_attention_kv8_ref,
 )
 from sglang.srt.layers.attention.sage_attention.kv8_cache import (
@@ -53,8 +55,6 @@ from sglang.srt.layers.attention.sage_attention.kv8_tiles import (
     kv8_softmax_step,
 )
 from sglang.srt.layers.attention.sage_attention.quantize import quantized_q_block
-from sglang.srt.layers.attention.sage_attention.reference import quantize_int8_blocks
-from sglang.srt.layers.attention.sage_attention.rotation import hadamard_matrix
 
 _LN2 = tl.constexpr(math.log(2.0))
 # Keys per inner step, steps in flight, warps, where V becomes fp16. Tuned on the H200
@@ -295,23 +295,15 @@ def sage_decode_kv8_ref(
             q, o, cache, qo_indptr, kv_indptr, kv_indices, max_len_extend=1, sm_scale=sm_scale,
         )  # fmt: skip
         return
-    head_dim = q.shape[-1]
     group = q.shape[1] // cache.num_kv_heads
     whole_pages, _, block_n = kv8_read_plan(cache, q.device, BLOCK_N, USE_TMA)
-    qk_scale = (head_dim**-0.5 if sm_scale is None else sm_scale) * math.log2(math.e)
     kv, splits_of = kv_indptr.tolist(), num_kv_splits.tolist()
     for b in range(batch):
         kv_len = kv[b + 1] - kv[b]
-        key_int8, key_scale, value_int8, value_scale = (
-            t.double().transpose(0, 1).repeat_interleave(group, 0)
-            for t in kv8_token_rows(cache, kv_indices[kv[b] : kv[b + 1]])
-        )
-        query = q[b].float()
-        if cache.rotated:
-            query = query @ hadamard_matrix(head_dim, device=q.device) / head_dim
-        q_int8, q_scale = quantize_int8_blocks(query[:, None] * qk_scale, 1)  # [Hq, 1, D]
-        scores = (q_int8 @ key_int8.transpose(1, 2))[:, 0] * q_scale[:, 0].double()
-        scores = scores * key_scale  # [Hq, K], log2 units
+        slots = kv_indices[kv[b] : kv[b + 1]]
+        scores = kv8_scores_ref(q[b : b + 1], cache, slots, sm_scale)[:, 0]  # [Hq, K]
+        _, _, v_int8, v_scale = kv8_token_rows(cache, slots)
+        value_int8, value_scale = per_query_head(v_int8, group), per_query_head(v_scale, group)
         per_split = triton.cdiv(triton.cdiv(kv_len, splits_of[b]), _MIN_BLOCK_KV) * _MIN_BLOCK_KV
         outs, lses = [], []
         for lo in range(0, kv_len, per_split):
@@ -328,6 +320,7 @@ def sage_decode_kv8_ref(
             )
             outs.append(out[:, 0])
             lses.append(lse[:, 0])
-        weights = torch.stack(lses).sub(torch.stack(lses).amax(0)).exp2()  # [splits, Hq]
+        lse = torch.stack(lses)  # [splits, Hq]
+        weights = (lse - lse.amax(0)).exp2()
         merged = (weights[..., None] * torch.stack(outs)).sum(0) / weights.sum(0)[:, None]
         o[b] = merged.to(o.dtype)

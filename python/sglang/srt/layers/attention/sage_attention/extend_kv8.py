@@ -70,7 +70,6 @@ USE_TMA = True
 # on a GPU, so off by default until a benchmark row says it wins.
 PV_INT8 = False
 _M_INIT = tl.constexpr(-1.0e30)
-_M_INIT_REF = -1.0e30  # the twin's
 
 
 @triton.jit
@@ -314,9 +313,6 @@ def sage_extend_attention_kv8_ref(
     ``pv_int8``, P·V as the kernel's INT8 path does it, tile by tile
     (``int8_pv_softmax_ref``), since its P rounding is not rounding error to a twin."""
     del max_len_extend
-    head_dim = q_extend.shape[-1]
-    sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
-    group = q_extend.shape[1] // cache.num_kv_heads
     block_n = kv8_read_plan(cache, q_extend.device, BLOCK_N, USE_TMA)[2]
     qo, kv = qo_indptr.tolist(), kv_indptr.tolist()
     for b in range(len(qo) - 1):
@@ -325,32 +321,49 @@ def sage_extend_attention_kv8_ref(
         if num_queries == 0:
             continue
         slots = kv_indices[kv[b] : kv[b + 1]]
-        k, v = dequantize_kv8(cache, slots)
-        q = q_extend[rows].float().transpose(0, 1)  # [Hq, E, D]
-        qk_scale = sm_scale * math.log2(math.e)
-        if cache.rotated:
-            q, qk_scale = q @ hadamard_matrix(head_dim, device=q.device), qk_scale / head_dim
-        q_int, q_scale = quantize_int8_blocks(q * qk_scale, 1)
-        q = q_int * q_scale.double()
-        keys = k.double().transpose(0, 1).repeat_interleave(group, 0)
-        s = q @ keys.transpose(1, 2)  # log2 units
+        s = kv8_scores_ref(q_extend[rows], cache, slots, sm_scale)
         if causal:
             prefix_len = kv_len - num_queries
-            keys_seen = torch.arange(kv_len, device=q.device)[None, :]
-            queries = torch.arange(num_queries, device=q.device)[:, None]
+            keys_seen = torch.arange(kv_len, device=s.device)[None, :]
+            queries = torch.arange(num_queries, device=s.device)[:, None]
             s = s.masked_fill(keys_seen > prefix_len + queries, float("-inf"))
+        group = s.shape[0] // cache.num_kv_heads
         if pv_int8:
             _, _, v_int8, v_scale = kv8_token_rows(cache, slots)
             out, _ = int8_pv_softmax_ref(
                 s,
-                values=v_int8.double().transpose(0, 1).repeat_interleave(group, 0),
-                value_scales=v_scale.double().transpose(0, 1).repeat_interleave(group, 0),
+                values=per_query_head(v_int8, group),
+                value_scales=per_query_head(v_scale, group),
                 block_n=block_n,
             )
         else:
-            values = v.double().transpose(0, 1).repeat_interleave(group, 0)
+            values = per_query_head(dequantize_kv8(cache, slots)[1], group)
             out = (s * math.log(2.0)).softmax(-1) @ values
         o_extend[rows] = out.transpose(0, 1).to(o_extend.dtype)
+
+
+def per_query_head(token_rows: torch.Tensor, group: int) -> torch.Tensor:
+    """``[K, Hkv, ...]`` per-token cache rows -> ``[Hq, K, ...]`` fp64, each KV head's
+    rows repeated for the ``group`` query heads that read them."""
+    return token_rows.double().transpose(0, 1).repeat_interleave(group, 0)
+
+
+def kv8_scores_ref(
+    q_rows: torch.Tensor, cache: KV8Cache, slots: torch.Tensor, sm_scale: float | None = None
+) -> torch.Tensor:
+    """Scores ``[Hq, E, K]`` in log2 units of query rows ``q_rows [E, Hq, D]`` against
+    the cached keys at ``slots``, as both kv8 kernels compute them: INT8 Q per row
+    (``sm_scale * log2 e`` folded in, rotated first when the cache holds rotated K)
+    times the dequantized keys. Both twins start here."""
+    head_dim = q_rows.shape[-1]
+    group = q_rows.shape[1] // cache.num_kv_heads
+    qk_scale = (head_dim**-0.5 if sm_scale is None else sm_scale) * math.log2(math.e)
+    q = q_rows.float().transpose(0, 1)  # [Hq, E, D]
+    if cache.rotated:
+        q, qk_scale = q @ hadamard_matrix(head_dim, device=q.device), qk_scale / head_dim
+    q_int, q_scale = quantize_int8_blocks(q * qk_scale, 1)
+    keys = per_query_head(dequantize_kv8(cache, slots)[0], group)
+    return (q_int * q_scale.double()) @ keys.transpose(1, 2)
 
 
 def int8_pv_softmax_ref(
@@ -362,7 +375,7 @@ def int8_pv_softmax_ref(
     per key ``value_scales [H, K]``. Returns the normalised output ``[H, E, Dv]`` and
     its log2-sum-exp2 ``[H, E]`` (what split-KV decode merges by)."""
     heads, rows, num_keys = s.shape
-    m = torch.full((heads, rows, 1), _M_INIT_REF, dtype=s.dtype, device=s.device)
+    m = torch.full((heads, rows, 1), _M_INIT.value, dtype=s.dtype, device=s.device)
     row_sum = torch.zeros_like(m)
     acc = torch.zeros(heads, rows, values.shape[-1], dtype=s.dtype, device=s.device)
     for lo in range(0, num_keys, block_n):
