@@ -50,13 +50,14 @@ from sglang.srt.layers.attention.sage_attention.quantize import (
     quantized_q_block,
     query_block,
 )
+from sglang.srt.layers.attention.sage_attention.settings import (
+    SUPPORTED_KERNELS,
+    SUPPORTED_PV,
+    fp8_mma_supported,
+)
 
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-SUPPORTED_PV = tuple(mode.value for mode in PV)
-# "auto": the Gluon kernel on Hopper where it has a variant, else the Triton one;
-# "triton": the portable Triton kernel everywhere (an escape hatch and an A/B baseline).
-SUPPORTED_KERNELS = ("auto", "triton")
 _INDEX_DTYPES = (torch.int32, torch.int64)
 # FP8 P·V: P comes out of exp2 already scaled to e4m3's range (2^(x + log2 448));
 # the softmax denominator carries the same factor, so it cancels for free.
@@ -69,13 +70,6 @@ _ROUND_MAGIC_BITS = tl.constexpr(ROUND_MAGIC_BITS)
 # Finite start for the running max: a fully masked tile then gives p = 0 and
 # alpha = 1 instead of exp2(-inf - -inf) = NaN.
 _M_INIT = tl.constexpr(-1.0e30)
-
-
-def fp8_mma_supported(device: torch.device) -> bool:
-    """FP8 tensor cores: Ada (sm_89) and newer. The CPU interpreter emulates them."""
-    if device.type != "cuda":
-        return True
-    return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 @dataclass(frozen=True)

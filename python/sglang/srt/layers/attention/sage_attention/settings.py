@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-# The kernels' own lists are imported where they are checked, so reading a setting
-# (SGLang's memory planner does, on every server) loads no kernel module.
+# The P·V modes are the packed layout's (one definition); no kernel module is imported
+# here, so reading a setting (SGLang's memory planner does, on every server) compiles
+# nothing.
+from sglang.srt.layers.attention.sage_attention.layout import PV
 
 # The backend's name in SGLang's registry and in --attention-backend.
 BACKEND_NAME = "sage_attn"
@@ -26,6 +28,10 @@ SUPPORTED_KV_CACHES = ("auto", "int8")
 # of a fixed calibration prompt, computed at start-up (kv8_calibration.py); "none": zeros.
 SUPPORTED_KV_SMOOTHING = ("calibrate", "none")
 SUPPORTED_QK_ROTATIONS = ("auto", "none", "hadamard")
+SUPPORTED_PV = tuple(mode.value for mode in PV)
+# "auto": the Gluon kernel on Hopper where it has a variant, else the Triton one;
+# "triton": the portable Triton kernel everywhere (an escape hatch and an A/B baseline).
+SUPPORTED_KERNELS = ("auto", "triton")
 # "auto" rotates Q/K at head dims up to this, where it was measured free on the
 # H200 (hd64 dense prefill 4K-32K: 0.6-4.6% *less* time than without) and closed
 # SmolLM2's (hd64) gap to bf16 (mean KL against fp32 1.33-1.45x bf16's, from
@@ -42,6 +48,13 @@ AUTO_ROTATION_MAX_HEAD_DIM = 64
 # (256 x 32 x 64 x 129 x 4 B = 258 MiB; 32 MiB at a cap of 8), and an eager decode
 # batch allocates its own per step.
 DEFAULT_DECODE_MAX_SPLITS = 64
+
+
+def fp8_mma_supported(device: torch.device) -> bool:
+    """FP8 tensor cores: Ada (sm_89) and newer. The CPU interpreter emulates them."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def kv_cache_setting(environ=os.environ) -> str:
@@ -88,11 +101,6 @@ class SageAttnSettings:
         return self.qk_rotation == "hadamard"
 
     def __post_init__(self):
-        from sglang.srt.layers.attention.sage_attention.extend_attention import (
-            SUPPORTED_KERNELS,
-            SUPPORTED_PV,
-        )
-
         if self.pv not in SUPPORTED_PV:
             raise ValueError(f"{PV_ENV}={self.pv!r}: must be one of {SUPPORTED_PV}")
         if self.kernel not in SUPPORTED_KERNELS:
@@ -125,10 +133,6 @@ class SageAttnSettings:
     def check_device(self, device: torch.device | str) -> None:
         """Raise for a setting ``device`` cannot run, so a server refuses it at
         start-up instead of failing its first long prefill."""
-        from sglang.srt.layers.attention.sage_attention.extend_attention import (
-            fp8_mma_supported,
-        )
-
         device = torch.device(device)
         if self.pv == "fp8" and not fp8_mma_supported(device):
             capability = torch.cuda.get_device_capability(device)
