@@ -27,10 +27,8 @@ from sage_attention_inputs import (
 )
 
 from sglang.srt.layers.attention.sage_attention import decode_kv8
-from sglang.srt.layers.attention.sage_attention.decode_kv8 import (
-    sage_decode_kv8,
-    sage_decode_kv8_ref,
-)
+from sglang.srt.layers.attention.sage_attention.decode_kv8 import sage_decode_kv8
+from sglang.srt.layers.attention.sage_attention.kv8_reference import sage_decode_kv8_ref
 from sglang.srt.layers.attention.sage_attention.reference import attention_error
 
 # Where the whole-page reads go through TMA: sm_90+, or the interpreter's emulation.

@@ -26,11 +26,11 @@ from sage_attention_inputs import (
 )
 
 from sglang.srt.layers.attention.sage_attention import extend_kv8
-from sglang.srt.layers.attention.sage_attention.extend_kv8 import (
-    sage_extend_attention_kv8,
+from sglang.srt.layers.attention.sage_attention.extend_kv8 import sage_extend_attention_kv8
+from sglang.srt.layers.attention.sage_attention.kv8_cache import kv8_read_plan
+from sglang.srt.layers.attention.sage_attention.kv8_reference import (
     sage_extend_attention_kv8_ref,
 )
-from sglang.srt.layers.attention.sage_attention.kv8_cache import kv8_read_plan
 from sglang.srt.layers.attention.sage_attention.reference import attention_error
 
 # (cos of the worst request and head, rel-L1) against fp32. Large channels shared by Q

@@ -143,8 +143,8 @@ def test_slots_from_sglangs_paged_allocator_are_read_whole_by_decode(monkeypatch
     from sglang.srt.layers.attention.sage_attention.decode_kv8 import (
         how_decode_reads,
         sage_decode_kv8,
-        sage_decode_kv8_ref,
     )
+    from sglang.srt.layers.attention.sage_attention.kv8_reference import sage_decode_kv8_ref
     from sglang.srt.layers.attention.sage_attention.reference import attention_error
     from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 

@@ -7,7 +7,7 @@ attention on the original K/V (the issue bars: >= 0.9995 random, >= 0.999 outlie
 - fp16: P in fp16 times the exact INT8 V (the kernels' default);
 - int8_unit: INT8 P on one [0, 1] scale (step 1/127);
 - int8_row_tile: INT8 P against each row's own largest value in the tile
-  (``kv8_tiles.kv8_pv`` with PV_INT8; its twin is ``extend_kv8.int8_pv_softmax_ref``);
+  (``kv8_tiles.kv8_pv`` with PV_INT8; its twin is ``kv8_reference.int8_pv_softmax_ref``);
 - fp8_p_exact_v: e4m3 P times the exact V (P's share of the FP8 error);
 - fp8_p_fp8_v: e4m3 P times V stored in e4m3 with a per-token scale.
 

@@ -20,7 +20,8 @@ and their log-sum-exp in natural log. No host sync, fixed grid.
 Decode reads 2.06·D bytes per token and head against bf16's 4·D, so it is bound by
 how many gathered rows are in flight (``BLOCK_N`` keys per step, ``NUM_STAGES``
 steps prefetched, programs per SM) and by the work per step, most of it turning the
-token-major INT8 V into P·V's fp16 operand.
+token-major INT8 V into P·V's fp16 operand. Its pure-torch twin is
+``kv8_reference.sage_decode_kv8_ref``.
 """
 
 from __future__ import annotations
@@ -35,17 +36,10 @@ from sglang.kernels.ops.attention.decode_attention import (
     _MIN_BLOCK_KV,
     _decode_softmax_reducev_fwd,
 )
-from sglang.srt.layers.attention.sage_attention.extend_kv8 import (
-    int8_pv_softmax_ref,
-    kv8_scores_ref,
-    per_query_head,
-    sage_extend_attention_kv8_ref,
-)
 from sglang.srt.layers.attention.sage_attention.kv8_cache import (
     KV8Cache,
     kv8_page_sources,
     kv8_read_plan,
-    kv8_token_rows,
     load_kv8_keys,
 )
 from sglang.srt.layers.attention.sage_attention.kv8_tiles import (
@@ -271,56 +265,3 @@ def sage_decode_kv8(
         num_kv_splits,
         max_kv_splits,
     )
-
-
-def sage_decode_kv8_ref(
-    q: torch.Tensor,
-    o: torch.Tensor,
-    cache: KV8Cache,
-    kv_indptr: torch.Tensor,
-    kv_indices: torch.Tensor,
-    sm_scale: float | None = None,
-    pv_int8: bool = False,
-    num_kv_splits: torch.Tensor | None = None,
-) -> None:
-    """Twin: a decode step is an extend of one-token chunks (bottom-right causal lets
-    each see its whole sequence), so the extend twin's INT8 Q and exact fp64 softmax
-    over the dequantized cache serve both. With ``pv_int8`` the result depends on where
-    tiles start, so the kernel's splits (``num_kv_splits``) are replayed: each split's
-    tiles through ``int8_pv_softmax_ref``, merged by their log-sum-exp as stage 2 does."""
-    batch = q.shape[0]
-    qo_indptr = torch.arange(batch + 1, dtype=kv_indptr.dtype, device=q.device)
-    if not pv_int8:
-        sage_extend_attention_kv8_ref(
-            q, o, cache, qo_indptr, kv_indptr, kv_indices, max_len_extend=1, sm_scale=sm_scale,
-        )  # fmt: skip
-        return
-    group = q.shape[1] // cache.num_kv_heads
-    whole_pages, _, block_n = kv8_read_plan(cache, q.device, BLOCK_N, USE_TMA)
-    kv, splits_of = kv_indptr.tolist(), num_kv_splits.tolist()
-    for b in range(batch):
-        kv_len = kv[b + 1] - kv[b]
-        slots = kv_indices[kv[b] : kv[b + 1]]
-        scores = kv8_scores_ref(q[b : b + 1], cache, slots, sm_scale)[:, 0]  # [Hq, K]
-        _, _, v_int8, v_scale = kv8_token_rows(cache, slots)
-        value_int8, value_scale = per_query_head(v_int8, group), per_query_head(v_scale, group)
-        per_split = triton.cdiv(triton.cdiv(kv_len, splits_of[b]), _MIN_BLOCK_KV) * _MIN_BLOCK_KV
-        outs, lses = [], []
-        for lo in range(0, kv_len, per_split):
-            hi = min(lo + per_split, kv_len)
-            first = (lo // block_n) * block_n if whole_pages else lo
-            keys = torch.arange(first, hi, device=q.device)
-            inside = keys >= lo  # a whole-page split's first tile starts below lo
-            split_scores = scores[:, first:hi].masked_fill(~inside, float("-inf"))
-            out, lse = int8_pv_softmax_ref(
-                split_scores[:, None, :],
-                values=value_int8[:, first:hi],
-                value_scales=value_scale[:, first:hi] * inside,
-                block_n=block_n,
-            )
-            outs.append(out[:, 0])
-            lses.append(lse[:, 0])
-        lse = torch.stack(lses)  # [splits, Hq]
-        weights = (lse - lse.amax(0)).exp2()
-        merged = (weights[..., None] * torch.stack(outs)).sum(0) / weights.sum(0)[:, None]
-        o[b] = merged.to(o.dtype)

@@ -21,7 +21,7 @@ over key tiles (``load_kv8_keys``: from page size 16 a tile is one page's run of
 ``kv_indices``):
 INT8 Q·Kᵀ with one K scale per key (``kv8_scores``), FP16 P·V on the exact INT8 V
 with V's row scales folded into P (``kv8_pv``). No host sync; the grid comes from
-``max_len_extend``.
+``max_len_extend``. Its pure-torch twin is ``kv8_reference.sage_extend_attention_kv8_ref``.
 """
 
 from __future__ import annotations
@@ -34,10 +34,8 @@ import triton.language as tl
 
 from sglang.srt.layers.attention.sage_attention.kv8_cache import (
     KV8Cache,
-    dequantize_kv8,
     kv8_page_sources,
     kv8_read_plan,
-    kv8_token_rows,
     load_kv8_keys,
 )
 from sglang.srt.layers.attention.sage_attention.kv8_tiles import (
@@ -51,8 +49,6 @@ from sglang.srt.layers.attention.sage_attention.quantize import (
     quantized_q_block,
     query_block,
 )
-from sglang.srt.layers.attention.sage_attention.reference import quantize_int8_blocks
-from sglang.srt.layers.attention.sage_attention.rotation import hadamard_matrix
 
 # Keys per inner step; (token, head) rows per program (more for a group larger than
 # this); warps; steps in flight. Tuned on the H200 with
@@ -294,101 +290,3 @@ def sage_extend_attention_kv8(
         num_warps=NUM_WARPS,
         num_stages=NUM_STAGES,
     )
-
-
-def sage_extend_attention_kv8_ref(
-    q_extend: torch.Tensor,
-    o_extend: torch.Tensor,
-    cache: KV8Cache,
-    qo_indptr: torch.Tensor,
-    kv_indptr: torch.Tensor,
-    kv_indices: torch.Tensor,
-    max_len_extend: int,
-    sm_scale: float | None = None,
-    causal: bool = True,
-    pv_int8: bool = False,
-) -> None:
-    """Twin: the kernel's INT8 Q (rotated when the cache is) and the dequantized cache,
-    with an exact softmax in fp64 (the kernel adds only exp2/fp16-P rounding). With
-    ``pv_int8``, P·V as the kernel's INT8 path does it, tile by tile
-    (``int8_pv_softmax_ref``), since its P rounding is not rounding error to a twin."""
-    del max_len_extend
-    block_n = kv8_read_plan(cache, q_extend.device, BLOCK_N, USE_TMA)[2]
-    qo, kv = qo_indptr.tolist(), kv_indptr.tolist()
-    for b in range(len(qo) - 1):
-        rows = slice(qo[b], qo[b + 1])
-        num_queries, kv_len = qo[b + 1] - qo[b], kv[b + 1] - kv[b]
-        if num_queries == 0:
-            continue
-        slots = kv_indices[kv[b] : kv[b + 1]]
-        s = kv8_scores_ref(q_extend[rows], cache, slots, sm_scale)
-        if causal:
-            prefix_len = kv_len - num_queries
-            keys_seen = torch.arange(kv_len, device=s.device)[None, :]
-            queries = torch.arange(num_queries, device=s.device)[:, None]
-            s = s.masked_fill(keys_seen > prefix_len + queries, float("-inf"))
-        group = s.shape[0] // cache.num_kv_heads
-        if pv_int8:
-            _, _, v_int8, v_scale = kv8_token_rows(cache, slots)
-            out, _ = int8_pv_softmax_ref(
-                s,
-                values=per_query_head(v_int8, group),
-                value_scales=per_query_head(v_scale, group),
-                block_n=block_n,
-            )
-        else:
-            values = per_query_head(dequantize_kv8(cache, slots)[1], group)
-            out = (s * math.log(2.0)).softmax(-1) @ values
-        o_extend[rows] = out.transpose(0, 1).to(o_extend.dtype)
-
-
-def per_query_head(token_rows: torch.Tensor, group: int) -> torch.Tensor:
-    """``[K, Hkv, ...]`` per-token cache rows -> ``[Hq, K, ...]`` fp64, each KV head's
-    rows repeated for the ``group`` query heads that read them."""
-    return token_rows.double().transpose(0, 1).repeat_interleave(group, 0)
-
-
-def kv8_scores_ref(
-    q_rows: torch.Tensor, cache: KV8Cache, slots: torch.Tensor, sm_scale: float | None = None
-) -> torch.Tensor:
-    """Scores ``[Hq, E, K]`` in log2 units of query rows ``q_rows [E, Hq, D]`` against
-    the cached keys at ``slots``, as both kv8 kernels compute them: INT8 Q per row
-    (``sm_scale * log2 e`` folded in, rotated first when the cache holds rotated K)
-    times the dequantized keys. Both twins start here."""
-    head_dim = q_rows.shape[-1]
-    group = q_rows.shape[1] // cache.num_kv_heads
-    qk_scale = (head_dim**-0.5 if sm_scale is None else sm_scale) * math.log2(math.e)
-    q = q_rows.float().transpose(0, 1)  # [Hq, E, D]
-    if cache.rotated:
-        q, qk_scale = q @ hadamard_matrix(head_dim, device=q.device), qk_scale / head_dim
-    q_int, q_scale = quantize_int8_blocks(q * qk_scale, 1)
-    keys = per_query_head(dequantize_kv8(cache, slots)[0], group)
-    return (q_int * q_scale.double()) @ keys.transpose(1, 2)
-
-
-def int8_pv_softmax_ref(
-    s: torch.Tensor, values: torch.Tensor, value_scales: torch.Tensor, block_n: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Twin of the exp2 online softmax with INT8 P·V (``kv8_tiles.kv8_pv``, PV_INT8)
-    over key tiles of ``block_n``, as the kernel walks them: scores ``s [H, E, K]`` in
-    log2 units (-inf masked), INT8 ``values [H, K, Dv]`` (as floats) with one scale
-    per key ``value_scales [H, K]``. Returns the normalised output ``[H, E, Dv]`` and
-    its log2-sum-exp2 ``[H, E]`` (what split-KV decode merges by)."""
-    heads, rows, num_keys = s.shape
-    m = torch.full((heads, rows, 1), _M_INIT.value, dtype=s.dtype, device=s.device)
-    row_sum = torch.zeros_like(m)
-    acc = torch.zeros(heads, rows, values.shape[-1], dtype=s.dtype, device=s.device)
-    for lo in range(0, num_keys, block_n):
-        tile = slice(lo, lo + block_n)
-        m_new = torch.maximum(m, s[..., tile].amax(-1, keepdim=True))
-        p, alpha = torch.exp2(s[..., tile] - m_new), torch.exp2(m - m_new)
-        row_sum = row_sum * alpha + p.sum(-1, keepdim=True)
-        tile_scale = value_scales[:, tile].amax(-1, keepdim=True).clamp_min(1e-30)  # [H, 1]
-        p_v = p * (value_scales[:, tile] / tile_scale)[:, None, :]
-        row_max = p_v.amax(-1, keepdim=True).clamp_min(1e-30)
-        p_int8 = torch.floor(p_v * (127.0 / row_max) + 0.5)
-        product = p_int8 @ values[:, tile]
-        acc = acc * alpha + product * row_max * (tile_scale[:, None] / 127.0)
-        m = m_new
-    out = acc / torch.where(row_sum == 0, 1.0, row_sum)
-    return out, (m + torch.log2(row_sum))[..., 0]
