@@ -169,8 +169,6 @@ def _bare_plan_backend(min_extend_len, page_size=1):
     backend = object.__new__(SageAttentionBackend)
     backend.min_extend_len = min_extend_len
     backend.decode_context_parallel = False
-    backend.kv8_pool = None
-    backend.calibration = None
     backend.base_choice = BaseChoice("triton", "a test's bare backend")
     backend.base_subset_kernel = base_extend.TritonKernelOnSubset(page_size)
     return backend

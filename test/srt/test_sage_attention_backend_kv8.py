@@ -18,9 +18,9 @@ import torch
 from sage_attention_inputs import DEVICE, requires_kernels
 from sage_attention_kit import BACKEND, KIT_DTYPE, KitTestCase
 
+import sglang.srt.layers.attention.sage_attention.kv8_backend as kv8_backend_module
 import sglang.srt.layers.attention.sage_attention_backend as backend_module
 from sglang.srt.layers.attention.sage_attention.kv8_pool import SageKV8TokenToKVPool
-from sglang.srt.layers.attention.sage_attention_backend import SageAttentionBackend
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.test.kits.attention_unittest.attention_methods import dense_attention as kit
 from sglang.test.kits.attention_unittest.runner_modes.cuda_graph_decode_runner import (
@@ -39,14 +39,18 @@ def kv8_calls_fixture(monkeypatch):
     monkeypatch.setenv("SGLANG_SAGE_ATTN_KV_CACHE", "int8")
     monkeypatch.setattr(kit, "MHATokenToKVPool", SageKV8TokenToKVPool)
     calls = []
-    for name in ("sage_extend_attention_kv8", "sage_decode_kv8", "sage_extend_attention"):
-        real = getattr(backend_module, name)
+    for module, name in (
+        (kv8_backend_module, "sage_extend_attention_kv8"),
+        (kv8_backend_module, "sage_decode_kv8"),
+        (backend_module, "sage_extend_attention"),  # the bf16-cache kernel: never here
+    ):
+        real = getattr(module, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
             calls.append(_name)
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(backend_module, name, counted)
+        monkeypatch.setattr(module, name, counted)
     return calls
 
 
@@ -99,7 +103,7 @@ def test_the_log_says_which_cache_and_counts_batches(kv8_calls, caplog):
 def test_the_decode_log_says_how_the_kernel_reads_the_cache(kv8_calls, caplog):
     decode = next(c for c in DENSE_CASES if c.name == "mha_decode_page_boundary")
     assert decode.page_size == 16
-    with torch.no_grad(), caplog.at_level(logging.INFO, logger=backend_module.__name__):
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger=kv8_backend_module.__name__):
         kit.run_dense_attention_case(
             KitTestCase(), decode, head_dim=64, dtype=KIT_DTYPE, device=DEVICE
         )
@@ -135,8 +139,8 @@ def test_layers_the_8bit_kernels_cannot_compute_are_refused_at_start_up():
         ValueError,
         match="129 query heads per KV head on a rank .*; logit soft-capping; sliding-window",
     ):
-        backend_module.refuse_layers_the_kv8_cache_cannot_serve(model)
-    backend_module.refuse_layers_the_kv8_cache_cannot_serve(model[:1])  # a plain layer passes
+        kv8_backend_module.refuse_layers_the_kv8_cache_cannot_serve(model)
+    kv8_backend_module.refuse_layers_the_kv8_cache_cannot_serve(model[:1])  # a plain layer passes
 
 
 def test_backend_builds_on_the_8bit_pool(kv8_calls):
@@ -144,5 +148,5 @@ def test_backend_builds_on_the_8bit_pool(kv8_calls):
     fixture = kit.build_dense_attention_fixture(
         KitTestCase(), case, head_dim=64, dtype=KIT_DTYPE, device=DEVICE
     )
-    assert isinstance(fixture.backend, SageAttentionBackend)
+    assert isinstance(fixture.backend, kv8_backend_module.SageKV8AttentionBackend)
     assert fixture.backend.kv8_pool is fixture.runner.token_to_kv_pool

@@ -206,17 +206,22 @@ def _cpu_ranks_without_gpu_communicators(world: int) -> None:
 
 def _count_sage_kernel_calls() -> list:
     """Names of the sage kernels the backend launches, in order."""
+    import sglang.srt.layers.attention.sage_attention.kv8_backend as kv8_backend_module
     import sglang.srt.layers.attention.sage_attention_backend as backend_module
 
     calls = []
-    for name in ("sage_extend_attention", "sage_extend_attention_kv8", "sage_decode_kv8"):
-        kernel = getattr(backend_module, name)
+    for module, name in (
+        (backend_module, "sage_extend_attention"),
+        (kv8_backend_module, "sage_extend_attention_kv8"),
+        (kv8_backend_module, "sage_decode_kv8"),
+    ):
+        kernel = getattr(module, name)
 
         def counted(*args, _kernel=kernel, _name=name, **kwargs):
             calls.append(_name)
             return _kernel(*args, **kwargs)
 
-        setattr(backend_module, name, counted)
+        setattr(module, name, counted)
     return calls
 
 
@@ -278,7 +283,7 @@ def worker(
     report = dict(
         rank=rank, attn_tp_size=parallel.attn_tp_size, attn_tp_rank=parallel.attn_tp_rank,
         backend=type(backend).__name__, heads=[backend.num_q_heads, backend.num_kv_heads],
-        sage_kernel_calls=sage_calls, kv8_pool=backend.kv8_pool is not None,
+        sage_kernel_calls=sage_calls, kv8_pool=backend.uses_8bit_cache,
     )  # fmt: skip
     reports, gathered = [report], outputs
     if world > 1:
@@ -322,7 +327,9 @@ def run_tp(device: str, num_kv_heads: int, kv_cache: str = "auto") -> dict:
 def check(result: dict) -> None:
     kv = result["num_kv_heads"]
     for r in result["ranks"]:
-        assert (r["attn_tp_size"], r["backend"]) == (TP, "SageAttentionBackend"), r
+        kv8 = result["kv_cache"] == "int8"
+        backend = "SageKV8AttentionBackend" if kv8 else "SageAttentionBackend"
+        assert (r["attn_tp_size"], r["backend"]) == (TP, backend), r
         assert r["heads"] == [NUM_Q_HEADS // TP, max(1, kv // TP)], r
         if result["kv_cache"] == "int8":  # every step on the 8-bit cache kernels
             assert r["kv8_pool"] and r["sage_kernel_calls"] == [

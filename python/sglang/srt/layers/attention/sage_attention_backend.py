@@ -22,13 +22,9 @@ Prefill CUDA graphs (breakable, and torch.compile piecewise) call ``forward_exte
 in their eager attention region with the graph's output rows in
 ``forward_batch._attn_output``; the sage kernel writes them in place.
 
-On sage_attn's 8-bit KV cache (``SGLANG_SAGE_ATTN_KV_CACHE=int8``, the pool of
-``sage_attention/kv8_pool.py``) nothing can be delegated, since no other kernel
-reads that cache: every extend runs ``sage_extend_attention_kv8`` over each
-request's whole sequence in the cache and every decode step (eager or in a
-CUDA graph) ``sage_decode_kv8`` with the Triton base's split metadata and
-scratch; what those kernels do not compute is refused at start-up
-(``refuse_layers_the_kv8_cache_cannot_serve``, ``kv8_hooks.kv8_refusals``).
+On sage_attn's 8-bit KV cache (``SGLANG_SAGE_ATTN_KV_CACHE=int8``) the plugin builds
+the subclass of ``sage_attention/kv8_backend.py`` instead: it overrides the extend plan
+and the forward calls, since no other kernel reads that cache.
 """
 
 from __future__ import annotations
@@ -53,26 +49,15 @@ from sglang.srt.layers.attention.sage_attention.base_extend import (
     subset_kernel_for,
 )
 from sglang.srt.layers.attention.sage_attention.crossover import arch_of, measured_crossover
-from sglang.srt.layers.attention.sage_attention.decode_kv8 import (
-    how_decode_reads,
-    sage_decode_kv8,
-)
 from sglang.srt.layers.attention.sage_attention.extend_attention import (
     hopper_kernel_wanted,
     use_hopper_kernel,
 )
-from sglang.srt.layers.attention.sage_attention.extend_kv8 import sage_extend_attention_kv8
 from sglang.srt.layers.attention.sage_attention.hopper_attention import gluon_import_error
-from sglang.srt.layers.attention.sage_attention.kv8_pool import SageKV8TokenToKVPool
-from sglang.srt.layers.attention.sage_attention.kv8_tiles import MAX_GROUP
-from sglang.srt.layers.attention.sage_attention.layout import (
-    PV,
-    PackedKV,
-    allocate_packed_kv,
-    packed_len,
-)
+from sglang.srt.layers.attention.sage_attention.layout import PV, PackedKV, packed_kv_workspace
 from sglang.srt.layers.attention.sage_attention.request_split import (
     RequestSubset,
+    run_on_subset,
     split_requests,
     takes_8bit,
 )
@@ -121,17 +106,6 @@ def refuse_unsupported_model(model_runner: ModelRunner) -> None:
 
 
 @dataclass
-class KV8Indices:
-    """An extend batch's slots as the 8-bit cache kernels read them: each request's
-    whole sequence, its new chunk written to the cache first."""
-
-    qo_indptr: torch.Tensor
-    kv_indptr: torch.Tensor
-    kv_indices: torch.Tensor
-    max_extend_len: int
-
-
-@dataclass
 class SageForwardMetadata:
     """One batch's plan: which requests run on which kernel, or why the batch is delegated.
 
@@ -154,8 +128,9 @@ class SageForwardMetadata:
     workspace: PackedKV | None = None
     # Set by the batch's first layer that runs the 8-bit kernel (the batch count).
     counted: bool = False
-    # With the 8-bit KV cache: every request's whole sequence (prefix, then chunk).
-    kv8_indices: KV8Indices | None = None
+    # With the 8-bit KV cache: every request's whole sequence (prefix, then chunk),
+    # a ``kv8_backend.KV8Indices``.
+    kv8_indices: object = None
 
 
 def raise_decode_split_cap(triton_backend: TritonAttnBackend, cap: int) -> None:
@@ -195,26 +170,6 @@ def unsupported_layer_reason(layer) -> str | None:
     return None
 
 
-def refuse_layers_the_kv8_cache_cannot_serve(model) -> None:
-    """Raise at start-up if any attention layer of ``model`` needs what only SGLang's
-    Triton backend computes: with the 8-bit cache nothing else can read the KV."""
-    from sglang.srt.layers.radix_attention import RadixAttention
-
-    layers = [module for module in model.modules() if isinstance(module, RadixAttention)]
-    reasons = {reason for layer in layers if (reason := unsupported_layer_reason(layer))}
-    reasons |= {
-        f"{group} query heads per KV head on a rank (the 8-bit kernels take up to {MAX_GROUP})"
-        for layer in layers
-        if (group := layer.tp_q_head_num // layer.tp_k_head_num) > MAX_GROUP
-    }
-    if reasons:
-        raise ValueError(
-            f"{KV_CACHE_ENV}=int8: this model has attention layers the 8-bit cache's "
-            f"kernels do not compute ({'; '.join(sorted(reasons))}); serve it without "
-            f"{KV_CACHE_ENV}"
-        )
-
-
 def warn_if_gluon_is_missing(kernel: str, head_dim: int, head_dim_v: int, device) -> None:
     """Say at start-up when the settings pick the Gluon Hopper kernel for this model but
     Gluon did not import, so the bf16-cache 8-bit path runs the slower Triton kernel."""
@@ -229,7 +184,22 @@ def warn_if_gluon_is_missing(kernel: str, head_dim: int, head_dim_v: int, device
         )
 
 
-def _is_power_of_two(n: int) -> bool:
+def layer_delegate_reason(q, k, layer: RadixAttention, kwargs) -> str | None:
+    """Why this layer call cannot run on a sage kernel (the cache aside), or None."""
+    extra = sorted(name for name, value in kwargs.items() if value is not None)
+    if extra:
+        return f"attention extras {', '.join(extra)}"
+    reason = unsupported_layer_reason(layer)
+    if reason is not None:
+        return reason
+    if k is None:
+        return "K/V read back from the cache (k is None)"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"model dtype {q.dtype} (sage_attn: fp16, bf16)"
+    return None
+
+
+def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
@@ -247,6 +217,10 @@ class BaseHook:
 
 
 class SageAttentionBackend(AttentionBackend):
+    """sage_attn on SGLang's own (bf16/fp16) KV cache; ``kv8_backend.py`` holds the
+    variant on sage_attn's 8-bit cache."""
+
+    uses_8bit_cache = False
     # What SGLang's model runner, CUDA-graph runners, speculative workers and scheduler
     # call or read on the attention backend besides the forward path. What they concern
     # (which lengths must be on the host, decode and its graphs, prefill-graph limits,
@@ -283,19 +257,9 @@ class SageAttentionBackend(AttentionBackend):
         self.kv_index_translator = model_runner.kv_index_translator
         parallel = get_parallel()
         self.decode_context_parallel = parallel.attn_dcp_size > 1
-        # sage_attn's 8-bit KV cache (kv8_pool.py): then every attention of the
-        # model runs on the 8-bit cache kernels, since no other kernel reads it.
-        pool = self.token_to_kv_pool
-        self.kv8_pool = pool if isinstance(pool, SageKV8TokenToKVPool) else None
-        if self.settings.kv8_cache and self.kv8_pool is None:
-            raise ValueError(
-                f"{KV_CACHE_ENV}=int8, but this server built a {type(pool).__name__}: its "
-                "model or options take another KV pool (see the start-up log)"
-            )
-        if self.kv8_pool is not None and getattr(model_runner, "model", None) is not None:
-            refuse_layers_the_kv8_cache_cannot_serve(model_runner.model)
+        self._check_pool(model_runner)
         self.base, self.base_choice = build_base_backend(
-            model_runner, override=self.settings.base_backend, kv8_cache=self.kv8_pool is not None
+            model_runner, override=self.settings.base_backend, kv8_cache=self.uses_8bit_cache
         )
         if isinstance(self.base, TritonAttnBackend):
             raise_decode_split_cap(self.base, self.settings.decode_max_splits)
@@ -304,23 +268,12 @@ class SageAttentionBackend(AttentionBackend):
         self.base_subset_kernel = subset_kernel_for(self.base, model_runner.page_size)
         head_dim = model_runner.model_config.head_dim
         self.min_extend_len, crossover_source = self._crossover(model_runner.device, head_dim)
-        if self.kv8_pool is None:  # the 8-bit cache's kernels are Triton alone
-            warn_if_gluon_is_missing(
-                self.settings.kernel,
-                head_dim,
-                model_runner.model_config.v_head_dim,
-                model_runner.device,
-            )
-        # Set while kv8_calibration.py runs its start-up forward.
-        self.calibration = None
-        self.kv8_decode_batches = 0
+        self._warn_missing_kernels(model_runner)
         # Snapshot/restore code (metadata glue graph) walks these for forward_metadata.
         self.attn_backend_list = [self.base]
         # Kept out of torch.compile's trace (piecewise prefill graphs), as SGLang's
         # backends keep their kernels.
         self.extend_attention = torch.compiler.disable(sage_extend_attention)
-        self.extend_attention_kv8 = torch.compiler.disable(sage_extend_attention_kv8)
-        self.decode_attention_kv8 = torch.compiler.disable(sage_decode_kv8)
         self.forward_metadata: SageForwardMetadata | None = None
         self._logged_reasons: set[str] = set()
         self._announced_sage_path = False
@@ -347,18 +300,32 @@ class SageAttentionBackend(AttentionBackend):
             head_dim,
             "no length: off" if self.min_extend_len is None else f">= {self.min_extend_len} tokens",
             crossover_source,
-            "8-bit (int8, sage_attn's kernels for prefill and decode)"
-            if self.kv8_pool is not None
-            else f"model dtype (decode on {self.base_choice.name})",
+            self._kv_cache_description(),
         )
         if isinstance(self.base, TritonAttnBackend):
             logger.info("sage_attn: Triton decode split cap %d", self.base.max_kv_splits)
 
+    def _check_pool(self, model_runner) -> None:
+        """Raise when the server's KV pool is not the one this class reads."""
+        if self.settings.kv8_cache:
+            raise ValueError(
+                f"{KV_CACHE_ENV}=int8, but this server built a "
+                f"{type(self.token_to_kv_pool).__name__}: its model or options take another "
+                "KV pool (see the start-up log)"
+            )
+
+    def _warn_missing_kernels(self, model_runner) -> None:
+        config = model_runner.model_config
+        warn_if_gluon_is_missing(
+            self.settings.kernel, config.head_dim, config.v_head_dim, model_runner.device
+        )
+
+    def _kv_cache_description(self) -> str:
+        return f"model dtype (decode on {self.base_choice.name})"
+
     def _crossover(self, device, head_dim: int) -> tuple[int | None, str]:
         """The shortest chunk on the 8-bit kernel (None: never) and where it comes from."""
         setting = self.settings.min_extend_len
-        if self.kv8_pool is not None:
-            return 0, "the 8-bit KV cache: every chunk"
         if setting == "auto":
             return measured_crossover(arch_of(device), head_dim, self.base_choice.name)
         return (None if setting == "off" else setting), f"{MIN_EXTEND_LEN_ENV}={setting}"
@@ -389,9 +356,10 @@ class SageAttentionBackend(AttentionBackend):
         if self.decode_context_parallel:
             plan.delegate_reason = "decode context parallelism (DCP) shards the KV cache"
             return plan
-        if self.kv8_pool is not None:
-            plan.kv8_indices = self._kv8_indices(forward_batch)
-            return plan
+        return self._plan_extend(forward_batch, plan)
+
+    def _plan_extend(self, forward_batch, plan: SageForwardMetadata) -> SageForwardMetadata:
+        """Which requests of a plain extend batch run on the 8-bit kernel."""
         if self.min_extend_len is None:
             plan.delegate_reason = "the 8-bit kernel is off for this model (start-up log)"
             return plan
@@ -420,51 +388,12 @@ class SageAttentionBackend(AttentionBackend):
             plan.base_plan = self.base_subset_kernel.plan(plan.base)
         return plan
 
-    def _kv8_indices(self, forward_batch) -> KV8Indices:
-        """Whole-sequence slots of an extend batch (the Triton base's list only the
-        cached prefixes), built by SGLang's own index packer."""
-        triton_metadata = self.base.forward_metadata
-        batch_size = forward_batch.batch_size
-        total = forward_batch.seq_lens_sum
-        if total is None:
-            total = int(forward_batch.seq_lens[:batch_size].sum())
-        kv_indptr = torch.zeros(
-            batch_size + 1, dtype=torch.int32, device=forward_batch.seq_lens.device
-        )
-        kv_indices = torch.empty(total, dtype=torch.int64, device=kv_indptr.device)
-        self.base._fill_kv_indptr_and_indices(
-            forward_batch.kv_loc_plan,
-            batch_size,
-            forward_batch.seq_lens[:batch_size],
-            forward_batch.req_pool_indices,
-            kv_indices,
-            kv_indptr=kv_indptr,
-        )
-        return KV8Indices(
-            qo_indptr=triton_metadata.qo_indptr,
-            kv_indptr=kv_indptr,
-            kv_indices=kv_indices,
-            max_extend_len=triton_metadata.max_extend_len,
-        )
-
     # ---- forward ----------------------------------------------------------------
 
-    def _layer_delegate_reason(self, q, k, layer: RadixAttention, kwargs) -> str | None:
-        """Why this layer cannot run on the sage kernel, or None."""
-        extra = sorted(name for name, value in kwargs.items() if value is not None)
-        if extra:
-            return f"attention extras {', '.join(extra)}"
-        reason = unsupported_layer_reason(layer)
-        if reason is not None:
-            return reason
-        if k is None:
-            return "K/V read back from the cache (k is None)"
-        if q.dtype not in SUPPORTED_DTYPES:
-            return f"model dtype {q.dtype} (sage_attn: fp16, bf16)"
-        if self.kv8_pool is None:
-            cache_dtype = self.token_to_kv_pool.get_key_buffer(layer.layer_id).dtype
-            if cache_dtype != q.dtype:
-                return f"KV cache dtype {cache_dtype} (sage_attn reads a {q.dtype} cache)"
+    def _cache_delegate_reason(self, q, layer: RadixAttention) -> str | None:
+        cache_dtype = self.token_to_kv_pool.get_key_buffer(layer.layer_id).dtype
+        if cache_dtype != q.dtype:
+            return f"KV cache dtype {cache_dtype} (sage_attn reads a {q.dtype} cache)"
         return None
 
     def _log_delegation(self, reason: str) -> None:
@@ -484,12 +413,12 @@ class SageAttentionBackend(AttentionBackend):
         save_kv_cache: bool = True,
         **kwargs,
     ):
-        if self.calibration is not None:
-            return self.calibration.attend(q, k, v, layer)
         plan = self.forward_metadata
-        reason = plan.delegate_reason or self._layer_delegate_reason(q, k, layer, kwargs)
-        if self.kv8_pool is not None:
-            return self._extend_kv8(q, k, v, layer, forward_batch, save_kv_cache, reason)
+        reason = (
+            plan.delegate_reason
+            or layer_delegate_reason(q, k, layer, kwargs)
+            or self._cache_delegate_reason(q, layer)
+        )
         if reason is not None:
             self._log_delegation(reason)
             return self.base.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
@@ -513,9 +442,9 @@ class SageAttentionBackend(AttentionBackend):
             self.token_to_kv_pool.get_key_buffer(layer.layer_id),
             self.token_to_kv_pool.get_value_buffer(layer.layer_id),
         )
-        _run_on_subset(plan.sage, qkvo, lambda *t: self._sage_kernel(plan, layer, *t, *cache))
+        run_on_subset(plan.sage, qkvo, lambda *t: self._sage_kernel(plan, layer, *t, *cache))
         if plan.base is not None:
-            _run_on_subset(
+            run_on_subset(
                 plan.base,
                 qkvo,
                 lambda *t: self.base_subset_kernel.run(plan.base_plan, layer, *t, *cache),
@@ -527,110 +456,40 @@ class SageAttentionBackend(AttentionBackend):
         log proves which path its figures came from."""
         if not self._announced_sage_path:
             self._announced_sage_path = True
-            if self.kv8_pool is not None:
-                kernel, pv = "8-bit KV cache", "fp16"
-                requests = total = plan.kv8_indices.qo_indptr.shape[0] - 1
-                longest = plan.kv8_indices.max_extend_len
-            else:
-                hopper = use_hopper_kernel(
-                    self.settings.kernel, layer.qk_head_dim, layer.v_head_dim, q.device
-                )
-                kernel, pv = ("Gluon, Hopper" if hopper else "Triton"), self.settings.pv
-                requests, longest = plan.sage.batch_size, plan.sage.max_extend_len
-                total = requests + (plan.base.batch_size if plan.base else 0)
             logger.info(
-                "sage_attn: extend batches run on the 8-bit kernel (%s; first: %d of %d "
-                "requests 8-bit, longest chunk %d tokens, P·V %s)",
-                kernel,
-                requests,
-                total,
-                longest,
-                pv,
+                "sage_attn: extend batches run on the 8-bit kernel (%(kernel)s; first: "
+                "%(requests)d of %(total)d requests 8-bit, longest chunk %(longest)d tokens, "
+                "P·V %(pv)s)",
+                self._describe_sage_path(plan, layer, q),
             )
         if not plan.counted:
             plan.counted = True
             self.sage_extend_batches += 1
-            if _is_power_of_two(self.sage_extend_batches):
+            if is_power_of_two(self.sage_extend_batches):
                 logger.info(
                     "sage_attn: %d extend batches on the 8-bit kernel so far",
                     self.sage_extend_batches,
                 )
+
+    def _describe_sage_path(self, plan, layer, q) -> dict:
+        """The first 8-bit batch, for the log line that proves the path."""
+        hopper = use_hopper_kernel(
+            self.settings.kernel, layer.qk_head_dim, layer.v_head_dim, q.device
+        )
+        requests = plan.sage.batch_size
+        return dict(
+            kernel="Gluon, Hopper" if hopper else "Triton",
+            pv=self.settings.pv,
+            requests=requests,
+            total=requests + (plan.base.batch_size if plan.base else 0),
+            longest=plan.sage.max_extend_len,
+        )
 
     def _output_rows(self, q, layer, forward_batch):
         """The layer's output [N, Hq * Dv]: a prefill CUDA graph's own rows when given."""
         o = forward_batch._attn_output
         if o is None:
             o = q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
-        return o
-
-    def _write_kv8(self, q, k, v, layer, forward_batch, save_kv_cache, reason):
-        """Write the new K/V into the 8-bit cache. Returns the layer's output rows and
-        the kv8 kernels' first three arguments: q [N, Hq, D], o [N, Hq, Dv], the cache."""
-        if reason is not None or not save_kv_cache:
-            # Refused at start-up where it can be (kv8_hooks.py, the layer check);
-            # anything left has no kernel that reads this cache. The kernels read the
-            # new tokens from the cache, so the backend must be the one to write them.
-            raise ValueError(
-                f"sage_attn's 8-bit KV cache cannot serve {reason or 'save_kv_cache=False'}"
-            )
-        self.kv8_pool.set_kv_buffer(layer, KVWriteLoc.for_batch(forward_batch), k, v)
-        o = self._output_rows(q, layer, forward_batch)
-        num_q_heads = layer.tp_q_head_num
-        return o, (
-            q.view(-1, num_q_heads, layer.qk_head_dim),
-            o.view(-1, num_q_heads, layer.v_head_dim),
-            self.kv8_pool.kv8_cache(layer.layer_id),
-        )
-
-    def _extend_kv8(self, q, k, v, layer, forward_batch, save_kv_cache, reason):
-        """An extend batch on the 8-bit cache: write the chunk, then attend over each
-        request's whole sequence in the cache."""
-        o, qoc = self._write_kv8(q, k, v, layer, forward_batch, save_kv_cache, reason)
-        plan = self.forward_metadata
-        self._count_sage_batch(plan, layer, q)
-        indices = plan.kv8_indices
-        self.extend_attention_kv8(
-            *qoc,
-            qo_indptr=indices.qo_indptr,
-            kv_indptr=indices.kv_indptr,
-            kv_indices=indices.kv_indices,
-            max_len_extend=indices.max_extend_len,
-            sm_scale=layer.scaling,
-        )
-        return o
-
-    def _decode_kv8(self, q, k, v, layer, forward_batch, save_kv_cache, kwargs):
-        """A decode step on the 8-bit cache: the Triton base's decode metadata (splits,
-        scratch, CUDA-graph buffers), sage_attn's kernel."""
-        reason = self._layer_delegate_reason(q, k, layer, kwargs)
-        o, qoc = self._write_kv8(q, k, v, layer, forward_batch, save_kv_cache, reason)
-        metadata = self.base.forward_metadata
-        self.decode_attention_kv8(
-            *qoc,
-            kv_indptr=metadata.kv_indptr,
-            kv_indices=metadata.kv_indices,
-            attn_logits=metadata.attn_logits,
-            attn_lse=metadata.attn_lse,
-            num_kv_splits=metadata.num_kv_splits,
-            max_kv_splits=self.base.max_kv_splits,
-            sm_scale=layer.scaling,
-        )
-        if layer.layer_id == self.kv8_pool.start_layer:
-            # Python runs once per eager step and once per graph capture.
-            self.kv8_decode_batches += 1
-            if _is_power_of_two(self.kv8_decode_batches):
-                cache = qoc[2]
-                whole_pages, tma = how_decode_reads(cache, q.device)
-                logger.info(
-                    "sage_attn: %d decode batches on the 8-bit cache kernel so far (%s)%s",
-                    self.kv8_decode_batches,
-                    f"whole pages of {cache.page_size}{' through TMA' if tma else ''}"
-                    if whole_pages
-                    else "token by token",
-                    " (CUDA-graph capture included)"
-                    if q.is_cuda and torch.cuda.is_current_stream_capturing()
-                    else "",
-                )
         return o
 
     def _sage_kernel(self, plan, layer, q, k, v, o, k_buffer, v_buffer):
@@ -656,22 +515,16 @@ class SageAttentionBackend(AttentionBackend):
 
     def _workspace(self, plan, k: torch.Tensor, v: torch.Tensor) -> PackedKV:
         """The batch's packed-K/V buffer: one allocation for all its layers."""
-        subset, pv = plan.sage, PV(self.settings.pv)
-        rows = packed_len(subset.kv_indices.shape[0], k.shape[0], subset.batch_size)
-        workspace = plan.workspace
-        if workspace is None or not workspace.matches(
-            rows, subset.batch_size, k.shape[1], k.shape[2], v.shape[2], pv
-        ):
-            workspace = plan.workspace = allocate_packed_kv(
-                num_rows=rows,
-                batch_size=subset.batch_size,
-                num_kv_heads=k.shape[1],
-                head_dim=k.shape[2],
-                head_dim_v=v.shape[2],
-                pv=pv,
-                device=k.device,
-            )
-        return workspace
+        subset = plan.sage
+        plan.workspace = packed_kv_workspace(
+            plan.workspace,
+            num_prefix_slots=subset.kv_indices.shape[0],
+            k=k,
+            v=v,
+            batch_size=subset.batch_size,
+            pv=PV(self.settings.pv),
+        )
+        return plan.workspace
 
     def forward_decode(
         self,
@@ -683,19 +536,4 @@ class SageAttentionBackend(AttentionBackend):
         save_kv_cache: bool = True,
         **kwargs,
     ):
-        if self.kv8_pool is not None:
-            return self._decode_kv8(q, k, v, layer, forward_batch, save_kv_cache, kwargs)
         return self.base.forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
-
-
-def _run_on_subset(subset: RequestSubset, qkvo, kernel) -> None:
-    """Run ``kernel(q, k, v, o)`` on a subset's rows: in place for the whole batch,
-    else on gathered rows whose output is scattered back."""
-    q, k, v, o = qkvo
-    if subset.rows is None:
-        kernel(q, k, v, o)
-        return
-    rows = subset.rows
-    o_rows = o.new_empty((rows.shape[0], *o.shape[1:]))
-    kernel(q[rows], k[rows], v[rows], o_rows)
-    o.index_copy_(0, rows, o_rows)

@@ -113,13 +113,11 @@ def record_key_means(backend, forward, num_tokens: int) -> None:
     smoothing vectors of ``backend``'s 8-bit pool. Shared by the server
     (``calibrate_key_means``) and the offline harness, which runs its own model."""
     pool = backend.kv8_pool
-    recorder = backend.calibration = KeyMeanRecorder(pool)
-    try:
-        forward()
-    except CalibrationDone:
-        pass
-    finally:
-        backend.calibration = None
+    with backend.recording(KeyMeanRecorder(pool)) as recorder:
+        try:
+            forward()
+        except CalibrationDone:
+            pass
     missing = set(range(pool.start_layer, pool.start_layer + pool.layer_num)) - recorder.recorded
     if missing:
         raise RuntimeError(

@@ -181,6 +181,25 @@ def allocate_packed_kv(
     )
 
 
+def packed_kv_workspace(
+    workspace: PackedKV | None,
+    *,
+    num_prefix_slots: int,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    batch_size: int,
+    pv: PV,
+) -> PackedKV:
+    """A pre-pass workspace for a call with new ``k`` [N, Hkv, D] / ``v`` [N, Hkv, Dv]:
+    ``workspace`` when it fits (one allocation serves every layer of a batch), else a
+    new one."""
+    rows = packed_len(num_prefix_slots, k.shape[0], batch_size)
+    shape = (rows, batch_size, k.shape[1], k.shape[2], v.shape[2], pv)
+    if workspace is not None and workspace.matches(*shape):
+        return workspace
+    return allocate_packed_kv(*shape, device=k.device)
+
+
 def segment_starts(qo_indptr: torch.Tensor, kv_indptr: torch.Tensor) -> list[int]:
     """Host twin of ``segment_start`` for every request (reads the index pointers)."""
     qo, kv = qo_indptr.tolist(), kv_indptr.tolist()

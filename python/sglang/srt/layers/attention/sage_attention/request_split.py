@@ -118,3 +118,16 @@ def split_requests(
             _subset(picked, qo_indptr, kv_indptr, kv_indices, extend_lens, prefix_lens, whole)
         )
     return sides[0], sides[1]
+
+
+def run_on_subset(subset: RequestSubset, qkvo, kernel) -> None:
+    """Run ``kernel(q, k, v, o)`` on a subset's rows: in place for the whole batch,
+    else on gathered rows whose output is scattered back."""
+    q, k, v, o = qkvo
+    if subset.rows is None:
+        kernel(q, k, v, o)
+        return
+    rows = subset.rows
+    o_rows = o.new_empty((rows.shape[0], *o.shape[1:]))
+    kernel(q[rows], k[rows], v[rows], o_rows)
+    o.index_copy_(0, rows, o_rows)
