@@ -351,6 +351,10 @@ def report(result: dict) -> str:
     failed = {name: info["error"] for name, info in result["configs"].items() if info["error"]}
     if failed:
         lines += ["", "Failed: " + "; ".join(f"`{n}`: {e}" for n, e in failed.items())]
+    # Configurations asked for but never started (recorded by hand in the JSON: why).
+    not_run = result.get("not_run") or {}
+    if not_run:
+        lines += ["", "Not run: " + "; ".join(f"`{n}`: {why}" for n, why in not_run.items())]
     return "\n".join(lines)
 
 
