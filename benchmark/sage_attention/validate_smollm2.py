@@ -21,16 +21,17 @@ import random
 
 import smollm2
 import torch
-from sglang_stack import build_stacks
-from validate import (
+from measure import (
     BASELINE,
     compare,
-    drift,
+    drift_and_determinism,
+    greedy_divergence,
     reference_greedy,
     reference_logits,
     render_report,
     token_nll,
 )
+from sglang_stack import build_stacks
 
 TASKS = ("needle", "kv", "copy")
 # Key-value lines in the kv task's table: the asked key has KV_PAIRS - 1 look-alike
@@ -43,8 +44,8 @@ def configure(args) -> None:
     lengths, trials = getattr(args, "task_lengths", None), getattr(args, "task_trials", None)
     if args.quick:
         args.layers = args.layers or 2
-        args.contexts, args.windows_per_context = [64, 128], [2, 2]
-        args.prompts, args.prompt_len, args.gen_steps = 2, 48, 4
+        args.contexts, args.windows_per_context = [64], [2]
+        args.prompts, args.prompt_len, args.gen_steps = 2, 48, 2
         args.task_lengths, args.task_depths, args.task_trials = [96], [0.5], 1
         args.chat_steps, args.task_batch = 4, 1
     else:
@@ -165,6 +166,7 @@ def run(args) -> dict:
         device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
         dtype=str(dtype),
         checkpoint=ckpt,
+        quick=args.quick,
         torch=torch.__version__,
         backends=args.backends,
         perplexity=[],
@@ -188,6 +190,9 @@ def run(args) -> dict:
 
     progress = tqdm(total=2 * len(args.contexts) + 4, desc="validate smollm2", unit="step")
     with torch.no_grad():
+        # The fp32 reference is the model transformers computes from the same files.
+        window = smollm2.token_windows(texts["prose"], 1, 128, seed=3).to(device)
+        result["reference_check"] = smollm2.transformers_check(ckpt, model32, window)
         for text, stream in texts.items():
             for ctx, count in zip(args.contexts, args.windows_per_context, strict=True):
                 tokens = smollm2.token_windows(stream, count, ctx, seed=ctx).to(device)
@@ -224,21 +229,7 @@ def run(args) -> dict:
         # Layer drift and determinism: two prose windows of the longest context.
         ctx = max(args.contexts)
         last = smollm2.token_windows(texts["prose"], 2, ctx, seed=1).to(device)
-        chunk = max(ctx // 4, 16)
-        ref_capture = {}
-        reference_logits(model32, last, ref_capture)
-        n_last = ctx - (ctx - 1) // chunk * chunk
-        for key, stack in stacks.items():
-            stack.begin(2, ctx)
-            cap = {}
-            first = stack.prefill(model, last, chunk, cap)
-            second = stack.prefill(model, last, chunk)
-            result["determinism"][key] = bool(torch.equal(first, second))
-            for name, tensor in cap.items():
-                ref = ref_capture[name].view(2, ctx, -1)[:, -n_last:]
-                result["drift"].append(
-                    dict(backend=key, tensor=name, **drift(tensor.view(2, n_last, -1), ref))
-                )
+        drift_and_determinism(stacks, model, model32, last, max(ctx // 4, 16), result)
         progress.update()
 
         # Greedy generation from prose prompts: tokens before the first divergence.
@@ -249,17 +240,7 @@ def run(args) -> dict:
             for k, s in stacks.items()
         }
         gen["fp32"] = reference_greedy(model32, prompts, args.gen_steps)
-        for key, out in gen.items():
-            if key == BASELINE or BASELINE not in gen:
-                continue
-            same = (out == gen[BASELINE]).int()
-            first_diff = torch.where(same.all(1), same.shape[1], (1 - same).argmax(1))
-            result["generation"][key] = dict(
-                prompts=args.prompts,
-                steps=args.gen_steps,
-                mean_tokens_before_divergence=first_diff.float().mean().item(),
-                identical_sequences=int(same.all(1).sum()),
-            )
+        result["generation"] = greedy_divergence(gen, args.gen_steps)
         progress.update()
 
         # One chat answer per backend (what a user would see).
@@ -315,24 +296,35 @@ def target_table(result: dict) -> list[str]:
             miss = 1 - row["top1_agreement"]
             dppl = ppl[(text, ctx, key)] / ppl[(text, ctx, BASELINE)] - 1
             lines.append(
-                f"| {text} | {ctx} | {key} | {dppl:+.3%} | {row['kl_mean']:.2e} "
-                f"({_times(row['kl_mean'], base['kl_mean'])}) | {miss:.2%} "
-                f"({_times(miss, base_miss)}) |"
+                f"| {text} | {ctx} | {key} | {dppl:+.3%} | {row['kl_mean']:.2e}"
+                f"{_vs_bf16(row['kl_mean'], base['kl_mean'])} | {miss:.2%}"
+                f"{_vs_bf16(miss, base_miss)} |"
             )
     return lines + [""]
 
 
-def _times(value: float, baseline: float) -> str:
-    """``value`` as a multiple of ``baseline``; a zero baseline has no multiple (bf16
-    missing nothing makes any miss infinitely worse, which says nothing)."""
+def _vs_bf16(value: float, baseline: float) -> str:
+    """`` (2.00×)``: ``value`` as a multiple of bf16's ``baseline``. A zero baseline has
+    no multiple (bf16 missing nothing makes any miss infinitely worse, which says
+    nothing): ``, n/a (bf16 0)``."""
     if baseline == 0:
-        return "bf16: 0" if value else "both 0"
-    return f"{value / baseline:.2f}×"
+        return ", n/a (bf16 0)"
+    return f" ({value / baseline:.2f}×)"
 
 
-def render(result: dict, out_dir: str) -> str:
+def render(result: dict) -> str:
     """validate.py's report (perplexity rows of both texts), the targets and the task table."""
     lines = [f"Model: {result['model']}, {result['layers']} layers.", ""]
+    check = result.get("reference_check", {})
+    if "skipped" in check:
+        lines += [f"fp32 reference against transformers: not run ({check['skipped']}).", ""]
+    elif check:
+        lines += [
+            f"fp32 reference against transformers ({check['tokens']} tokens): max |Δ logit| "
+            f"{check['llama_max_abs_diff']:.1e} (Llama), {check['granite_max_abs_diff']:.1e} "
+            f"(Granite, as served), largest |logit| {check['max_abs_logit']:.1f}.",
+            "",
+        ]
     lines += target_table(result)
     if result["chat"]:
         lines += ["### Chat answer (greedy)", ""]
@@ -342,7 +334,7 @@ def render(result: dict, out_dir: str) -> str:
         part = dict(result, perplexity=[], agreement=[])
         part["perplexity"] = [r for r in result["perplexity"] if r["text"] == text]
         part["agreement"] = [r for r in result["agreement"] if r["text"] == text]
-        body = render_report(part, out_dir).replace("held-out stdlib bytes", f"{text}, tokens")
+        body = render_report(part).replace("held-out stdlib bytes", f"{text}, tokens")
         if i:  # generation, drift, determinism and needles once (the first text's report)
             body = body.split("### Greedy generation")[0]
         lines += [f"## {text}", "", body.replace("bits/byte", "bits/token")]

@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from unittest import mock
 
 import pytest
@@ -268,3 +269,75 @@ def test_int8_pv_kernels_run_both_products_on_int8_tensor_cores(arch, monkeypatc
                 assert products and all(".s8" in p for p in products), (fn.__name__, products)
             else:  # the FP16 P·V is there
                 assert any(".f16" in p for p in products), (fn.__name__, products)
+
+
+# The 8-bit cache decode kernel's compile report: what decides its speed and no timing
+# shows (shared memory, how many buffers the software pipeliner gives each gathered tile,
+# the async_wait depths, registers and spill bytes from ptxas -v; RESULTS.md round 6,
+# tuning logs 18-19). A report, not a check of the shipped code, so it runs only when
+# asked, without the interpreter (BLOCK_N,stages,warps[,rows]; rows 1: CVT_IN_ROWS):
+#   SAGE_ATTN_COMPILE_INFO="128,3,4 128,5,4,1" python -m pytest \
+#       test/srt/test_sage_attention_compile.py -k compile_info -s -q
+# SAGE_ATTN_COMPILE_INFO_ARCH picks the target (default 90, the H100/H200).
+COMPILE_INFO = os.environ.get("SAGE_ATTN_COMPILE_INFO", "").split()
+
+
+def _ptxas_registers(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers per thread, spill-store bytes) from Triton's bundled ptxas -v."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
+        source.write(ptx)
+        source.flush()
+        log = subprocess.run(
+            [ptxas, "-v", f"-arch=sm_{arch}a", source.name, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+        ).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    return int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else 0
+
+
+@compiled_kernels
+@pytest.mark.skipif(
+    not COMPILE_INFO,
+    reason="a tuning report, not a check: set SAGE_ATTN_COMPILE_INFO (see above) to print it",
+)
+def test_kv8_decode_compile_info():
+    from sglang.srt.layers.attention.sage_attention import decode_kv8
+    from sglang.srt.layers.attention.sage_attention.kv8_cache import allocate_kv8_cache
+
+    arch = int(os.environ.get("SAGE_ATTN_COMPILE_INFO_ARCH", "90"))
+    # The stage-1 kernel as sage_decode_kv8 launches it: 32K keys per request, 8 KV
+    # heads, GQA 4, hd128 (the shapes only set specialisations).
+    batch, num_kv_heads, splits, keys, head_dim = 2, 8, 4, 32768, 128
+    cache = allocate_kv8_cache(batch * keys, num_kv_heads, head_dim, head_dim, "cpu")
+    q = torch.zeros(batch, num_kv_heads * 4, head_dim, dtype=torch.bfloat16)
+    logits = torch.zeros(batch, q.shape[1], splits, head_dim)
+
+    def launch():
+        decode_kv8.sage_decode_kv8(
+            q, torch.zeros_like(q), cache, torch.tensor([0, keys, 2 * keys], dtype=torch.int32),
+            torch.arange(batch * keys), logits, logits[..., 0].clone(),
+            torch.full((batch,), splits, dtype=torch.int32), splits,
+        )  # fmt: skip
+
+    print(f"\nsm_{arch} BLOCK_N stages warps rows  smem_B  buffers/tile  async_wait  regs spill_B")
+    for config in COMPILE_INFO:
+        block_n, stages, warps, rows = (list(map(int, config.split(","))) + [0])[:4]
+        constants = dict(
+            BLOCK_N=block_n, NUM_STAGES=stages, NUM_WARPS=warps, CVT_IN_ROWS=bool(rows)
+        )
+        with mock.patch.multiple(decode_kv8, **constants):
+            launches = captured_launches(launch)
+        fn, bound, options = next(c for c in launches if c[0].__name__ == "_kv8_decode_stage1")
+        compiled = compile_for(fn, bound, options, target=GPUTarget("cuda", arch, 32))
+        ir = compiled.asm["ttgir"]
+        # Pipelined tiles are allocated [buffers, ...] before the loop.
+        allocs = re.findall(r"local_alloc : \(\) -> !ttg.memdesc<(\d+)x", ir)
+        buffers = ",".join(map(str, sorted({int(n) for n in allocs})))
+        waits = ",".join(re.findall(r"async_wait[^{]*\{num = (\d+)", ir))
+        regs, spill = _ptxas_registers(compiled.asm["ptx"], arch)
+        print(f"{block_n:13} {stages:6} {warps:5} {rows:4} {compiled.metadata.shared:7} "
+              f"{buffers:>13} {waits:>11} {regs:5} {spill:7}")  # fmt: skip
+        assert regs > 0, f"ptxas reported no register count for {config}"

@@ -25,7 +25,8 @@ DECODE_SHAPES = [(1, 131072), (8, 32768), (32, 32768), (64, 32768)]  # (batch, K
 EXTEND_SHAPES = [(0, 8192), (7424, 768)]  # (cached prefix, chunk): 0% and 90% at 8K
 DECODE_CONFIGS = {  # name -> (BLOCK_N, NUM_STAGES, NUM_WARPS, CVT_IN_ROWS, USE_TMA)
     # Triton 3.6 gives this loop one buffer per gathered tile at 3-4 stages (the copy
-    # for step i+1 waits for step i's compute) and two from 5 on (compile_info.py).
+    # for step i+1 waits for step i's compute) and two from 5 on (the compile report:
+    # test_sage_attention_compile.py -k compile_info).
     # BLOCK_N caps the keys per step; whole pages take min(page size, BLOCK_N), through
     # TMA or plain loads (USE_TMA; page size 1 gathers either way).
     f"n{n}_s{s}_w{w}{'_rows' if rows else ''}{'' if tma else '_notma'}": (n, s, w, rows, tma)

@@ -17,9 +17,10 @@ kernel's prologue arithmetic) into a head-major ``[Hq, N, D]`` int8 buffer so a
 head's rows are contiguous for TMA. A Q box may run into the next request's (or
 head's) rows: those rows are computed but never stored (masked pointer stores).
 
-Configs (measured on an H200, benchmark/kernels/sage_attention/gluon_probe.py):
-FP8 P·V: ``wg2_simple``; FP16 P·V: ``wg2_overlap`` (S_{j+1} and P_j·V_j issued
-before the softmax of tile j+1). See ``HOPPER_CONFIGS``.
+Configs (measured on an H200 with the standalone probe ``gluon_probe.py``, since
+deleted, in the kernel-v2 round: benchmark/kernels/sage_attention/RESULTS.md, "H200,
+kernel v2", tuning log 7): FP8 P·V: ``wg2_simple``; FP16 P·V: ``wg2_overlap``
+(S_{j+1} and P_j·V_j issued before the softmax of tile j+1). See ``HOPPER_CONFIGS``.
 
 Triton 3.6 pitfalls kept from the probe: partition argument tuples are written
 inline (a tuple bound to a name first turns constexpr members into tensors), and
