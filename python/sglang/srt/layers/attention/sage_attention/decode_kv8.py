@@ -55,9 +55,10 @@ _LN2 = tl.constexpr(math.log(2.0))
 # with benchmark/kernels/sage_attention/tune_kv8.py (RESULTS.md, rounds 4 and 6): 128
 # keys per step; V converted in its loaded rows (CVT_IN_ROWS, kv8_tiles.int8_to_fp16:
 # ~150 registers instead of 255, no byte-wise gather of V); 5 stages, the fewest that give
-# each gathered tile two buffers in Triton 3.6 (3-4 give one; compile_info.py). Together
-# 1.2-1.3x faster at batch 1-64 when a request's slots are contiguous, 0.86-0.91x when
-# every key sits in a random slot; 8 warps or 64 keys per step run slower.
+# each gathered tile two buffers in Triton 3.6 (3-4 give one: the compile tests'
+# ``-k compile_info`` report). Together 1.2-1.3x faster at batch 1-64 when a
+# request's slots are contiguous, 0.86-0.91x when every key sits in a random slot;
+# 8 warps or 64 keys per step run slower.
 BLOCK_N = 128
 NUM_STAGES = 5
 NUM_WARPS = 4
