@@ -21,7 +21,8 @@ setup(
     py_modules=["sglang.srt.layers.attention.sage_attention_backend"],
     install_requires=["sglang==0.5.23"],
     # ruff pinned: its formatter changes between releases and CI checks formatting.
-    extras_require={"test": ["pytest", "ruff==0.17.6"]},
+    # pytest-xdist: the README's test command runs on two workers (CI has two cores).
+    extras_require={"test": ["pytest", "pytest-xdist", "ruff==0.17.6"]},
     entry_points={
         "sglang.srt.plugins": [
             "sage_attn = sglang.srt.layers.attention.sage_attention.plugin:register",
