@@ -15,6 +15,10 @@ Steps (combinations as named):
   k_int8_token      K smoothed, INT8 per key
   pv_fp16/fp8/int8  P and V as the P·V modes round them
   v_int8_row / v_fp8_row  V per row (the 8-bit KV cache's format, and its e4m3 alternative)
+  k_int8_token_cal:P      K smoothed by a frozen per-layer mean key, as the 8-bit cache is,
+                          recorded on calibration prompt P: ``random`` (the server's,
+                          kv8_calibration.calibration_token_ids) or ``text`` (as many
+                          tokens of the other text: code when measuring prose)
 
     python benchmark/sage_attention/smollm2_error_sources.py --windows 4 --context 1024
 """
@@ -31,6 +35,10 @@ import torch
 import torch.nn.functional as F
 from measure import compare, reference_logits, token_nll
 
+from sglang.srt.layers.attention.sage_attention.kv8_calibration import (
+    CALIBRATION_TOKENS,
+    calibration_token_ids,
+)
 from sglang.srt.layers.attention.sage_attention.layout import FP8_E4M3_MAX, INT8_MAX, KV_BLOCK, PV
 from sglang.srt.layers.attention.sage_attention.reference import (
     lowp_values,
@@ -67,6 +75,28 @@ VARIANTS = {
         "k_b1",
         "v_int8_row",
     ),
+    # The smoothing vector as the server has it: frozen per layer and head, from a
+    # calibration prompt, not each sequence's own mean (the rows above: the best case).
+    "kv8 cache, K not smoothed": ("q_int8", "k_b1_raw", "v_int8_row"),
+    "kv8 cache, K smoothed by the random-id calibration": (
+        "q_int8",
+        "k_b1_cal:random",
+        "v_int8_row",
+    ),
+    "kv8 cache, K smoothed by a text calibration": ("q_int8", "k_b1_cal:text", "v_int8_row"),
+    "kv8 cache rotated, K not smoothed": ("hadamard", "q_int8", "k_b1_raw", "v_int8_row"),
+    "kv8 cache rotated, K smoothed by the random-id calibration (served at hd64)": (
+        "hadamard",
+        "q_int8",
+        "k_b1_cal:random",
+        "v_int8_row",
+    ),
+    "kv8 cache rotated, K smoothed by a text calibration": (
+        "hadamard",
+        "q_int8",
+        "k_b1_cal:text",
+        "v_int8_row",
+    ),
 }
 
 
@@ -76,13 +106,15 @@ def fake_int8(x: torch.Tensor, block: int) -> torch.Tensor:
     return values.float() * scale
 
 
-def quantized_attention(steps: tuple, length: int):
-    """attention(i, q, k, v) over one sequence with the given quantization steps."""
+def quantized_attention(steps: tuple, length: int, key_means: dict | None = None):
+    """attention(i, q, k, v) over one sequence with the given quantization steps;
+    ``key_means[prompt][i]``: layer i's calibration mean key [Hkv, D] (``k_b*_cal:``)."""
 
-    def attention(_, q, k, v):
+    def attention(layer, q, k, v):
         q, k, v = (t.transpose(0, 1).float() for t in (q, k, v))  # [H, L, D]
         group = q.shape[0] // k.shape[0]
         scale = q.shape[-1] ** -0.5
+        rotation = None
         if "hadamard" in steps:
             rotation = hadamard_matrix(q.shape[-1]) / math.sqrt(q.shape[-1])
             q, k = q @ rotation, k @ rotation
@@ -90,11 +122,17 @@ def quantized_attention(steps: tuple, length: int):
             q = fake_int8(q, 1)
         for step in steps:
             if step.startswith("k_b"):
-                block = int(step.removeprefix("k_b").removesuffix("_raw"))
-                # Smoothing subtracts the per-channel mean; q·mean is the same for every
+                block, _, smoothing = step.removeprefix("k_b").partition("_")
+                # Smoothing subtracts a per-channel mean; q·mean is the same for every
                 # key of a row, so softmax is unchanged and it is not added back.
-                smooth = k - k.mean(dim=1, keepdim=True) if not step.endswith("_raw") else k
-                k = fake_int8(smooth, block)
+                if smoothing == "raw":
+                    mean = torch.zeros_like(k[:, :1])
+                elif smoothing.startswith("cal:"):
+                    mean = key_means[smoothing.removeprefix("cal:")][layer].float()[:, None]
+                    mean = mean @ rotation if rotation is not None else mean
+                else:
+                    mean = k.mean(dim=1, keepdim=True)
+                k = fake_int8(k - mean, int(block))
         if "v_int8_row" in steps:
             v = fake_int8(v, 1)
         if "v_fp8_row" in steps:
@@ -112,6 +150,19 @@ def quantized_attention(steps: tuple, length: int):
         return out.transpose(0, 1)
 
     return attention
+
+
+def calibration_key_means(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each layer's mean key [Hkv, D] over ``ids`` under exact attention, as the
+    server's calibration forward records it (``kv8_calibration.KeyMeanRecorder``)."""
+    means, exact = [], quantized_attention((), len(ids))
+
+    def record(layer, q, k, v):
+        means.append(k.float().mean(0))
+        return exact(layer, q, k, v)
+
+    model(ids, torch.arange(len(ids)), record)
+    return means
 
 
 def _lowp_pv(s: torch.Tensor, v: torch.Tensor, pv: PV) -> torch.Tensor:
@@ -151,18 +202,28 @@ def main():
     tokenizer = smollm2.load_tokenizer(ckpt)
     model = smollm2.load_model(ckpt, torch.float32, "cpu")
     text = smollm2.prose_text() if args.text == "prose" else smollm2.code_text()
+    other_text = smollm2.code_text() if args.text == "prose" else smollm2.prose_text()
     stream = smollm2.token_stream(tokenizer, text)
     windows = smollm2.token_windows(stream, args.windows, args.context, seed=args.context)
     positions = torch.arange(args.context)
     rows = []
     with torch.no_grad():
+        vocab_size = smollm2.load_config(ckpt)["vocab_size"]
+        key_means = {
+            "random": calibration_key_means(model, calibration_token_ids(vocab_size)),
+            "text": calibration_key_means(
+                model, smollm2.token_stream(tokenizer, other_text)[:CALIBRATION_TOKENS]
+            ),
+        }
         exact = [reference_logits(model, w[None]) for w in windows]
         nll_exact = torch.cat([token_nll(e, w[None]) for e, w in zip(exact, windows, strict=True)])
         for name, steps in VARIANTS.items():
             if args.variants and name not in args.variants:
                 continue
             logits = [
-                model(w, positions, quantized_attention(steps, args.context)).view(1, len(w), -1)
+                model(w, positions, quantized_attention(steps, args.context, key_means)).view(
+                    1, len(w), -1
+                )
                 for w in windows
             ]
             stats = [compare(e, lg) for e, lg in zip(exact, logits, strict=True)]
