@@ -17,13 +17,18 @@ __all__ = ["BACKEND_NAME", "create_sage_attn_backend", "register"]
 
 
 def create_sage_attn_backend(runner):
-    """The bf16-cache backend, or its variant on sage_attn's 8-bit KV pool."""
-    from sglang.srt.layers.attention.sage_attention.kv8_backend import SageKV8AttentionBackend
+    """The bf16-cache backend, or its variant on sage_attn's 8-bit KV pool (whose
+    kernel modules only that variant loads)."""
     from sglang.srt.layers.attention.sage_attention.kv8_pool import SageKV8TokenToKVPool
-    from sglang.srt.layers.attention.sage_attention_backend import SageAttentionBackend
 
     if isinstance(runner.token_to_kv_pool, SageKV8TokenToKVPool):
+        from sglang.srt.layers.attention.sage_attention.kv8_backend import (
+            SageKV8AttentionBackend,
+        )
+
         return SageKV8AttentionBackend(runner)
+    from sglang.srt.layers.attention.sage_attention_backend import SageAttentionBackend
+
     return SageAttentionBackend(runner)
 
 
