@@ -30,7 +30,7 @@ and the forward calls, since no other kernel reads that cache.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -128,9 +128,12 @@ class SageForwardMetadata:
     workspace: PackedKV | None = None
     # Set by the batch's first layer that runs the 8-bit kernel (the batch count).
     counted: bool = False
-    # With the 8-bit KV cache: every request's whole sequence (prefix, then chunk),
-    # a ``kv8_backend.KV8Indices``.
-    kv8_indices: object = None
+    # With the 8-bit KV cache (``kv8_backend.py``; ``sage`` then lists whole sequences):
+    # the requests FlashAttention serves over the unpacked cache, in groups that fit
+    # the workspace, the workspace (``kv8_flash.Workspace``), and whether counted.
+    kv8_flash: list[RequestSubset] = field(default_factory=list)
+    kv8_workspace: object = None
+    kv8_flash_counted: bool = False
 
 
 def raise_decode_split_cap(triton_backend: TritonAttnBackend, cap: int) -> None:
@@ -442,11 +445,13 @@ class SageAttentionBackend(AttentionBackend):
             self.token_to_kv_pool.get_key_buffer(layer.layer_id),
             self.token_to_kv_pool.get_value_buffer(layer.layer_id),
         )
-        run_on_subset(plan.sage, qkvo, lambda *t: self._sage_kernel(plan, layer, *t, *cache))
+        inputs, out = qkvo[:3], qkvo[3]
+        run_on_subset(plan.sage, inputs, out, lambda *t: self._sage_kernel(plan, layer, *t, *cache))
         if plan.base is not None:
             run_on_subset(
                 plan.base,
-                qkvo,
+                inputs,
+                out,
                 lambda *t: self.base_subset_kernel.run(plan.base_plan, layer, *t, *cache),
             )
         return o

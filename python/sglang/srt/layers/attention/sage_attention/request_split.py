@@ -25,13 +25,14 @@ import torch
 class RequestSubset:
     qo_indptr: torch.Tensor  # [n + 1] int32, over the subset's own rows
     kv_indptr: torch.Tensor  # [n + 1] int32, over ``kv_indices``
-    kv_indices: torch.Tensor  # the subset's cached-prefix slots, request after request
+    kv_indices: torch.Tensor  # the subset's slots (per request: ``kv_lens``), request after request
     max_extend_len: int
     extend_lens: list[int]
     # [tokens] int64: the subset's rows of the batch's q/k/v/o; None = the whole batch.
     rows: torch.Tensor | None
     # [n] int64: the subset's requests, as indices into the batch's requests.
     requests: torch.Tensor
+    kv_lens: list[int]
 
     @property
     def batch_size(self) -> int:
@@ -47,20 +48,25 @@ def _ranges(starts: torch.Tensor, lens: list[int], device) -> torch.Tensor:
     return base + torch.arange(total, dtype=torch.int64, device=device)
 
 
-def _subset(
+def subset_of(
     picked: list[int],
     qo_indptr: torch.Tensor,
     kv_indptr: torch.Tensor,
     kv_indices: torch.Tensor,
     extend_lens: list[int],
-    prefix_lens: list[int],
-    whole_batch: bool,
-) -> RequestSubset:
+    kv_lens: list[int],
+) -> RequestSubset | None:
+    """Requests ``picked`` (each with rows) of a batch whose request b holds
+    ``kv_lens[b]`` slots of ``kv_indices`` from ``kv_indptr[b]``, as an extend batch of
+    their own; None when nothing is picked."""
+    if not picked:
+        return None
     device = qo_indptr.device
     sub_extend = [extend_lens[b] for b in picked]
-    sub_prefix = [prefix_lens[b] for b in picked]
+    sub_kv = [kv_lens[b] for b in picked]
     index = torch.tensor(picked, dtype=torch.int64, device=device)
-    if whole_batch:
+    if picked == list(range(len(extend_lens))):
+        # Every request of the batch: its own metadata serves.
         return RequestSubset(
             qo_indptr=qo_indptr,
             kv_indptr=kv_indptr,
@@ -69,26 +75,39 @@ def _subset(
             extend_lens=sub_extend,
             rows=None,
             requests=index,
+            kv_lens=sub_kv,
         )
 
     def indptr(lens):
         return torch.tensor([0, *accumulate(lens)], dtype=torch.int32, device=device)
 
-    prefix_slots = _ranges(kv_indptr[index], sub_prefix, device)
+    slots = _ranges(kv_indptr[index], sub_kv, device)
     return RequestSubset(
         qo_indptr=indptr(sub_extend),
-        kv_indptr=indptr(sub_prefix),
-        kv_indices=kv_indices[prefix_slots],
+        kv_indptr=indptr(sub_kv),
+        kv_indices=kv_indices[slots],
         max_extend_len=max(sub_extend),
         extend_lens=sub_extend,
         rows=_ranges(qo_indptr[index], sub_extend, device),
         requests=index,
+        kv_lens=sub_kv,
     )
 
 
-def takes_8bit(extend_len: int, min_extend_len: int) -> bool:
-    """Whether a request with this new chunk runs on the 8-bit kernel."""
-    return extend_len > 0 and extend_len >= min_extend_len
+def takes_8bit(extend_len: int, min_extend_len: int | None) -> bool:
+    """Whether a request with this new chunk runs on the 8-bit kernel (None: never)."""
+    return min_extend_len is not None and extend_len > 0 and extend_len >= min_extend_len
+
+
+def pick_requests(
+    extend_lens: list[int], min_extend_len: int | None
+) -> tuple[list[int], list[int]]:
+    """(requests for the 8-bit kernel, the other requests with rows). Requests with an
+    empty chunk go nowhere: they have no rows."""
+    long_ones = [b for b, n in enumerate(extend_lens) if takes_8bit(n, min_extend_len)]
+    taken = set(long_ones)
+    short_ones = [b for b, n in enumerate(extend_lens) if n > 0 and b not in taken]
+    return long_ones, short_ones
 
 
 def split_requests(
@@ -102,32 +121,39 @@ def split_requests(
     """(requests for the 8-bit kernel, requests for the base's kernel); either may be None.
 
     A request runs 8-bit when its chunk has at least ``min_extend_len`` tokens
-    (and at least one). Requests with an empty chunk go nowhere: they have no rows.
+    (and at least one). ``kv_indices`` hold the cached prefixes.
     """
-    long_ones = [b for b, n in enumerate(extend_lens) if takes_8bit(n, min_extend_len)]
-    short_ones = [b for b, n in enumerate(extend_lens) if 0 < n < min_extend_len]
-    # The whole batch's metadata serves a side that holds every request with rows.
-    with_rows = len(long_ones) + len(short_ones)
-    sides = []
-    for picked in (long_ones, short_ones):
-        if not picked:
-            sides.append(None)
-            continue
-        whole = len(picked) == with_rows and with_rows == len(extend_lens)
-        sides.append(
-            _subset(picked, qo_indptr, kv_indptr, kv_indices, extend_lens, prefix_lens, whole)
-        )
-    return sides[0], sides[1]
+    index = (qo_indptr, kv_indptr, kv_indices, extend_lens, prefix_lens)
+    long_ones, short_ones = pick_requests(extend_lens, min_extend_len)
+    return subset_of(long_ones, *index), subset_of(short_ones, *index)
 
 
-def run_on_subset(subset: RequestSubset, qkvo, kernel) -> None:
-    """Run ``kernel(q, k, v, o)`` on a subset's rows: in place for the whole batch,
+def budget_groups(picked: list[int], kv_lens: list[int], budget: int) -> list[list[int]]:
+    """``picked`` in runs of consecutive requests whose ``kv_lens`` sum to at most
+    ``budget`` rows (a workspace's size); a request is never split, so one longer
+    than the budget is an error."""
+    groups: list[list[int]] = []
+    total = budget + 1
+    for b in picked:
+        if kv_lens[b] > budget:
+            raise ValueError(
+                f"sage_attn: a request of {kv_lens[b]} tokens exceeds the {budget}-token workspace"
+            )
+        if total + kv_lens[b] > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(b)
+        total += kv_lens[b]
+    return groups
+
+
+def run_on_subset(subset: RequestSubset, inputs: tuple, out: torch.Tensor, kernel) -> None:
+    """Run ``kernel(*inputs, out)`` on a subset's rows: in place for the whole batch,
     else on gathered rows whose output is scattered back."""
-    q, k, v, o = qkvo
     if subset.rows is None:
-        kernel(q, k, v, o)
+        kernel(*inputs, out)
         return
     rows = subset.rows
-    o_rows = o.new_empty((rows.shape[0], *o.shape[1:]))
-    kernel(q[rows], k[rows], v[rows], o_rows)
-    o.index_copy_(0, rows, o_rows)
+    out_rows = out.new_empty((rows.shape[0], *out.shape[1:]))
+    kernel(*(x[rows] for x in inputs), out_rows)
+    out.index_copy_(0, rows, out_rows)
