@@ -248,7 +248,8 @@ PY
               --out "$OUT/tp_sage.json" ;;
       kv8) $tp --label sage_kv8 --backend sage_attn --env SGLANG_SAGE_ATTN_KV_CACHE=int8 \
              --extra "$extra" --require "sage_attn: 8-bit KV cache:" "KV cache 8-bit" \
-             "extend batches on the 8-bit kernel so far" "decode batches on the 8-bit cache" \
+             "extend batches on (the 8-bit kernel|FlashAttention-[34] over the unpacked 8-bit cache) so far" \
+             "decode batches on the 8-bit cache" \
              --out "$OUT/tp_kv8.json" ;;
       esac > "$OUT/tp_$config.log" 2>&1
       echo "throughput $config rc=$?" | tee -a "$summary"; tail -3 "$OUT/tp_$config.log" | cut -c1-300 | tee -a "$summary"

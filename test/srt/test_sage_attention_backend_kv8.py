@@ -6,7 +6,9 @@ cached prefixes through the pool, builds the backend from SGLang's registry and
 checks every dense case, slot layout and the CUDA-graph decode runner against its
 fp32 reference (atol = rtol = 3e-2 on the output projection). Call counters prove
 that extends and decodes ran the 8-bit cache kernels, and nothing else: no other
-kernel can read this cache.
+kernel can read this cache. Extends run on each route (``extend_route``): the 8-bit
+kernel, FlashAttention over the unpacked rows with its fp64 twin standing in (CPU),
+and the real FlashAttention where it loads (GPU).
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from sage_attention_inputs import DEVICE, requires_kernels
 from sage_attention_kit import BACKEND, KIT_DTYPE, KitTestCase
 
 import sglang.srt.layers.attention.sage_attention.kv8_backend as kv8_backend_module
+import sglang.srt.layers.attention.sage_attention.kv8_flash as kv8_flash_module
 import sglang.srt.layers.attention.sage_attention_backend as backend_module
 from sglang.srt.layers.attention.sage_attention.kv8_pool import SageKV8TokenToKVPool
+from sglang.srt.layers.attention.sage_attention.kv8_reference import dense_attention_ref
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.test.kits.attention_unittest.attention_methods import dense_attention as kit
 from sglang.test.kits.attention_unittest.runner_modes.cuda_graph_decode_runner import (
@@ -42,6 +46,7 @@ def kv8_calls_fixture(monkeypatch):
     for module, name in (
         (kv8_backend_module, "sage_extend_attention_kv8"),
         (kv8_backend_module, "sage_decode_kv8"),
+        (kv8_flash_module, "flash_prefill_kv8"),
         (backend_module, "sage_extend_attention"),  # the bf16-cache kernel: never here
     ):
         real = getattr(module, name)
@@ -54,10 +59,37 @@ def kv8_calls_fixture(monkeypatch):
     return calls
 
 
+FLASH_HERE = (
+    kv8_backend_module.SageKV8AttentionBackend._flash_kernel(DEVICE)[0]
+    if DEVICE == "cuda"
+    else None
+)
+# route -> the extend kernel the counters must show.
+ROUTES = {"int8": "sage_extend_attention_kv8", "flash_twin": "flash_prefill_kv8"}
+if FLASH_HERE:
+    ROUTES["flash"] = "flash_prefill_kv8"
+
+
+@pytest.fixture(name="extend_route", params=list(ROUTES))
+def extend_route_fixture(request, monkeypatch):
+    """Pin the extend route: the 8-bit kernel for every chunk, or FlashAttention over
+    the unpacked rows for every chunk (its fp64 twin on the CPU, or the real one)."""
+    route = request.param
+    monkeypatch.setenv("SGLANG_SAGE_ATTN_MIN_EXTEND_LEN", "0" if route == "int8" else "off")
+    if route == "flash_twin":
+        monkeypatch.setattr(
+            kv8_backend_module.SageKV8AttentionBackend,
+            "_flash_kernel",
+            staticmethod(lambda device: (4, "the fp64 twin stands in (test)")),
+        )
+        monkeypatch.setattr(kv8_flash_module, "flash_attention", lambda ver: dense_attention_ref)
+    return route
+
+
 @pytest.mark.skipif(**requires_kernels)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: c.name)
-def test_kit_dense_cases_on_the_8bit_cache(case, layout, kv8_calls):
+def test_kit_dense_cases_on_the_8bit_cache(case, layout, kv8_calls, extend_route):
     if layout == "non_monotonic_extend" and case.page_size > 1:
         pytest.skip(
             "outside SGLang's paged allocator: from page size 2 it puts a request's token i "
@@ -69,7 +101,7 @@ def test_kit_dense_cases_on_the_8bit_cache(case, layout, kv8_calls):
         kit.run_dense_attention_case(
             KitTestCase(), case, head_dim=64, dtype=KIT_DTYPE, device=DEVICE, loc_layout=layout
         )
-    kernel = "sage_extend_attention_kv8" if case.forward_mode.is_extend() else "sage_decode_kv8"
+    kernel = ROUTES[extend_route] if case.forward_mode.is_extend() else "sage_decode_kv8"
     assert kv8_calls == [kernel], kv8_calls
 
 
@@ -86,7 +118,8 @@ def test_kit_cuda_graph_decode_replay_on_the_8bit_cache(case, kv8_calls):
 
 
 @pytest.mark.skipif(**requires_kernels)
-def test_the_log_says_which_cache_and_counts_batches(kv8_calls, caplog):
+def test_the_log_says_which_cache_and_counts_batches(kv8_calls, caplog, monkeypatch):
+    monkeypatch.setenv("SGLANG_SAGE_ATTN_MIN_EXTEND_LEN", "0")
     extend = next(c for c in DENSE_CASES if c.forward_mode == ForwardMode.EXTEND)
     with torch.no_grad(), caplog.at_level(logging.INFO, logger=backend_module.__name__):
         fixture = kit.build_dense_attention_fixture(
@@ -97,6 +130,43 @@ def test_the_log_says_which_cache_and_counts_batches(kv8_calls, caplog):
     assert any("KV cache 8-bit" in m for m in messages), messages
     assert any("(8-bit KV cache; first:" in m for m in messages), messages
     assert "sage_attn: 1 extend batches on the 8-bit kernel so far" in messages
+
+
+@pytest.mark.skipif(**requires_kernels)
+def test_the_log_names_the_flash_route_and_counts_its_batches(kv8_calls, caplog, monkeypatch):
+    monkeypatch.setenv("SGLANG_SAGE_ATTN_MIN_EXTEND_LEN", "off")
+    monkeypatch.setattr(
+        kv8_backend_module.SageKV8AttentionBackend,
+        "_flash_kernel",
+        staticmethod(lambda device: (4, "the fp64 twin stands in (test)")),
+    )
+    monkeypatch.setattr(kv8_flash_module, "flash_attention", lambda ver: dense_attention_ref)
+    extend = next(c for c in DENSE_CASES if c.forward_mode == ForwardMode.EXTEND)
+    with torch.no_grad(), caplog.at_level(logging.INFO):
+        fixture = kit.build_dense_attention_fixture(
+            KitTestCase(), extend, head_dim=64, dtype=KIT_DTYPE, device=DEVICE
+        )
+        kit.run_dense_fixture_eager(fixture)
+    assert kv8_calls == ["flash_prefill_kv8"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("8-bit kernel for chunks of no length: off" in m for m in messages), messages
+    assert any("below the crossover: FlashAttention-4" in m and "MB" in m for m in messages)
+    assert any("runs FlashAttention-4 over the unpacked rows (first:" in m for m in messages)
+    want = "sage_attn: 1 extend batches on FlashAttention-4 over the unpacked 8-bit cache so far"
+    assert want in messages, messages
+
+
+def test_min_extend_len_off_without_flash_attention_is_refused(kv8_calls, monkeypatch):
+    monkeypatch.setenv("SGLANG_SAGE_ATTN_MIN_EXTEND_LEN", "off")
+    monkeypatch.setattr(
+        kv8_backend_module.SageKV8AttentionBackend,
+        "_flash_kernel",
+        staticmethod(lambda device: (None, "no CUDA GPU")),
+    )
+    with pytest.raises(ValueError, match="MIN_EXTEND_LEN=off with .*no FlashAttention"):
+        kit.build_dense_attention_fixture(
+            KitTestCase(), DENSE_CASES[0], head_dim=64, dtype=KIT_DTYPE, device=DEVICE
+        )
 
 
 @pytest.mark.skipif(**requires_kernels)

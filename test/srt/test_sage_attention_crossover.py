@@ -10,9 +10,11 @@ import pytest
 
 from sglang.srt.layers.attention.sage_attention.crossover import (
     MEASURED,
+    MEASURED_KV8,
     MIN_GAIN,
     decide,
     measured_crossover,
+    measured_kv8_crossover,
 )
 
 RESULTS = pathlib.Path(__file__).resolve().parents[2] / "benchmark" / "sage_attention" / "results"
@@ -67,3 +69,44 @@ def test_table_matches_the_committed_measurements():
     for key, entry in MEASURED.items():
         assert entry.min_extend_len == committed[key], key
         assert (RESULTS / entry.source.split()[0]).exists(), entry.source
+
+
+KERNEL_RESULTS = RESULTS.parents[1] / "kernels" / "sage_attention" / "results"
+
+
+def _kv8_rows(path: pathlib.Path) -> dict[int, list[dict]]:
+    """head dim -> ``decide`` rows of the 8-bit cache's two extend routes, as a server
+    runs them (chunk write included): the 8-bit kernel (``sage_kv8``) against
+    FlashAttention over the unpacked cache (``sage_kv8_flash``), from a kernel
+    benchmark JSON."""
+    timed = {}
+    for r in json.loads(path.read_text())["rows"]:
+        if r["suite"] == "extend" and r["causal"] and r["impl"] in ("sage_kv8", "sage_kv8_flash"):
+            timed[(r["head_dim"], r["q_len"], r["kv_len"], r["impl"])] = r["ms"]
+    rows: dict[int, list[dict]] = {}
+    for (head_dim, q_len, kv_len, impl), ms in timed.items():
+        if impl == "sage_kv8" and (head_dim, q_len, kv_len, "sage_kv8_flash") in timed:
+            rows.setdefault(head_dim, []).append(
+                dict(
+                    chunk_len=q_len,
+                    prefix_len=kv_len - q_len,
+                    sage_ms=ms,
+                    base_ms=timed[(head_dim, q_len, kv_len, "sage_kv8_flash")],
+                )
+            )
+    return rows
+
+
+def test_kv8_table_matches_the_committed_kernel_measurements():
+    for (arch, head_dim), entry in MEASURED_KV8.items():
+        path = KERNEL_RESULTS / pathlib.Path(entry.source.split()[0]).name
+        rows = _kv8_rows(path)[head_dim]
+        assert arch == "sm90" and len(rows) >= 6, (path.name, rows)
+        assert decide(rows) == entry.min_extend_len, (path.name, rows)
+
+
+def test_kv8_unmeasured_and_never_say_why():
+    value, why = measured_kv8_crossover("sm90", 128, "FlashAttention-4")
+    assert value is None and "never beat FlashAttention" in why
+    value, why = measured_kv8_crossover("sm100", 128, "FlashAttention-4")
+    assert value is None and "not measured" in why

@@ -159,23 +159,20 @@ def pack(inputs, pv: str):
     return quantize_kv(*(inputs[n] for n in names), pv=PV(pv))
 
 
-def sage_kv8(inputs, batch, causal, page_size, pv_int8=None):
-    """The 8-bit KV cache's path: (write the chunk + extend over the cache, extend only);
-    ``pv_int8`` picks its P·V (None: the kernel's default).
-
-    Each request's sequence (prefix, then chunk) lies in its own pages of
-    ``page_size`` tokens, the pages shuffled across the pool as a server's end up. The
-    prefix is quantized into the cache once, outside the timing (a serving cache holds
-    it already)."""
-    from sglang.srt.layers.attention.sage_attention.extend_kv8 import sage_extend_attention_kv8
+def kv8_cache_for(inputs, batch, page_size):
+    """The 8-bit KV cache the kv8 rows read: each request's sequence (prefix, then
+    chunk) in its own pages of ``page_size`` tokens, the pages shuffled across the pool
+    as a server's end up. The prefix is quantized into the cache once, outside the
+    timing (a serving cache holds it already). Returns (cache, the chunk's slots, every
+    request's whole-sequence slots, their indptr)."""
     from sglang.srt.layers.attention.sage_attention.kv8_cache import (
         allocate_kv8_cache,
         write_kv8,
     )
 
-    q, o = inputs["q_extend"], inputs["o_extend"]
+    q = inputs["q_extend"]
     k_buffer, v_buffer = inputs["k_buffer"], inputs["v_buffer"]
-    num_tokens, kv_heads, head_dim = inputs["k_extend"].shape
+    _, kv_heads, head_dim = inputs["k_extend"].shape
     chunk_len, prefix = inputs["max_len_extend"], inputs["kv_indices"]
     prefix_len = prefix.shape[0] // batch
     seq_slots, page_table = page_slots(batch, prefix_len + chunk_len, page_size, q.device)
@@ -185,13 +182,23 @@ def sage_kv8(inputs, batch, causal, page_size, pv_int8=None):
     )  # fmt: skip
     write_kv8(cache, seq_slots[:, :prefix_len].reshape(-1), k_buffer[prefix], v_buffer[prefix])
     chunk_slots = seq_slots[:, prefix_len:].reshape(-1)
-    kv_indices = seq_slots.reshape(-1)
-    kv_indptr = inputs["kv_indptr"] + inputs["qo_indptr"]
+    assert chunk_slots.shape[0] == inputs["k_extend"].shape[0]
+    return cache, chunk_slots, seq_slots.reshape(-1), inputs["kv_indptr"] + inputs["qo_indptr"]
+
+
+def sage_kv8(inputs, batch, causal, page_size, pv_int8=None):
+    """The 8-bit KV cache's extend kernel: (write the chunk + extend over the cache,
+    extend only); ``pv_int8`` picks its P·V (None: the kernel's default)."""
+    from sglang.srt.layers.attention.sage_attention.extend_kv8 import sage_extend_attention_kv8
+    from sglang.srt.layers.attention.sage_attention.kv8_cache import write_kv8
+
+    q, o = inputs["q_extend"], inputs["o_extend"]
+    cache, chunk_slots, kv_indices, kv_indptr = kv8_cache_for(inputs, batch, page_size)
 
     def extend():
         sage_extend_attention_kv8(
-            q, o, cache, inputs["qo_indptr"], kv_indptr, kv_indices, chunk_len,
-            sm_scale=head_dim**-0.5, causal=causal, pv_int8=pv_int8,
+            q, o, cache, inputs["qo_indptr"], kv_indptr, kv_indices, inputs["max_len_extend"],
+            sm_scale=q.shape[-1] ** -0.5, causal=causal, pv_int8=pv_int8,
         )  # fmt: skip
         return o
 
@@ -199,9 +206,40 @@ def sage_kv8(inputs, batch, causal, page_size, pv_int8=None):
         write_kv8(cache, chunk_slots, inputs["k_extend"], inputs["v_extend"])
         return extend()
 
-    assert chunk_slots.shape[0] == num_tokens
     write_and_extend()  # the chunk's slots hold it before "extend only" is timed
     return write_and_extend, extend
+
+
+def sage_kv8_flash(inputs, batch, causal, page_size):
+    """What the 8-bit cache's server runs where FlashAttention loads (``kv8_flash.py``):
+    write the chunk, unpack the requests' rows, FlashAttention over them. None where no
+    FlashAttention loads, or not causal (the server's extends are)."""
+    from sglang.srt.layers.attention.sage_attention import kv8_flash
+    from sglang.srt.layers.attention.sage_attention.base_backend import flash_libraries_missing
+    from sglang.srt.layers.attention.sage_attention.kv8_cache import write_kv8
+
+    q, o = inputs["q_extend"], inputs["o_extend"]
+    ver, _ = kv8_flash.flash_version(
+        torch.cuda.get_device_capability(q.device), *flash_libraries_missing()
+    )
+    if ver is None or not causal:
+        return None
+    cache, chunk_slots, kv_indices, kv_indptr = kv8_cache_for(inputs, batch, page_size)
+    attention = kv8_flash.flash_attention(ver)
+    workspace = kv8_flash.workspace_for(None, kv_indices.shape[0], q, cache)
+    max_len_kv = kv_indices.shape[0] // batch
+
+    def run():
+        write_kv8(cache, chunk_slots, inputs["k_extend"], inputs["v_extend"])
+        kv8_flash.flash_prefill_kv8(
+            q, o, cache, qo_indptr=inputs["qo_indptr"], kv_indptr=kv_indptr,
+            kv_indices=kv_indices, max_len_extend=inputs["max_len_extend"],
+            max_len_kv=max_len_kv, sm_scale=q.shape[-1] ** -0.5, attention=attention,
+            workspace=workspace,
+        )  # fmt: skip
+        return o
+
+    return run
 
 
 def prefill_impls(
@@ -270,6 +308,9 @@ def prefill_impls(
     impls["sage_kv8_pvint8"], impls["sage_kv8_pvint8_kernel_only"] = sage_kv8(
         inputs, batch, causal, kv8_page_size, pv_int8=True
     )
+    kv8_flash = sage_kv8_flash(inputs, batch, causal, kv8_page_size) if q.is_cuda else None
+    if kv8_flash is not None:
+        impls["sage_kv8_flash"] = kv8_flash
     if not with_baselines:
         return impls
 

@@ -9,7 +9,7 @@ Three groups of modules, each above only the groups below it:
   cache's SGLang side: ``kv8_pool``, ``kv8_hooks``, ``kv8_calibration``.
 - The 8-bit KV cache path: ``kv8_cache`` (the page format, its write kernel and
   accessors), ``kv8_tiles`` (tile math both kernels share), ``extend_kv8``,
-  ``decode_kv8``.
+  ``decode_kv8``, ``kv8_flash`` (prefill through FlashAttention over unpacked rows).
 - The bf16-cache path: ``layout`` (the packed K/V format), ``quantize`` (the pre-pass),
   ``extend_attention`` (portable Triton kernel and dispatch), ``hopper_attention``
   (Gluon, sm_90), ``rotation``.

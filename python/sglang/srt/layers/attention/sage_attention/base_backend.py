@@ -138,6 +138,11 @@ def _flashinfer_loads() -> bool:
     return True
 
 
+def flash_libraries_missing() -> tuple[str | None, str | None]:
+    """Why FlashAttention-3 and FlashAttention-4 do not load here (None: it loads)."""
+    return _import_error(_fa3_loads), _import_error(_fa4_loads)
+
+
 def facts_of(model_runner, kv8_cache: bool) -> BaseFacts:
     from sglang.srt.runtime_context import get_platform, get_spec
 
@@ -147,6 +152,7 @@ def facts_of(model_runner, kv8_cache: bool) -> BaseFacts:
     topk = spec.speculative_eagle_topk
     page_size = model_runner.page_size
     config = model_runner.model_config
+    fa3_missing, fa4_missing = flash_libraries_missing() if is_cuda else ("no CUDA",) * 2
     return BaseFacts(
         is_cuda=is_cuda,
         capability=tuple(platform.device_capability) if is_cuda else None,
@@ -157,8 +163,8 @@ def facts_of(model_runner, kv8_cache: bool) -> BaseFacts:
         has_attention_sinks=bool(getattr(config, "has_attention_sinks", False)),
         asymmetric_kv=bool(getattr(config, "has_asymmetric_kv", False)),
         kv8_cache=kv8_cache,
-        fa3_missing=_import_error(_fa3_loads) if is_cuda else "no CUDA",
-        fa4_missing=_import_error(_fa4_loads) if is_cuda else "no CUDA",
+        fa3_missing=fa3_missing,
+        fa4_missing=fa4_missing,
         flashinfer_missing=(
             None
             if is_cuda and platform.has_flashinfer and _import_error(_flashinfer_loads) is None

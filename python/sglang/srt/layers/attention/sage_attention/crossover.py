@@ -43,6 +43,21 @@ MEASURED: dict[tuple[str, int, str], Crossover] = {
 }
 
 
+# The 8-bit KV cache (``kv8_flash.py``): (architecture, head dim) -> from which chunk
+# length sage_attn's 8-bit extend kernel beats FlashAttention over the unpacked cache.
+# Measured on the H100 as a server runs both (chunk write included, pages of 64):
+# ``sage_kv8`` against ``sage_kv8_flash`` (FA4), 2K-32K chunks, dense and 90% cached:
+# 0.41-0.54x at hd128, 0.31-0.52x at hd64. From
+#   python benchmark/kernels/sage_attention/bench_sage_attention.py --suites extend \
+#       --head-dims 128 64 --extend-lens 2048 8192 32768 --cached-fractions 0.0 0.9 \
+#       --causal causal --kv8-page-size 64 --impls fa4 sage_kv8 sage_kv8_flash
+_H100_KV8 = "benchmark/kernels/sage_attention/results/h100_kv8_flash_extend.json (H100, 2026-12-06)"
+MEASURED_KV8: dict[tuple[str, int], Crossover] = {
+    ("sm90", 128): Crossover(None, _H100_KV8),
+    ("sm90", 64): Crossover(None, _H100_KV8),
+}
+
+
 def decide(rows: list[dict]) -> int | None:
     """The shortest chunk length from which every measured row (``chunk_len``,
     ``prefix_len``, ``sage_ms``, ``base_ms``) with a chunk at least that long has
@@ -84,3 +99,23 @@ def measured_crossover(arch: str, head_dim: int, base: str) -> tuple[int | None,
             f"{head_dim} ({entry.source})"
         )
     return entry.min_extend_len, f"measured against {base} on {arch} ({entry.source})"
+
+
+def measured_kv8_crossover(arch: str, head_dim: int, flash: str) -> tuple[int | None, str]:
+    """(shortest chunk on the 8-bit cache's extend kernel or None, why), where
+    ``flash`` (FlashAttention over the unpacked cache) serves the other chunks.
+    Unmeasured: FlashAttention serves every chunk, as the base does for the bf16 cache."""
+    entry = MEASURED_KV8.get((arch, head_dim))
+    if entry is None:
+        return None, (
+            f"{flash} over the unpacked 8-bit cache for every chunk: the 8-bit extend "
+            f"kernel is not measured against it on {arch} at head dim {head_dim}"
+        )
+    if entry.min_extend_len is None:
+        return None, (
+            f"{flash} over the unpacked 8-bit cache for every chunk: the 8-bit extend "
+            f"kernel never beat FlashAttention on {arch} at head dim {head_dim} ({entry.source})"
+        )
+    return entry.min_extend_len, (
+        f"measured against FlashAttention over the unpacked cache on {arch} ({entry.source})"
+    )

@@ -1,11 +1,19 @@
 """SageKV8AttentionBackend: sage_attn on its own 8-bit KV cache.
 
 With ``SGLANG_SAGE_ATTN_KV_CACHE=int8`` the server builds the 8-bit pool
-(``kv8_pool.py``) and the plugin's factory this class. No other kernel reads that
-cache, so nothing is delegated: every extend runs ``sage_extend_attention_kv8`` over
-each request's whole sequence in the cache and every decode step (eager or in a CUDA
-graph) ``sage_decode_kv8`` with the Triton base's split metadata and scratch. What
-those kernels do not compute is refused at start-up: before the pool is built
+(``kv8_pool.py``) and the plugin's factory this class. No SGLang kernel reads that
+cache, so nothing is delegated:
+
+- decode (eager or in a CUDA graph): ``sage_decode_kv8`` with the Triton base's split
+  metadata and scratch;
+- extend, per request by its own chunk length (``crossover.measured_kv8_crossover``):
+  ``sage_extend_attention_kv8`` over the request's whole sequence in the cache from
+  the crossover up, and below it FlashAttention over the request's rows unpacked to the
+  model dtype (``kv8_flash.py``) where a FlashAttention kernel loads. On the H100 the
+  8-bit extend kernel never beat FA4, so there every chunk takes FlashAttention; without
+  FlashAttention (CPU, Ampere/Ada) every chunk takes the 8-bit kernel.
+
+What those kernels do not compute is refused at start-up: before the pool is built
 (``kv8_hooks.kv8_refusals``) and here, per layer
 (``refuse_layers_the_kv8_cache_cannot_serve``). Planning, the base's hooks and the
 path log are the bf16-cache backend's (``SageAttentionBackend``).
@@ -15,11 +23,13 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 
-from sglang.srt.layers.attention.sage_attention import extend_kv8
+from sglang.srt.layers.attention.sage_attention import extend_kv8, kv8_flash
+from sglang.srt.layers.attention.sage_attention.base_backend import flash_libraries_missing
+from sglang.srt.layers.attention.sage_attention.base_extend import host_lens
+from sglang.srt.layers.attention.sage_attention.crossover import arch_of, measured_kv8_crossover
 from sglang.srt.layers.attention.sage_attention.decode_kv8 import (
     how_decode_reads,
     sage_decode_kv8,
@@ -27,7 +37,13 @@ from sglang.srt.layers.attention.sage_attention.decode_kv8 import (
 from sglang.srt.layers.attention.sage_attention.extend_kv8 import sage_extend_attention_kv8
 from sglang.srt.layers.attention.sage_attention.kv8_pool import SageKV8TokenToKVPool
 from sglang.srt.layers.attention.sage_attention.kv8_tiles import MAX_GROUP
-from sglang.srt.layers.attention.sage_attention.settings import KV_CACHE_ENV
+from sglang.srt.layers.attention.sage_attention.request_split import (
+    budget_groups,
+    pick_requests,
+    run_on_subset,
+    subset_of,
+)
+from sglang.srt.layers.attention.sage_attention.settings import KV_CACHE_ENV, MIN_EXTEND_LEN_ENV
 from sglang.srt.layers.attention.sage_attention_backend import (
     SageAttentionBackend,
     is_power_of_two,
@@ -37,17 +53,6 @@ from sglang.srt.layers.attention.sage_attention_backend import (
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class KV8Indices:
-    """An extend batch's slots as the 8-bit cache kernels read them: each request's
-    whole sequence, its new chunk written to the cache first."""
-
-    qo_indptr: torch.Tensor
-    kv_indptr: torch.Tensor
-    kv_indices: torch.Tensor
-    max_extend_len: int
 
 
 def refuse_layers_the_kv8_cache_cannot_serve(model) -> None:
@@ -78,12 +83,50 @@ class SageKV8AttentionBackend(SageAttentionBackend):
         # forward (``recording``).
         self.calibration = None
         self.kv8_decode_batches = 0
+        self.flash_extend_batches = 0
+        self._announced_flash_path = False
+        # FlashAttention for the chunks the 8-bit extend kernel does not win (None: no
+        # FlashAttention loads here); read by ``_crossover`` during the base class's set-up.
+        self.flash_ver, flash_reason = self._flash_kernel(model_runner.device)
+        self.flash_name = f"FlashAttention-{self.flash_ver}" if self.flash_ver else None
+        self.flash_reason = flash_reason
+        self.dense_attention = kv8_flash.flash_attention(self.flash_ver) if self.flash_ver else None
+        self.flash_budget = kv8_flash.budget_tokens(model_runner.model_config.context_len)
         super().__init__(model_runner, settings)
         # Kept out of torch.compile's trace, as SGLang's backends keep their kernels.
         self.extend_attention_kv8 = torch.compiler.disable(sage_extend_attention_kv8)
         self.decode_attention_kv8 = torch.compiler.disable(sage_decode_kv8)
+        self.flash_prefill_kv8 = torch.compiler.disable(kv8_flash.flash_prefill_kv8)
+        if self.dense_attention is not None:
+            config = model_runner.model_config
+            workspace = kv8_flash.workspace_bytes(
+                self.flash_budget,
+                self.num_kv_heads,
+                config.head_dim,
+                config.v_head_dim,
+                model_runner.dtype,
+            )
+            logger.info(
+                "sage_attn: prefill on the 8-bit cache below the crossover: %s (%s) over "
+                "the requests' rows unpacked to %s, in a workspace of up to %d tokens "
+                "(%.0f MB, outside SGLang's KV budget, one per batch)",
+                self.flash_name,
+                self.flash_reason,
+                model_runner.dtype,
+                self.flash_budget,
+                workspace / 2**20,
+            )
 
     # ---- start-up -------------------------------------------------------------
+
+    @staticmethod
+    def _flash_kernel(device) -> tuple[int | None, str]:
+        device = torch.device(device)
+        if device.type != "cuda":
+            return None, "no CUDA GPU"
+        return kv8_flash.flash_version(
+            torch.cuda.get_device_capability(device), *flash_libraries_missing()
+        )
 
     def _check_pool(self, model_runner) -> None:
         pool = self.token_to_kv_pool
@@ -97,13 +140,27 @@ class SageKV8AttentionBackend(SageAttentionBackend):
             refuse_layers_the_kv8_cache_cannot_serve(model_runner.model)
 
     def _crossover(self, device, head_dim: int) -> tuple[int | None, str]:
-        return 0, "the 8-bit KV cache: every chunk"
+        setting = self.settings.min_extend_len
+        if self.dense_attention is None:
+            if setting == "off":
+                raise ValueError(
+                    f"{MIN_EXTEND_LEN_ENV}=off with {KV_CACHE_ENV}=int8: no FlashAttention "
+                    f"loads here ({self.flash_reason}), and only the 8-bit kernel reads the "
+                    "8-bit cache"
+                )
+            return 0, f"the 8-bit KV cache: every chunk (no FlashAttention: {self.flash_reason})"
+        if setting == "auto":
+            return measured_kv8_crossover(arch_of(device), head_dim, self.flash_name)
+        below = f"{self.flash_name} over the unpacked cache below it"
+        if setting == "off":
+            return None, f"{MIN_EXTEND_LEN_ENV}=off: {self.flash_name} over the unpacked cache"
+        return setting, f"{MIN_EXTEND_LEN_ENV}={setting}; {below}"
 
     def _warn_missing_kernels(self, model_runner) -> None:
         pass  # the 8-bit cache's kernels are Triton alone
 
     def _kv_cache_description(self) -> str:
-        return "8-bit (int8, sage_attn's kernels for prefill and decode)"
+        return "8-bit (int8; decode on sage_attn's 8-bit kernel)"
 
     @contextmanager
     def recording(self, recorder):
@@ -117,17 +174,16 @@ class SageKV8AttentionBackend(SageAttentionBackend):
     # ---- metadata -------------------------------------------------------------
 
     def _plan_extend(self, forward_batch, plan):
-        """Whole-sequence slots of an extend batch (the Triton base's list only the
-        cached prefixes), built by SGLang's own index packer."""
-        triton_metadata = self.base.forward_metadata
+        """Each request's whole sequence (the Triton base lists only the cached
+        prefixes), built by SGLang's own index packer, then split by chunk length:
+        ``plan.sage`` for the 8-bit kernel, ``plan.kv8_flash`` for FlashAttention."""
         batch_size = forward_batch.batch_size
-        total = forward_batch.seq_lens_sum
-        if total is None:
-            total = int(forward_batch.seq_lens[:batch_size].sum())
+        extend_lens, prefix_lens = host_lens(forward_batch)
+        kv_lens = [n + p for n, p in zip(extend_lens, prefix_lens, strict=True)]
         kv_indptr = torch.zeros(
             batch_size + 1, dtype=torch.int32, device=forward_batch.seq_lens.device
         )
-        kv_indices = torch.empty(total, dtype=torch.int64, device=kv_indptr.device)
+        kv_indices = torch.empty(sum(kv_lens), dtype=torch.int64, device=kv_indptr.device)
         self.base._fill_kv_indptr_and_indices(
             forward_batch.kv_loc_plan,
             batch_size,
@@ -136,24 +192,24 @@ class SageKV8AttentionBackend(SageAttentionBackend):
             kv_indices,
             kv_indptr=kv_indptr,
         )
-        plan.kv8_indices = KV8Indices(
-            qo_indptr=triton_metadata.qo_indptr,
-            kv_indptr=kv_indptr,
-            kv_indices=kv_indices,
-            max_extend_len=triton_metadata.max_extend_len,
-        )
+        index = (self.base.forward_metadata.qo_indptr, kv_indptr, kv_indices, extend_lens, kv_lens)
+        int8_requests, flash_requests = pick_requests(extend_lens, self.min_extend_len)
+        plan.sage = subset_of(int8_requests, *index)
+        plan.kv8_flash = [
+            subset_of(group, *index)
+            for group in budget_groups(flash_requests, kv_lens, self.flash_budget)
+        ]
         return plan
 
     # ---- forward ----------------------------------------------------------------
 
     def _describe_sage_path(self, plan, layer, q) -> dict:
-        requests = plan.kv8_indices.qo_indptr.shape[0] - 1
         return dict(
             kernel="8-bit KV cache",
             pv="int8" if extend_kv8.PV_INT8 else "fp16",
-            requests=requests,
-            total=requests,
-            longest=plan.kv8_indices.max_extend_len,
+            requests=plan.sage.batch_size,
+            total=plan.sage.batch_size + sum(g.batch_size for g in plan.kv8_flash),
+            longest=plan.sage.max_extend_len,
         )
 
     def _write_kv8(self, q, k, v, layer, forward_batch, save_kv_cache, reason):
@@ -176,23 +232,81 @@ class SageKV8AttentionBackend(SageAttentionBackend):
         )
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        """Write the chunk, then attend over each request's whole sequence in the cache."""
+        """Write the chunk, then attend over each request's whole sequence in the cache:
+        the 8-bit kernel or FlashAttention over the unpacked rows, by the request's chunk."""
         if self.calibration is not None:
             return self.calibration.attend(q, k, v, layer)
         plan = self.forward_metadata
         reason = plan.delegate_reason or layer_delegate_reason(q, k, layer, kwargs)
-        o, qoc = self._write_kv8(q, k, v, layer, forward_batch, save_kv_cache, reason)
-        self._count_sage_batch(plan, layer, q)
-        indices = plan.kv8_indices
-        self.extend_attention_kv8(
-            *qoc,
-            qo_indptr=indices.qo_indptr,
-            kv_indptr=indices.kv_indptr,
-            kv_indices=indices.kv_indices,
-            max_len_extend=indices.max_extend_len,
-            sm_scale=layer.scaling,
+        o, (q_rows, o_rows, cache) = self._write_kv8(
+            q, k, v, layer, forward_batch, save_kv_cache, reason
         )
+        if plan.sage is not None:
+            self._count_sage_batch(plan, layer, q)
+            run_on_subset(
+                plan.sage,
+                (q_rows,),
+                o_rows,
+                lambda q_sub, o_sub: self.extend_attention_kv8(
+                    q_sub,
+                    o_sub,
+                    cache,
+                    qo_indptr=plan.sage.qo_indptr,
+                    kv_indptr=plan.sage.kv_indptr,
+                    kv_indices=plan.sage.kv_indices,
+                    max_len_extend=plan.sage.max_extend_len,
+                    sm_scale=layer.scaling,
+                ),
+            )
+        for group in plan.kv8_flash:
+            self._count_flash_batch(plan, group)
+            run_on_subset(
+                group,
+                (q_rows,),
+                o_rows,
+                lambda q_sub, o_sub, group=group: self._flash(plan, group, layer, q_sub, o_sub),
+            )
         return o
+
+    def _flash(self, plan, group, layer, q, o) -> None:
+        plan.kv8_workspace = self.flash_prefill_kv8(
+            q,
+            o,
+            self.kv8_pool.kv8_cache(layer.layer_id),
+            qo_indptr=group.qo_indptr,
+            kv_indptr=group.kv_indptr,
+            kv_indices=group.kv_indices,
+            max_len_extend=group.max_extend_len,
+            max_len_kv=max(group.kv_lens),
+            sm_scale=layer.scaling,
+            attention=self.dense_attention,
+            workspace=plan.kv8_workspace,
+        )
+
+    def _count_flash_batch(self, plan, group) -> None:
+        """Log the first FlashAttention extend and count batches (at 1, 2, 4, ...), so a
+        server log proves the prefill path."""
+        if not self._announced_flash_path:
+            self._announced_flash_path = True
+            logger.info(
+                "sage_attn: extend on the 8-bit cache runs %s over the unpacked rows "
+                "(first: %d of %d requests, longest chunk %d tokens, longest sequence %d)",
+                self.flash_name,
+                group.batch_size,
+                (plan.sage.batch_size if plan.sage else 0)
+                + sum(g.batch_size for g in plan.kv8_flash),
+                group.max_extend_len,
+                max(group.kv_lens),
+            )
+        if not plan.kv8_flash_counted:
+            plan.kv8_flash_counted = True
+            self.flash_extend_batches += 1
+            if is_power_of_two(self.flash_extend_batches):
+                logger.info(
+                    "sage_attn: %d extend batches on %s over the unpacked 8-bit cache so far",
+                    self.flash_extend_batches,
+                    self.flash_name,
+                )
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         """A decode step: the Triton base's decode metadata (splits, scratch, CUDA-graph

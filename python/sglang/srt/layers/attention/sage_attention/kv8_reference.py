@@ -1,5 +1,6 @@
 """Pure-torch twins of the 8-bit KV cache's attention kernels (``extend_kv8.py``,
-``decode_kv8.py``): the tests' references, never imported by a kernel module.
+``decode_kv8.py``, and ``kv8_flash.py``'s FlashAttention call): the tests' references,
+never imported by a kernel module.
 
 Both start from ``kv8_scores_ref`` (the kernels' INT8 Q against the dequantized
 cache); the softmax is exact in fp64, except where INT8 P·V is asked for, whose
@@ -176,3 +177,27 @@ def sage_decode_kv8_ref(
         weights = (lse - lse.amax(0)).exp2()
         merged = (weights[..., None] * torch.stack(outs)).sum(0) / weights.sum(0)[:, None]
         o[b] = merged.to(o.dtype)
+
+
+def dense_attention_ref(
+    q, k, v, o, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sm_scale
+) -> None:
+    """Twin of ``kv8_flash``'s FlashAttention call (a ``DenseAttention``): request b's
+    query rows ``cu_seqlens_q[b]:[b+1]`` of ``q [N, Hq, D]`` against its key rows
+    ``cu_seqlens_k[b]:[b+1]`` of ``k``/``v [M, Hkv, D(v)]``, bottom-right causal, exact
+    softmax in fp64; writes ``o [N, Hq, Dv]``."""
+    del max_seqlen_q, max_seqlen_k
+    qo, kv = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    group = q.shape[1] // k.shape[1]
+    for b in range(len(qo) - 1):
+        num_queries, kv_len = qo[b + 1] - qo[b], kv[b + 1] - kv[b]
+        if num_queries == 0:
+            continue
+        queries = q[qo[b] : qo[b + 1]].double().transpose(0, 1)  # [Hq, E, D]
+        keys = per_query_head(k[kv[b] : kv[b + 1]], group)
+        values = per_query_head(v[kv[b] : kv[b + 1]], group)
+        s = (queries @ keys.transpose(1, 2)) * sm_scale
+        keys_seen = torch.arange(kv_len, device=s.device)[None, :]
+        rows = torch.arange(num_queries, device=s.device)[:, None]
+        s = s.masked_fill(keys_seen > kv_len - num_queries + rows, float("-inf"))
+        o[qo[b] : qo[b + 1]] = (s.softmax(-1) @ values).transpose(0, 1).to(o.dtype)
