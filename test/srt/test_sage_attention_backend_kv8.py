@@ -14,6 +14,7 @@ and the real FlashAttention where it loads (GPU).
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -76,6 +77,8 @@ def extend_route_fixture(request, monkeypatch):
     the unpacked rows for every chunk (its fp64 twin on the CPU, or the real one)."""
     route = request.param
     monkeypatch.setenv("SGLANG_SAGE_ATTN_MIN_EXTEND_LEN", "0" if route == "int8" else "off")
+    # The kit's chunks are a few tokens long: below the route's floor (test_routes_*).
+    monkeypatch.setattr(kv8_flash_module, "MIN_FLASH_CHUNK", 1)
     if route == "flash_twin":
         monkeypatch.setattr(
             kv8_backend_module.SageKV8AttentionBackend,
@@ -135,6 +138,7 @@ def test_the_log_says_which_cache_and_counts_batches(kv8_calls, caplog, monkeypa
 @pytest.mark.skipif(**requires_kernels)
 def test_the_log_names_the_flash_route_and_counts_its_batches(kv8_calls, caplog, monkeypatch):
     monkeypatch.setenv("SGLANG_SAGE_ATTN_MIN_EXTEND_LEN", "off")
+    monkeypatch.setattr(kv8_flash_module, "MIN_FLASH_CHUNK", 1)
     monkeypatch.setattr(
         kv8_backend_module.SageKV8AttentionBackend,
         "_flash_kernel",
@@ -154,6 +158,26 @@ def test_the_log_names_the_flash_route_and_counts_its_batches(kv8_calls, caplog,
     assert any("runs FlashAttention-4 over the unpacked rows (first:" in m for m in messages)
     want = "sage_attn: 1 extend batches on FlashAttention-4 over the unpacked 8-bit cache so far"
     assert want in messages, messages
+
+
+@pytest.mark.parametrize(
+    "min_extend_len, want_int8, want_flash",
+    [
+        (None, [0, 1, 5], [2, 3]),  # the H100's table: FlashAttention from the floor up
+        (300, [0, 1, 3, 5], [2]),  # a crossover: long chunks back on the 8-bit kernel
+        (0, [0, 1, 2, 3, 5], []),  # every chunk 8-bit (no FlashAttention here)
+    ],
+)
+def test_routes_keep_chunks_below_the_floor_on_the_8bit_kernel(
+    min_extend_len, want_int8, want_flash
+):
+    """Decode rows of mixed batches (1 token) and chunks under MIN_FLASH_CHUNK would
+    unpack their whole sequence for a few rows; empty chunks go nowhere."""
+    floor = kv8_flash_module.MIN_FLASH_CHUNK
+    extend_lens = [1, floor - 1, floor, 500, 0, 2]
+    backend = SimpleNamespace(min_extend_len=min_extend_len)
+    routes = kv8_backend_module.SageKV8AttentionBackend._routes(backend, extend_lens)
+    assert routes == (want_int8, want_flash)
 
 
 def test_min_extend_len_off_without_flash_attention_is_refused(kv8_calls, monkeypatch):

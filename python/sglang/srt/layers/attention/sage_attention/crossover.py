@@ -104,17 +104,17 @@ def measured_crossover(arch: str, head_dim: int, base: str) -> tuple[int | None,
 def measured_kv8_crossover(arch: str, head_dim: int, flash: str) -> tuple[int | None, str]:
     """(shortest chunk on the 8-bit cache's extend kernel or None, why), where
     ``flash`` (FlashAttention over the unpacked cache) serves the other chunks.
-    Unmeasured: FlashAttention serves every chunk, as the base does for the bf16 cache."""
+    Unmeasured: FlashAttention serves the chunks, as the base does for the bf16 cache."""
     entry = MEASURED_KV8.get((arch, head_dim))
     if entry is None:
         return None, (
-            f"{flash} over the unpacked 8-bit cache for every chunk: the 8-bit extend "
-            f"kernel is not measured against it on {arch} at head dim {head_dim}"
+            f"{flash} over the unpacked 8-bit cache: the 8-bit extend kernel is not "
+            f"measured against it on {arch} at head dim {head_dim}"
         )
     if entry.min_extend_len is None:
         return None, (
-            f"{flash} over the unpacked 8-bit cache for every chunk: the 8-bit extend "
-            f"kernel never beat FlashAttention on {arch} at head dim {head_dim} ({entry.source})"
+            f"{flash} over the unpacked 8-bit cache: the 8-bit extend kernel never beat "
+            f"it on {arch} at head dim {head_dim} ({entry.source})"
         )
     return entry.min_extend_len, (
         f"measured against FlashAttention over the unpacked cache on {arch} ({entry.source})"

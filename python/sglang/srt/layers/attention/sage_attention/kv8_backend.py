@@ -9,9 +9,11 @@ cache, so nothing is delegated:
 - extend, per request by its own chunk length (``crossover.measured_kv8_crossover``):
   ``sage_extend_attention_kv8`` over the request's whole sequence in the cache from
   the crossover up, and below it FlashAttention over the request's rows unpacked to the
-  model dtype (``kv8_flash.py``) where a FlashAttention kernel loads. On the H100 the
-  8-bit extend kernel never beat FA4, so there every chunk takes FlashAttention; without
-  FlashAttention (CPU, Ampere/Ada) every chunk takes the 8-bit kernel.
+  model dtype (``kv8_flash.py``) where a FlashAttention kernel loads, but for chunks
+  under ``kv8_flash.MIN_FLASH_CHUNK`` tokens (decode rows of mixed batches). On the H100 the
+  8-bit extend kernel never beat FA4, so there every chunk of at least 64 tokens takes
+  FlashAttention; without FlashAttention (CPU, Ampere/Ada) every chunk takes the 8-bit
+  kernel.
 
 What those kernels do not compute is refused at start-up: before the pool is built
 (``kv8_hooks.kv8_refusals``) and here, per layer
@@ -107,11 +109,13 @@ class SageKV8AttentionBackend(SageAttentionBackend):
                 model_runner.dtype,
             )
             logger.info(
-                "sage_attn: prefill on the 8-bit cache below the crossover: %s (%s) over "
-                "the requests' rows unpacked to %s, in a workspace of up to %d tokens "
-                "(%.0f MB, outside SGLang's KV budget, one per batch)",
+                "sage_attn: prefill on the 8-bit cache below the crossover: %s (%s) for "
+                "chunks of at least %d tokens (shorter ones on the 8-bit kernel), over the "
+                "requests' rows unpacked to %s, in a workspace of up to %d tokens (%.0f MB, "
+                "outside SGLang's KV budget, one per batch)",
                 self.flash_name,
                 self.flash_reason,
+                kv8_flash.MIN_FLASH_CHUNK,
                 model_runner.dtype,
                 self.flash_budget,
                 workspace / 2**20,
@@ -193,13 +197,24 @@ class SageKV8AttentionBackend(SageAttentionBackend):
             kv_indptr=kv_indptr,
         )
         index = (self.base.forward_metadata.qo_indptr, kv_indptr, kv_indices, extend_lens, kv_lens)
-        int8_requests, flash_requests = pick_requests(extend_lens, self.min_extend_len)
+        int8_requests, flash_requests = self._routes(extend_lens)
         plan.sage = subset_of(int8_requests, *index)
         plan.kv8_flash = [
             subset_of(group, *index)
             for group in budget_groups(flash_requests, kv_lens, self.flash_budget)
         ]
         return plan
+
+    def _routes(self, extend_lens: list[int]) -> tuple[list[int], list[int]]:
+        """(requests on the 8-bit kernel, requests on FlashAttention), each by its own
+        chunk: FlashAttention below the crossover, except chunks shorter than
+        ``kv8_flash.MIN_FLASH_CHUNK`` (decode rows of mixed batches, short turns over a
+        long prefix), for which unpacking the whole sequence would cost more."""
+        int8_requests, flash_requests = pick_requests(extend_lens, self.min_extend_len)
+        tiny = {b for b in flash_requests if extend_lens[b] < kv8_flash.MIN_FLASH_CHUNK}
+        if not tiny:
+            return int8_requests, flash_requests
+        return sorted([*int8_requests, *tiny]), [b for b in flash_requests if b not in tiny]
 
     # ---- forward ----------------------------------------------------------------
 

@@ -48,6 +48,14 @@ from sglang.srt.layers.attention.sage_attention.rotation import hadamard_matrix
 
 # Tokens per unpack program: enough rows per KV head for coalesced stores.
 UNPACK_BLOCK = 64
+# Chunks shorter than this stay on the 8-bit extend kernel: the route moves D + Dv + 8
+# bytes in and 2 (D + Dv) out per sequence token and KV head, then FlashAttention reads
+# 2 (D + Dv) again, ~5x the 8-bit kernel's D + Dv + 8. Counting those bytes at 3 TB/s
+# against each kernel's measured rate (H100, hd128: 8-bit 245 TOPS, FA4 over unpacked
+# rows 580), the two cost the same at ~90-token chunks over a long prefix; decode rows
+# of mixed batches (one token over the whole context) are the extreme. A prediction:
+# the shortest measured chunk is 256 tokens (the route 1.85x faster there).
+MIN_FLASH_CHUNK = 64
 # The workspace holds at least this many tokens (so short-context servers still batch
 # many requests into one call).
 MIN_BUDGET_TOKENS = 32768
