@@ -175,9 +175,15 @@ def test_routes_keep_chunks_below_the_floor_on_the_8bit_kernel(
     unpack their whole sequence for a few rows; empty chunks go nowhere."""
     floor = kv8_flash_module.MIN_FLASH_CHUNK
     extend_lens = [1, floor - 1, floor, 500, 0, 2]
-    backend = SimpleNamespace(min_extend_len=min_extend_len)
-    routes = kv8_backend_module.SageKV8AttentionBackend._routes(backend, extend_lens)
+    kv_lens = [n + 1000 for n in extend_lens]
+    backend = SimpleNamespace(min_extend_len=min_extend_len, flash_budget=4096)
+    routes = kv8_backend_module.SageKV8AttentionBackend._routes(backend, extend_lens, kv_lens)
     assert routes == (want_int8, want_flash)
+    # A sequence past the workspace (beyond the context length it is sized for) stays
+    # on the 8-bit kernel rather than failing the batch.
+    backend.flash_budget = 1100
+    routes = kv8_backend_module.SageKV8AttentionBackend._routes(backend, extend_lens, kv_lens)
+    assert routes[1] == [b for b in want_flash if kv_lens[b] <= 1100]
 
 
 def test_min_extend_len_off_without_flash_attention_is_refused(kv8_calls, monkeypatch):

@@ -197,7 +197,7 @@ class SageKV8AttentionBackend(SageAttentionBackend):
             kv_indptr=kv_indptr,
         )
         index = (self.base.forward_metadata.qo_indptr, kv_indptr, kv_indices, extend_lens, kv_lens)
-        int8_requests, flash_requests = self._routes(extend_lens)
+        int8_requests, flash_requests = self._routes(extend_lens, kv_lens)
         plan.sage = subset_of(int8_requests, *index)
         plan.kv8_flash = [
             subset_of(group, *index)
@@ -205,16 +205,21 @@ class SageKV8AttentionBackend(SageAttentionBackend):
         ]
         return plan
 
-    def _routes(self, extend_lens: list[int]) -> tuple[list[int], list[int]]:
+    def _routes(self, extend_lens: list[int], kv_lens: list[int]) -> tuple[list[int], list[int]]:
         """(requests on the 8-bit kernel, requests on FlashAttention), each by its own
-        chunk: FlashAttention below the crossover, except chunks shorter than
-        ``kv8_flash.MIN_FLASH_CHUNK`` (decode rows of mixed batches, short turns over a
-        long prefix), for which unpacking the whole sequence would cost more."""
+        chunk and sequence: FlashAttention below the crossover, except chunks shorter
+        than ``kv8_flash.MIN_FLASH_CHUNK`` (decode rows of mixed batches, short turns over
+        a long prefix: unpacking the whole sequence would cost more) and sequences longer
+        than the workspace (none within the context length it is sized for)."""
         int8_requests, flash_requests = pick_requests(extend_lens, self.min_extend_len)
-        tiny = {b for b in flash_requests if extend_lens[b] < kv8_flash.MIN_FLASH_CHUNK}
-        if not tiny:
+        kept = {
+            b
+            for b in flash_requests
+            if extend_lens[b] < kv8_flash.MIN_FLASH_CHUNK or kv_lens[b] > self.flash_budget
+        }
+        if not kept:
             return int8_requests, flash_requests
-        return sorted([*int8_requests, *tiny]), [b for b in flash_requests if b not in tiny]
+        return sorted([*int8_requests, *kept]), [b for b in flash_requests if b not in kept]
 
     # ---- forward ----------------------------------------------------------------
 
