@@ -24,6 +24,7 @@ from sage_attention_kit import BACKEND, KIT_DTYPE, KitTestCase
 import sglang.srt.layers.attention.sage_attention.kv8_backend as kv8_backend_module
 import sglang.srt.layers.attention.sage_attention.kv8_flash as kv8_flash_module
 import sglang.srt.layers.attention.sage_attention_backend as backend_module
+from sglang.srt.layers.attention.sage_attention.base_backend import flash_version_here
 from sglang.srt.layers.attention.sage_attention.kv8_pool import SageKV8TokenToKVPool
 from sglang.srt.layers.attention.sage_attention.kv8_reference import dense_attention_ref
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
@@ -60,11 +61,7 @@ def kv8_calls_fixture(monkeypatch):
     return calls
 
 
-FLASH_HERE = (
-    kv8_backend_module.SageKV8AttentionBackend._flash_kernel(DEVICE)[0]
-    if DEVICE == "cuda"
-    else None
-)
+FLASH_HERE = flash_version_here(DEVICE)[0]
 # route -> the extend kernel the counters must show.
 ROUTES = {"int8": "sage_extend_attention_kv8", "flash_twin": "flash_prefill_kv8"}
 if FLASH_HERE:
@@ -81,9 +78,9 @@ def extend_route_fixture(request, monkeypatch):
     monkeypatch.setattr(kv8_flash_module, "MIN_FLASH_CHUNK", 1)
     if route == "flash_twin":
         monkeypatch.setattr(
-            kv8_backend_module.SageKV8AttentionBackend,
-            "_flash_kernel",
-            staticmethod(lambda device: (4, "the fp64 twin stands in (test)")),
+            kv8_backend_module,
+            "flash_version_here",
+            lambda device: (4, "the fp64 twin stands in (test)"),
         )
         monkeypatch.setattr(kv8_flash_module, "flash_attention", lambda ver: dense_attention_ref)
     return route
@@ -140,9 +137,9 @@ def test_the_log_names_the_flash_route_and_counts_its_batches(kv8_calls, caplog,
     monkeypatch.setenv("SGLANG_SAGE_ATTN_MIN_EXTEND_LEN", "off")
     monkeypatch.setattr(kv8_flash_module, "MIN_FLASH_CHUNK", 1)
     monkeypatch.setattr(
-        kv8_backend_module.SageKV8AttentionBackend,
-        "_flash_kernel",
-        staticmethod(lambda device: (4, "the fp64 twin stands in (test)")),
+        kv8_backend_module,
+        "flash_version_here",
+        lambda device: (4, "the fp64 twin stands in (test)"),
     )
     monkeypatch.setattr(kv8_flash_module, "flash_attention", lambda ver: dense_attention_ref)
     extend = next(c for c in DENSE_CASES if c.forward_mode == ForwardMode.EXTEND)
@@ -189,9 +186,7 @@ def test_routes_keep_chunks_below_the_floor_on_the_8bit_kernel(
 def test_min_extend_len_off_without_flash_attention_is_refused(kv8_calls, monkeypatch):
     monkeypatch.setenv("SGLANG_SAGE_ATTN_MIN_EXTEND_LEN", "off")
     monkeypatch.setattr(
-        kv8_backend_module.SageKV8AttentionBackend,
-        "_flash_kernel",
-        staticmethod(lambda device: (None, "no CUDA GPU")),
+        kv8_backend_module, "flash_version_here", lambda device: (None, "no CUDA GPU")
     )
     with pytest.raises(ValueError, match="MIN_EXTEND_LEN=off with .*no FlashAttention"):
         kit.build_dense_attention_fixture(

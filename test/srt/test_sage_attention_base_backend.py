@@ -16,6 +16,7 @@ from sglang.srt.layers.attention.sage_attention.base_backend import (
     BaseFacts,
     build_base_backend,
     choose_base_backend,
+    flash_version,
 )
 from sglang.srt.layers.attention.sage_attention_backend import SageAttentionBackend
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
@@ -99,3 +100,19 @@ def test_the_start_up_log_names_the_base_and_why(caplog, monkeypatch):
         assert isinstance(backend.base, TritonAttnBackend)
         assert "base backend triton (no CUDA GPU)" in line
     assert "8-bit kernel for chunks of" in line
+
+
+@pytest.mark.parametrize(
+    "capability, fa3, fa4, want",
+    [
+        ((9, 0), None, None, 3),
+        ((9, 0), "ImportError", None, 4),
+        ((10, 0), None, None, 4),  # FA3 is Hopper-only
+        ((9, 0), "ImportError", "ImportError", None),
+        ((8, 9), None, None, None),
+        (None, None, None, None),
+    ],
+)
+def test_flash_version_follows_the_gpu_and_what_loads(capability, fa3, fa4, want):
+    ver, why = flash_version(capability, fa3, fa4)
+    assert ver == want and why

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sage_attention_inputs import HAS_GPU, ExtendCase, make_kv8_inputs, requires_kernels
+from sage_attention_inputs import DEVICE, HAS_GPU, ExtendCase, make_kv8_inputs, requires_kernels
 from test_sage_attention_extend_kv8 import CASES, OUTLIER_CASES, VS_EXACT, VS_EXACT_QK_CHANNELS
 
 from sglang.srt.layers.attention.sage_attention import kv8_flash
-from sglang.srt.layers.attention.sage_attention.base_backend import flash_libraries_missing
+from sglang.srt.layers.attention.sage_attention.base_backend import flash_version_here
 from sglang.srt.layers.attention.sage_attention.kv8_cache import dequantize_kv8
 from sglang.srt.layers.attention.sage_attention.kv8_reference import (
     dense_attention_ref,
@@ -29,12 +29,7 @@ from sglang.srt.layers.attention.sage_attention.request_split import budget_grou
 VS_FLASH_TWIN = (0.99999, 5e-3)
 
 
-def _flash_here() -> int | None:
-    if not HAS_GPU:
-        return None
-    return kv8_flash.flash_version(torch.cuda.get_device_capability(), *flash_libraries_missing())[
-        0
-    ]
+FLASH_HERE = flash_version_here(DEVICE)[0]
 
 
 def run(batch: dict, attention=dense_attention_ref, workspace=None) -> torch.Tensor:
@@ -150,32 +145,16 @@ def test_budget_groups_never_split_a_request():
     assert kv8_flash.budget_tokens(131072) == 131072
 
 
-@pytest.mark.parametrize(
-    "capability, fa3, fa4, want",
-    [
-        ((9, 0), None, None, 3),
-        ((9, 0), "ImportError", None, 4),
-        ((10, 0), None, None, 4),  # FA3 is Hopper-only
-        ((9, 0), "ImportError", "ImportError", None),
-        ((8, 9), None, None, None),
-        (None, None, None, None),
-    ],
-)
-def test_flash_version_follows_the_gpu_and_what_loads(capability, fa3, fa4, want):
-    ver, why = kv8_flash.flash_version(capability, fa3, fa4)
-    assert ver == want and why
-
-
-@pytest.mark.skipif(_flash_here() is None, reason="needs a GPU where FlashAttention-3/4 loads")
+@pytest.mark.skipif(FLASH_HERE is None, reason="needs a GPU where FlashAttention-3/4 loads")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES[:5] + OUTLIER_CASES[:2], ids=lambda c: c.name)
 def test_real_flash_attention_matches_the_twin(case, dtype):
     batch = make_kv8_inputs(case)
     batch["q_extend"] = batch["q_extend"].to(dtype)
     batch["o_extend"] = batch["o_extend"].to(dtype)
-    got = run(batch, attention=kv8_flash.flash_attention(_flash_here()))
+    got = run(batch, attention=kv8_flash.flash_attention(FLASH_HERE))
     want = run(batch)
     assert torch.isfinite(got).all()
     cos, rel_l1 = attention_error(got, want, request_rows=batch["qo_indptr"])
     assert cos >= VS_FLASH_TWIN[0] and rel_l1 <= VS_FLASH_TWIN[1], (cos, rel_l1)
-    assert torch.equal(got, run(batch, attention=kv8_flash.flash_attention(_flash_here())))
+    assert torch.equal(got, run(batch, attention=kv8_flash.flash_attention(FLASH_HERE)))

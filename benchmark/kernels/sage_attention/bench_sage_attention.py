@@ -215,13 +215,11 @@ def sage_kv8_flash(inputs, batch, causal, page_size):
     write the chunk, unpack the requests' rows, FlashAttention over them. None where no
     FlashAttention loads, or not causal (the server's extends are)."""
     from sglang.srt.layers.attention.sage_attention import kv8_flash
-    from sglang.srt.layers.attention.sage_attention.base_backend import flash_libraries_missing
+    from sglang.srt.layers.attention.sage_attention.base_backend import flash_version_here
     from sglang.srt.layers.attention.sage_attention.kv8_cache import write_kv8
 
     q, o = inputs["q_extend"], inputs["o_extend"]
-    ver, _ = kv8_flash.flash_version(
-        torch.cuda.get_device_capability(q.device), *flash_libraries_missing()
-    )
+    ver, _ = flash_version_here(q.device)
     if ver is None or not causal:
         return None
     cache, chunk_slots, kv_indices, kv_indptr = kv8_cache_for(inputs, batch, page_size)

@@ -143,6 +143,34 @@ def flash_libraries_missing() -> tuple[str | None, str | None]:
     return _import_error(_fa3_loads), _import_error(_fa4_loads)
 
 
+def flash_version(
+    capability: tuple[int, int] | None, fa3_missing: str | None, fa4_missing: str | None
+) -> tuple[int | None, str]:
+    """(FlashAttention version, why), or (None, why none), for a GPU of ``capability``
+    (None: no CUDA) given why each library does not load (None: it loads)."""
+    if capability is None:
+        return None, "no CUDA GPU"
+    major, minor = capability
+    arch = f"sm{major}{minor}"
+    if major == 9 and fa3_missing is None:
+        return 3, f"{arch}: sgl-kernel's FlashAttention-3"
+    if major in (9, 10) and fa4_missing is None:
+        return 4, f"{arch}: FlashAttention-4's CuTe kernels"
+    if major not in (9, 10):
+        return None, f"{arch}: no FlashAttention-3/4 kernel for this architecture"
+    return None, f"{arch}: neither FA3 ({fa3_missing}) nor FA4 ({fa4_missing}) loads"
+
+
+def flash_version_here(device) -> tuple[int | None, str]:
+    """``flash_version`` for ``device`` (a torch device or its name)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None, "no CUDA GPU"
+    return flash_version(torch.cuda.get_device_capability(device), *flash_libraries_missing())
+
+
 def facts_of(model_runner, kv8_cache: bool) -> BaseFacts:
     from sglang.srt.runtime_context import get_platform, get_spec
 

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 import torch
 
 from sglang.srt.layers.attention.sage_attention import extend_kv8, kv8_flash
-from sglang.srt.layers.attention.sage_attention.base_backend import flash_libraries_missing
+from sglang.srt.layers.attention.sage_attention.base_backend import flash_version_here
 from sglang.srt.layers.attention.sage_attention.base_extend import host_lens
 from sglang.srt.layers.attention.sage_attention.crossover import arch_of, measured_kv8_crossover
 from sglang.srt.layers.attention.sage_attention.decode_kv8 import (
@@ -89,9 +89,8 @@ class SageKV8AttentionBackend(SageAttentionBackend):
         self._announced_flash_path = False
         # FlashAttention for the chunks the 8-bit extend kernel does not win (None: no
         # FlashAttention loads here); read by ``_crossover`` during the base class's set-up.
-        self.flash_ver, flash_reason = self._flash_kernel(model_runner.device)
+        self.flash_ver, self.flash_reason = flash_version_here(model_runner.device)
         self.flash_name = f"FlashAttention-{self.flash_ver}" if self.flash_ver else None
-        self.flash_reason = flash_reason
         self.dense_attention = kv8_flash.flash_attention(self.flash_ver) if self.flash_ver else None
         self.flash_budget = kv8_flash.budget_tokens(model_runner.model_config.context_len)
         super().__init__(model_runner, settings)
@@ -123,15 +122,6 @@ class SageKV8AttentionBackend(SageAttentionBackend):
 
     # ---- start-up -------------------------------------------------------------
 
-    @staticmethod
-    def _flash_kernel(device) -> tuple[int | None, str]:
-        device = torch.device(device)
-        if device.type != "cuda":
-            return None, "no CUDA GPU"
-        return kv8_flash.flash_version(
-            torch.cuda.get_device_capability(device), *flash_libraries_missing()
-        )
-
     def _check_pool(self, model_runner) -> None:
         pool = self.token_to_kv_pool
         if not isinstance(pool, SageKV8TokenToKVPool):
@@ -155,9 +145,9 @@ class SageKV8AttentionBackend(SageAttentionBackend):
             return 0, f"the 8-bit KV cache: every chunk (no FlashAttention: {self.flash_reason})"
         if setting == "auto":
             return measured_kv8_crossover(arch_of(device), head_dim, self.flash_name)
-        below = f"{self.flash_name} over the unpacked cache below it"
         if setting == "off":
             return None, f"{MIN_EXTEND_LEN_ENV}=off: {self.flash_name} over the unpacked cache"
+        below = f"{self.flash_name} over the unpacked cache below it"
         return setting, f"{MIN_EXTEND_LEN_ENV}={setting}; {below}"
 
     def _warn_missing_kernels(self, model_runner) -> None:

@@ -27,8 +27,8 @@ length or 32K, whichever is more; the start-up log states the bytes), one buffer
 all layers of a batch; requests are grouped so that each group's sequences fit, and a
 request is never split.
 
-Which kernel: ``flash_version`` (FA3 from sgl-kernel on sm90, else FA4's CuTe
-kernels on sm90/sm100), chosen once at start-up. Its pure-torch twins are
+Which kernel: ``base_backend.flash_version_here`` (FA3 from sgl-kernel on sm90, else
+FA4's CuTe kernels on sm90/sm100), chosen once at start-up. Its pure-torch twins are
 ``kv8_cache.dequantize_kv8`` (the unpack) and ``kv8_reference.dense_attention_ref``
 (the FlashAttention call).
 """
@@ -210,27 +210,6 @@ def flash_prefill_kv8(
         sm_scale=sm_scale,
     )
     return workspace
-
-
-# ---- which FlashAttention ----------------------------------------------------------
-
-
-def flash_version(
-    capability: tuple[int, int] | None, fa3_missing: str | None, fa4_missing: str | None
-) -> tuple[int | None, str]:
-    """(FlashAttention version, why), or (None, why none), for a GPU of ``capability``
-    (None: no CUDA) given why each library does not load (None: it loads)."""
-    if capability is None:
-        return None, "no CUDA GPU"
-    major, minor = capability
-    arch = f"sm{major}{minor}"
-    if major == 9 and fa3_missing is None:
-        return 3, f"{arch}: sgl-kernel's FlashAttention-3"
-    if major in (9, 10) and fa4_missing is None:
-        return 4, f"{arch}: FlashAttention-4's CuTe kernels"
-    if major not in (9, 10):
-        return None, f"{arch}: no FlashAttention-3/4 kernel for this architecture"
-    return None, f"{arch}: neither FA3 ({fa3_missing}) nor FA4 ({fa4_missing}) loads"
 
 
 def _sglang_flash(

@@ -24,7 +24,10 @@ from sglang.srt.layers.attention.sage_attention.kv8_cache import (
     kv8_read_plan,
     kv8_token_rows,
 )
-from sglang.srt.layers.attention.sage_attention.reference import quantize_int8_blocks
+from sglang.srt.layers.attention.sage_attention.reference import (
+    quantize_int8_blocks,
+    visible_keys,
+)
 from sglang.srt.layers.attention.sage_attention.rotation import hadamard_matrix
 
 
@@ -54,11 +57,8 @@ def sage_extend_attention_kv8_ref(
             continue
         slots = kv_indices[kv[b] : kv[b + 1]]
         s = kv8_scores_ref(q_extend[rows], cache, slots, sm_scale)
-        if causal:
-            prefix_len = kv_len - num_queries
-            keys_seen = torch.arange(kv_len, device=s.device)[None, :]
-            queries = torch.arange(num_queries, device=s.device)[:, None]
-            s = s.masked_fill(keys_seen > prefix_len + queries, float("-inf"))
+        visible = visible_keys(num_queries, kv_len, kv_len - num_queries, causal, s.device)
+        s = s.masked_fill(~visible, float("-inf"))
         group = s.shape[0] // cache.num_kv_heads
         if pv_int8:
             _, _, v_int8, v_scale = kv8_token_rows(cache, slots)
@@ -197,7 +197,6 @@ def dense_attention_ref(
         keys = per_query_head(k[kv[b] : kv[b + 1]], group)
         values = per_query_head(v[kv[b] : kv[b + 1]], group)
         s = (queries @ keys.transpose(1, 2)) * sm_scale
-        keys_seen = torch.arange(kv_len, device=s.device)[None, :]
-        rows = torch.arange(num_queries, device=s.device)[:, None]
-        s = s.masked_fill(keys_seen > kv_len - num_queries + rows, float("-inf"))
+        visible = visible_keys(num_queries, kv_len, kv_len - num_queries, True, s.device)
+        s = s.masked_fill(~visible, float("-inf"))
         o[qo[b] : qo[b + 1]] = (s.softmax(-1) @ values).transpose(0, 1).to(o.dtype)

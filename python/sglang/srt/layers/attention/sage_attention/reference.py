@@ -48,7 +48,9 @@ def _requests(q_extend, k_extend, v_extend, k_buffer, v_buffer, qo_indptr, kv_in
         yield rows, q_extend[rows].float().transpose(0, 1), k, v, kv[b + 1] - kv[b]
 
 
-def _visible(num_queries: int, kv_len: int, prefix_len: int, causal: bool, device) -> torch.Tensor:
+def visible_keys(
+    num_queries: int, kv_len: int, prefix_len: int, causal: bool, device
+) -> torch.Tensor:
     """[E, L] bool: bottom-right causal (query i sees keys <= prefix_len + i)."""
     keys = torch.arange(kv_len, device=device)[None, :]
     if not causal:
@@ -81,7 +83,7 @@ def sage_extend_attention_ref(
     ):
         if q.shape[1] == 0:
             continue
-        mask = _visible(q.shape[1], k.shape[1], prefix_len, causal, q.device)
+        mask = visible_keys(q.shape[1], k.shape[1], prefix_len, causal, q.device)
         out = F.scaled_dot_product_attention(
             q,
             k.repeat_interleave(group, 0),
@@ -216,7 +218,7 @@ def sage_extend_attention_quant_ref(
         # by its row's Q scale times its tile's K scale, in the kernel's order.
         s = (q_int @ k_int.transpose(1, 2)).float()
         s = s.masked_fill(
-            ~_visible(num_queries, kv_len, prefix_len, causal, q.device), float("-inf")
+            ~visible_keys(num_queries, kv_len, prefix_len, causal, q.device), float("-inf")
         )
         # P is produced pre-scaled to e4m3's range for FP8 (the factor cancels in 1/l).
         p_offset = math.log2(FP8_E4M3_MAX) if pv is PV.FP8 else 0.0
