@@ -531,12 +531,12 @@ HOPPER_AUTO_HEAD_DIMS = (128,)
 
 def hopper_kernel_wanted(kernel: str, head_dim: int, head_dim_v: int, device) -> bool:
     """Whether ``kernel`` picks the Gluon Hopper kernel (warp-specialised, sm_90 only)
-    for these head dims on ``device``, whether or not Gluon imported."""
+    for these head dims on ``device``, whether or not Gluon imported: "auto" at
+    ``HOPPER_AUTO_HEAD_DIMS``, "gluon" at every head dim it has."""
     return (
-        kernel == "auto"
+        (kernel == "gluon" or (kernel == "auto" and head_dim in HOPPER_AUTO_HEAD_DIMS))
         and device.type == "cuda"
         and torch.cuda.get_device_capability(device)[0] == 9
-        and head_dim in HOPPER_AUTO_HEAD_DIMS
         and hopper_kernel_supports(head_dim, head_dim_v)
     )
 

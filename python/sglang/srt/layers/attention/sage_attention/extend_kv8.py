@@ -22,6 +22,13 @@ over key tiles (``load_kv8_keys``: from page size 16 a tile is one page's run of
 INT8 Q·Kᵀ with one K scale per key (``kv8_scores``), FP16 P·V on the exact INT8 V
 with V's row scales folded into P (``kv8_pv``). No host sync; the grid comes from
 ``max_len_extend``. Its pure-torch twin is ``kv8_reference.sage_extend_attention_kv8_ref``.
+
+With ``kernel="gluon"`` on Hopper (pages of >= 64 tokens, hd 64/128) the call goes to
+the warp-specialised Gluon kernel instead (``hopper_attention.sage_extend_kv8_hopper``:
+TMA page by page, wgmma, INT8 P·V; twin: the same function with ``pv_int8=True``). It
+runs 1.2-1.3x this kernel from 256-token chunks but 0.57x at 64 (H100, RESULTS.md
+round 12), and the server sends this cache's kernel only chunks under 128 tokens
+where a FlashAttention kernel loads, so "auto" keeps this one.
 """
 
 from __future__ import annotations
@@ -32,6 +39,10 @@ import torch
 import triton
 import triton.language as tl
 
+from sglang.srt.layers.attention.sage_attention.hopper_attention import (
+    hopper_kv8_supports,
+    sage_extend_kv8_hopper,
+)
 from sglang.srt.layers.attention.sage_attention.kv8_cache import (
     KV8Cache,
     kv8_page_sources,
@@ -227,13 +238,17 @@ def sage_extend_attention_kv8(
     sm_scale: float | None = None,
     causal: bool = True,
     pv_int8: bool | None = None,
+    kernel: str = "auto",
 ) -> None:
     """8-bit attention of a chunk over the 8-bit cache; writes ``o_extend [N, Hq, Dv]``.
 
     q_extend [N, Hq, D] fp16/bf16; ``kv_indptr``/``kv_indices`` list each request's
     whole sequence (prefix, then chunk, the chunk already in the cache), so
     ``kv_len_b >= extend_len_b``. ``max_len_extend`` (a host int) sizes the grid.
-    ``pv_int8``: P·V in INT8 or FP16 (None: the module's ``PV_INT8``).
+    ``pv_int8``: the Triton kernel's P·V, INT8 or FP16 (None: the module's ``PV_INT8``).
+    ``kernel``: "gluon" runs the Gluon kernel where ``hopper_kv8_supports`` (its P·V is
+    INT8; an explicit ``pv_int8=False`` keeps the Triton kernel); "auto" and "triton"
+    this one (the module docstring says why).
     """
     num_tokens, num_q_heads, head_dim = q_extend.shape
     cache.check_queries(q_extend, o_extend)
@@ -243,6 +258,13 @@ def sage_extend_attention_kv8(
         return
     batch = qo_indptr.shape[0] - 1
     sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
+    if kernel == "gluon" and pv_int8 is not False and hopper_kv8_supports(cache, q_extend.device):
+        sage_extend_kv8_hopper(
+            q_extend, o_extend, cache, qo_indptr=qo_indptr, kv_indptr=kv_indptr,
+            kv_indices=kv_indices, max_len_extend=max_len_extend, sm_scale=sm_scale,
+            causal=causal,
+        )  # fmt: skip
+        return
     group = num_q_heads // cache.num_kv_heads
     group_rows = triton.next_power_of_2(group)
     # A program's rows hold at least one token's whole group (MQA-style models with up

@@ -2,7 +2,9 @@
 
 Same inputs and the same quantized arithmetic as ``sage_attention_from_packed``
 (``extend_attention.py``): one CTA per (128-query-row block, query head, request)
-over the packed K/V of ``layout.py``. Inside a CTA:
+over the packed K/V of ``layout.py``, or (``PAGED``, ``sage_extend_kv8_hopper``) over
+the 8-bit cache's pages as stored (``kv8_cache.py``; per-key K and V scales, INT8 P·V:
+``extend_kv8.py``'s INT8 arithmetic). Inside a CTA:
 
 - a 1-warp producer partition issues TMA loads of the CTA's two 64-row Q tiles
   (once) and of the request's K/V tiles into a ``STAGES``-deep shared-memory ring
@@ -36,6 +38,12 @@ import torch
 import triton
 import triton.language as tl
 
+from sglang.srt.layers.attention.sage_attention.kv8_cache import (
+    KV8Cache,
+    kv8_row,
+    kv8_vt_coords,
+    tma_can_read,
+)
 from sglang.srt.layers.attention.sage_attention.layout import (
     FP8_E4M3_MAX,
     INT8_MAX,
@@ -157,6 +165,7 @@ if hopper_kernel_available():
     # INT8 P·V: P scaled to 127 against its tile's own row max (the plain kernel's _attn_tiles).
     _LOG2_INT8_MAX = gl.constexpr(math.log2(INT8_MAX))
     _INV_INT8_MAX = gl.constexpr(1.0 / INT8_MAX)
+    _INT8_MAX_F = gl.constexpr(INT8_MAX)
     _ROUND_MAGIC = gl.constexpr(ROUND_MAGIC)
     _ROUND_MAGIC_BITS = gl.constexpr(ROUND_MAGIC_BITS)
     # Finite start for the running max (a fully masked tile gives p = 0, alpha = 1).
@@ -179,38 +188,60 @@ if hopper_kernel_available():
         v_row,
         v_col,
         n_tiles,
+        kv_slots,
+        kv_head,
+        num_kv_heads,
         BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr,
         V_TOKEN_MAJOR: gl.constexpr,
+        HEAD_DIM_V: gl.constexpr,
+        PAGE_SIZE: gl.constexpr,
+        PAGED: gl.constexpr,
     ):
-        """TMA loads: the CTA's Q tiles once, then K/V tile j into ring slot j % STAGES."""
+        """TMA loads: the CTA's Q tiles once, then K/V tile j into ring slot j % STAGES.
+        PAGED: tile j is one page's run of BLOCK_N keys, found through the request's slot
+        ids ``kv_slots`` (kv8_cache.py's layout: K rows, Vᵀ rows); else the packed rows
+        from ``k_row`` / ``v_row``, ``v_col``."""
         mbarrier.expect(q_bar, _NUM_CONSUMERS * q_desc.block_type.nbytes)
         for w in gl.static_range(_NUM_CONSUMERS):
             tma.async_copy_global_to_shared(q_desc, [q_row + w * _WG_M, 0], q_bar, q_smem.index(w))
+        if PAGED:  # slot ids are loaded a tile ahead of their use (global-load latency)
+            next_slot = gl.load(kv_slots)
         for j in range(n_tiles):
             slot = j % STAGES
             phase = (j // STAGES) & 1
+            if PAGED:
+                page_slot = next_slot
+                next_slot = gl.load(kv_slots + gl.minimum(j + 1, n_tiles - 1) * BLOCK_N)
             # A fresh mbarrier reads as "phase 1 complete": the first pass over the ring
             # does not wait.
             mbarrier.wait(kv_empty.index(slot), phase ^ 1)
             mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(
-                k_desc, [k_row + j * BLOCK_N, 0], k_ready.index(slot), k_smem.index(slot)
-            )
             mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-            if V_TOKEN_MAJOR:  # [Hkv*Dv, T]: columns of this head's Dv rows
-                tma.async_copy_global_to_shared(
-                    v_desc, [v_row, v_col + j * BLOCK_N], v_ready.index(slot), v_smem.index(slot)
-                )
+            if PAGED:
+                row = kv8_row(page_slot, kv_head, num_kv_heads, PAGE_SIZE)
+                k_coords = [row.to(gl.int32), 0]
+                vt_row, vt_col = kv8_vt_coords(row, HEAD_DIM_V, PAGE_SIZE)
+                v_coords = [vt_row, vt_col]
             else:
-                tma.async_copy_global_to_shared(
-                    v_desc, [k_row + j * BLOCK_N, 0], v_ready.index(slot), v_smem.index(slot)
-                )
+                k_coords = [k_row + j * BLOCK_N, 0]
+                if V_TOKEN_MAJOR:  # [Hkv*Dv, T]: columns of this head's Dv rows
+                    v_coords = [v_row, v_col + j * BLOCK_N]
+                else:
+                    v_coords = [k_row + j * BLOCK_N, 0]
+            tma.async_copy_global_to_shared(
+                k_desc, k_coords, k_ready.index(slot), k_smem.index(slot)
+            )
+            tma.async_copy_global_to_shared(
+                v_desc, v_coords, v_ready.index(slot), v_smem.index(slot)
+            )
 
     @gluon.jit
     def _softmax_tile(
         s_int,
         row_scale,
+        key_scale,
+        value_scale,
         m,
         l,
         masked,
@@ -227,13 +258,20 @@ if hopper_kernel_available():
 
         Returns (p, m, l, alpha, beta): INT8 P·V's p is the tile's int8 P (0..127)
         and beta the factor that takes its int32 P·V to the running max; beta is 1
-        for the other modes, whose p is already relative to the running max."""
+        for the other modes, whose p is already relative to the running max.
+
+        ``"int8_keys"`` (the 8-bit cache's pages): one scale per key for K
+        (``key_scale [N]``, into the scores) and for V (``value_scale [N]``, folded into
+        P against the tile's largest, then P per row to 127): kv8_tiles.kv8_pv's
+        INT8 arithmetic. The other modes ignore both."""
         if PV_MODE == "fp16":
             s = s_int.to(gl.float32)
         else:
             # Exact int32 -> fp32 through ROUND_MAGIC (|s| <= 128*127*127 < 2^22), no
             # cvt: +1-4% with 8-bit P·V, -5% with the fp16 schedule (H200, tuning log 9).
             s = (s_int + _ROUND_MAGIC_BITS).to(gl.float32, bitcast=True) - _ROUND_MAGIC
+        if PV_MODE == "int8_keys":
+            s = s * gl.expand_dims(key_scale, 0)
         if masked:  # tiles crossing kv end or the causal diagonal
             keys = key0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             visible = gl.expand_dims(keys < kv_len, 0)
@@ -254,6 +292,16 @@ if hopper_kernel_available():
             l = l * alpha + gl.sum(p, 1) * beta
             # Rounded through ROUND_MAGIC (layout.py): P is the low byte of p + 1.5*2^23.
             p = (p + _ROUND_MAGIC).to(gl.int32, bitcast=True).to(gl.int8)
+        elif PV_MODE == "int8_keys":
+            p = gl.exp2(s * gl.expand_dims(row_scale, 1) - gl.expand_dims(m_new, 1))
+            l = l * alpha + gl.sum(p, 1)
+            # Masked keys load scale 0, so the tile's largest is of visible keys.
+            tile_scale = gl.maximum(gl.max(value_scale, 0), 1.0e-30)
+            p = p * gl.expand_dims(value_scale * (1.0 / tile_scale), 0)
+            row_max = gl.maximum(gl.max(p, 1), 1.0e-30)
+            p = p * gl.expand_dims(_INT8_MAX_F / row_max, 1)
+            p = (p + _ROUND_MAGIC).to(gl.int32, bitcast=True).to(gl.int8)
+            beta = row_max * (tile_scale * _INV_INT8_MAX)
         else:
             if PV_MODE == "fp8":
                 bias = m_new - _LOG2_FP8_MAX
@@ -268,7 +316,7 @@ if hopper_kernel_available():
     def _pv_mma(p_op, v_tile, o, pv_zero, PV_MODE: gl.constexpr, PV_PROMOTE: gl.constexpr):
         """Async O += P·V (INT8: a fresh int32 P·V from ``pv_zero``). 8-bit V tiles are
         [Dv, BLOCK_N] (K-major), viewed as [BLOCK_N, Dv]."""
-        if PV_MODE == "int8":
+        if PV_MODE == "int8" or PV_MODE == "int8_keys":
             tok = warpgroup_mma(p_op, v_tile.permute((1, 0)), pv_zero, use_acc=False, is_async=True)
         elif PV_MODE == "fp8":
             if PV_PROMOTE:
@@ -296,6 +344,29 @@ if hopper_kernel_available():
         return o
 
     @gluon.jit
+    def _page_scales(
+        k_scale,
+        v_scale,
+        page_slot,
+        tile,
+        key_ids,
+        kv_len,
+        kv_head,
+        num_kv_heads,
+        BLOCK_N: gl.constexpr,
+        PAGE_SIZE: gl.constexpr,
+    ):
+        """Per-key K and V scales of tile ``tile`` (keys ``tile * BLOCK_N + key_ids``),
+        whose first key sits in slot ``page_slot``; 0 past ``kv_len`` (those slots may
+        hold anything)."""
+        row = kv8_row(page_slot, kv_head, num_kv_heads, PAGE_SIZE) + key_ids
+        visible = tile * BLOCK_N + key_ids < kv_len
+        return (
+            gl.load(k_scale + row, mask=visible, other=0.0),
+            gl.load(v_scale + row, mask=visible, other=0.0),
+        )
+
+    @gluon.jit
     def _consumer(
         q_smem,
         k_smem,
@@ -316,6 +387,9 @@ if hopper_kernel_available():
         kv_len,
         n_tiles,
         first_masked_tile,
+        kv_slots,
+        kv_head,
+        num_kv_heads,
         WG: gl.constexpr,
         HEAD_DIM_V: gl.constexpr,
         BLOCK_N: gl.constexpr,
@@ -325,8 +399,14 @@ if hopper_kernel_available():
         OVERLAP: gl.constexpr,
         PINGPONG: gl.constexpr,
         PV_PROMOTE: gl.constexpr,
+        PAGE_SIZE: gl.constexpr,
+        PAGED: gl.constexpr,
     ):
-        """One warpgroup: 64 query rows (chunk rows ``block_row + WG*64 + [0, 64)``)."""
+        """One warpgroup: 64 query rows (chunk rows ``block_row + WG*64 + [0, 64)``).
+        Packed: ``k_scale_tiles`` holds one K scale per tile, ``v_scale_channels`` V's
+        per-channel scales. PAGED: both are the cache's per-key scale arrays, read at
+        each tile's page row (slot ids from ``kv_slots``)."""
+        INT32_PV: gl.constexpr = PV_MODE == "int8" or PV_MODE == "int8_keys"
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
         )
@@ -334,7 +414,7 @@ if hopper_kernel_available():
             o_layout: gl.constexpr = gl.NVMMADistributedLayout(
                 version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM_V, 32]
             )
-            if PV_MODE == "int8":
+            if INT32_PV:
                 p_dtype: gl.constexpr = gl.int8
             else:
                 p_dtype: gl.constexpr = gl.float8e4nv
@@ -350,6 +430,7 @@ if hopper_kernel_available():
                 operand_index=0, parent=o_layout, k_width=2
             )
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        key_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
         o_row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
 
         # Chunk-local query positions of this warpgroup's rows; rows past the chunk get
@@ -382,6 +463,8 @@ if hopper_kernel_available():
             p, m, l, alpha, beta = _softmax_tile(
                 s,
                 q_scale * gl.load(k_scale_tiles),
+                q_scale,
+                q_scale,
                 m,
                 l,
                 first_masked_tile <= 0,
@@ -415,6 +498,8 @@ if hopper_kernel_available():
                 p, m, l, alpha, beta = _softmax_tile(
                     s,
                     q_scale * k_tile_scale,
+                    q_scale,
+                    q_scale,
                     m,
                     l,
                     j >= first_masked_tile,
@@ -439,10 +524,32 @@ if hopper_kernel_available():
             o = _pv_wait(o_tok, p_op, PV_MODE)
             mbarrier.arrive(kv_empty.index(last), count=1)
         else:
+            if PAGED:
+                # Tile j's per-key scales are loaded during tile j - 1, from the slot id
+                # loaded during tile j - 2 (two global loads that would otherwise stall
+                # every tile).
+                key_ids = gl.arange(0, BLOCK_N, layout=key_layout)
+                next_ks, next_vs = _page_scales(
+                    k_scale_tiles, v_scale_channels, gl.load(kv_slots), 0, key_ids, kv_len,
+                    kv_head, num_kv_heads, BLOCK_N, PAGE_SIZE,
+                )  # fmt: skip
+                next_slot = gl.load(kv_slots + gl.minimum(1, n_tiles - 1) * BLOCK_N)
             for j in range(n_tiles):
                 slot = j % STAGES
                 phase = (j // STAGES) & 1
-                k_tile_scale = gl.load(k_scale_tiles + j)
+                if PAGED:
+                    key_scale = next_ks
+                    value_scale = next_vs
+                    next_ks, next_vs = _page_scales(
+                        k_scale_tiles, v_scale_channels, next_slot, gl.minimum(j + 1, n_tiles - 1),
+                        key_ids, kv_len, kv_head, num_kv_heads, BLOCK_N, PAGE_SIZE,
+                    )  # fmt: skip
+                    next_slot = gl.load(kv_slots + gl.minimum(j + 2, n_tiles - 1) * BLOCK_N)
+                    row_scale = q_scale
+                else:
+                    row_scale = q_scale * gl.load(k_scale_tiles + j)
+                    key_scale = q_scale
+                    value_scale = q_scale
                 mbarrier.wait(k_ready.index(slot), phase)
                 if PINGPONG:
                     mbarrier.wait(turn_bars.index(WG), (2 * j) & 1)
@@ -454,7 +561,9 @@ if hopper_kernel_available():
                 s = warpgroup_mma_wait(0, deps=(s_tok,))
                 p, m, l, alpha, beta = _softmax_tile(
                     s,
-                    q_scale * k_tile_scale,
+                    row_scale,
+                    key_scale,
+                    value_scale,
                     m,
                     l,
                     j >= first_masked_tile,
@@ -468,7 +577,7 @@ if hopper_kernel_available():
                     PV_MODE,
                 )
                 alpha_o = gl.expand_dims(gl.convert_layout(alpha, o_row_layout), 1)
-                if PV_MODE != "int8":
+                if not INT32_PV:
                     o = o * alpha_o
                 p_op = gl.convert_layout(p.to(p_dtype), p_layout)
                 mbarrier.wait(v_ready.index(slot), phase)
@@ -477,7 +586,7 @@ if hopper_kernel_available():
                 o_tok = _pv_mma(p_op, v_smem.index(slot), o, pv_zero, PV_MODE, PV_PROMOTE)
                 if PINGPONG:
                     mbarrier.arrive(turn_bars.index(1 - WG), count=1)
-                if PV_MODE == "int8":
+                if INT32_PV:
                     pv_int = _pv_wait(o_tok, p_op, PV_MODE)
                     beta_o = gl.expand_dims(gl.convert_layout(beta, o_row_layout), 1)
                     # |int32 P·V| < 2^22: back to fp32 through ROUND_MAGIC, no cvt.
@@ -492,8 +601,11 @@ if hopper_kernel_available():
         l_o = gl.convert_layout(l, o_row_layout)
         inv_l = 1.0 / gl.where(l_o == 0.0, 1.0, l_o)
         channels = gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(0, o_layout))
-        channel_scale = gl.load(v_scale_channels + channels)
-        out = o * gl.expand_dims(inv_l, 1) * gl.expand_dims(channel_scale, 0)
+        if PAGED:  # V's scales are per key, already in P
+            out = o * gl.expand_dims(inv_l, 1)
+        else:
+            channel_scale = gl.load(v_scale_channels + channels)
+            out = o * gl.expand_dims(inv_l, 1) * gl.expand_dims(channel_scale, 0)
         out_pos = block_row + WG * _WG_M + gl.arange(0, _WG_M, layout=o_row_layout)
         offsets = gl.expand_dims(out_pos.to(gl.int64) * stride_o_tok, 1) + gl.expand_dims(
             channels, 0
@@ -517,6 +629,7 @@ if hopper_kernel_available():
         o_extend,
         qo_indptr,
         kv_indptr,
+        kv_indices,
         stride_o_tok,
         stride_o_head,
         num_tokens,
@@ -534,10 +647,24 @@ if hopper_kernel_available():
         PV_PROMOTE: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
         PRODUCER_REGS: gl.constexpr,
+        PAGE_SIZE: gl.constexpr,
+        PAGED: gl.constexpr,
     ):
+        """One CTA per (128-row block, query head, request). Packed (the bf16 cache's
+        pre-pass output): ``kv_indptr`` is each request's cached prefix and the K/V
+        descriptors address ``layout.py``'s rows. PAGED (the 8-bit cache): ``kv_indptr``
+        and ``kv_indices`` list each request's whole sequence, chunk included, and the
+        descriptors address the cache's pages (``kv8_cache.py``)."""
         q_head = gl.program_id(1)
         b = gl.program_id(2)
-        _, prefix_len, extend_start, extend_len = request_bounds(qo_indptr, kv_indptr, b)
+        if PAGED:
+            kv_start = gl.load(kv_indptr + b).to(gl.int64)
+            seq_len = gl.load(kv_indptr + b + 1).to(gl.int64) - kv_start
+            extend_start = gl.load(qo_indptr + b).to(gl.int64)
+            extend_len = gl.load(qo_indptr + b + 1).to(gl.int64) - extend_start
+            prefix_len = seq_len - extend_len
+        else:
+            _, prefix_len, extend_start, extend_len = request_bounds(qo_indptr, kv_indptr, b)
         # The grid (from max_len_extend) bounds the blocks computed, whatever the chunk.
         # Programs past this request's blocks leave before any barrier or partition exists.
         num_m_blocks = gl.minimum(gl.cdiv(extend_len, _BLOCK_M), gl.num_programs(0))
@@ -551,7 +678,6 @@ if hopper_kernel_available():
         block_row = (block_m * _BLOCK_M).to(gl.int32)
         kv_len = prefix_len + extend_len
         kv_head = q_head // kv_group
-        seg_start = segment_start(qo_indptr, kv_indptr, b, BLOCK_N)
         if CAUSAL:
             # Tiles wholly left of the block's first row's diagonal need no mask.
             free_hi = (prefix_len + block_row + 1) // BLOCK_N * BLOCK_N
@@ -564,15 +690,25 @@ if hopper_kernel_available():
 
         # Row coordinates of the 2-D views the TMA descriptors were built on.
         q_row = (q_head.to(gl.int64) * num_tokens + extend_start + block_row).to(gl.int32)
-        k_row = (kv_head.to(gl.int64) * num_rows + seg_start).to(gl.int32)
-        # FP8 V is [Hkv * Dv, T]: the head picks the rows, the segment the columns.
-        v_row = (kv_head * HEAD_DIM_V).to(gl.int32)
-        v_col = seg_start.to(gl.int32)
         q_scale_rows = q_scale + q_head.to(gl.int64) * num_tokens + extend_start
-        k_scale_tiles = (
-            k_scale + kv_head.to(gl.int64) * (num_rows // BLOCK_N) + seg_start // BLOCK_N
-        )
-        v_scale_channels = v_scale + (b * num_kv_heads + kv_head).to(gl.int64) * HEAD_DIM_V
+        if PAGED:  # tiles are found per page (the producer, _page_scales)
+            kv_slots = kv_indices + kv_start
+            k_row = 0
+            v_row = 0
+            v_col = 0
+            k_scale_tiles = k_scale
+            v_scale_channels = v_scale
+        else:
+            kv_slots = kv_indices
+            seg_start = segment_start(qo_indptr, kv_indptr, b, BLOCK_N)
+            k_row = (kv_head.to(gl.int64) * num_rows + seg_start).to(gl.int32)
+            # FP8 V is [Hkv * Dv, T]: the head picks the rows, the segment the columns.
+            v_row = (kv_head * HEAD_DIM_V).to(gl.int32)
+            v_col = seg_start.to(gl.int32)
+            k_scale_tiles = (
+                k_scale + kv_head.to(gl.int64) * (num_rows // BLOCK_N) + seg_start // BLOCK_N
+            )
+            v_scale_channels = v_scale + (b * num_kv_heads + kv_head).to(gl.int64) * HEAD_DIM_V
         o_rows = o_extend + extend_start * stride_o_tok + q_head.to(gl.int64) * stride_o_head
 
         q_smem = gl.allocate_shared_memory(
@@ -623,6 +759,9 @@ if hopper_kernel_available():
                         kv_len.to(gl.int32),
                         n_tiles,
                         first_masked_tile,
+                        kv_slots,
+                        kv_head,
+                        num_kv_heads,
                         0,
                         HEAD_DIM_V,
                         BLOCK_N,
@@ -632,6 +771,8 @@ if hopper_kernel_available():
                         OVERLAP,
                         PINGPONG,
                         PV_PROMOTE,
+                        PAGE_SIZE,
+                        PAGED,
                     ),
                 ),
                 (
@@ -656,6 +797,9 @@ if hopper_kernel_available():
                         kv_len.to(gl.int32),
                         n_tiles,
                         first_masked_tile,
+                        kv_slots,
+                        kv_head,
+                        num_kv_heads,
                         1,
                         HEAD_DIM_V,
                         BLOCK_N,
@@ -665,6 +809,8 @@ if hopper_kernel_available():
                         OVERLAP,
                         PINGPONG,
                         PV_PROMOTE,
+                        PAGE_SIZE,
+                        PAGED,
                     ),
                 ),
                 (
@@ -685,9 +831,15 @@ if hopper_kernel_available():
                         v_row,
                         v_col,
                         n_tiles,
+                        kv_slots,
+                        kv_head,
+                        num_kv_heads,
                         BLOCK_N,
                         STAGES,
                         PV_MODE != "fp16",
+                        HEAD_DIM_V,
+                        PAGE_SIZE,
+                        PAGED,
                     ),
                 ),
             ],
@@ -696,21 +848,61 @@ if hopper_kernel_available():
         )
 
 
-def _descriptors(q_int8: torch.Tensor, packed: PackedKV):
-    """Host TMA descriptors: Q on its ``[Hq * N, D]`` view, K and V on the packed
-    layout's tile views (``PackedKV.tile_views``)."""
+def _describe(t: torch.Tensor, block: list[int], dtype):
+    layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
+    return TensorDescriptor.from_tensor(t, block, layout)
+
+
+def _q_descriptor(q_int8: torch.Tensor):
+    """Q on its head-major ``[Hq * N, D]`` view, one warpgroup's rows per box."""
     num_q_heads, num_tokens, head_dim = q_int8.shape
+    return _describe(q_int8.view(num_q_heads * num_tokens, head_dim), [WG_M, head_dim], gl.int8)
 
-    def describe(t: torch.Tensor, block: list[int], dtype):
-        layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
-        return TensorDescriptor.from_tensor(t, block, layout)
 
+def _descriptors(q_int8: torch.Tensor, packed: PackedKV):
+    """Host TMA descriptors: Q, and K and V on the packed layout's tile views
+    (``PackedKV.tile_views``)."""
     (k_view, k_tile), (v_view, v_tile) = packed.tile_views(KV_BLOCK)
-    q_desc = describe(q_int8.view(num_q_heads * num_tokens, head_dim), [WG_M, head_dim], gl.int8)
-    k_desc = describe(k_view, k_tile, gl.int8)
+    k_desc = _describe(k_view, k_tile, gl.int8)
     v_gl_dtype = {PV.FP16: gl.float16, PV.FP8: gl.float8e4nv, PV.INT8: gl.int8}[packed.pv]
-    v_desc = describe(v_view, v_tile, v_gl_dtype)
-    return q_desc, k_desc, v_desc
+    v_desc = _describe(v_view, v_tile, v_gl_dtype)
+    return _q_descriptor(q_int8), k_desc, v_desc
+
+
+def _kv8_descriptors(cache: KV8Cache, block_n: int):
+    """K and Vᵀ of the 8-bit cache's pages, one tile (``block_n`` keys of a page) per
+    box: K rows ``[pages * Hkv * P, D]``, Vᵀ rows ``[pages * Hkv * Dv, P]`` (the views
+    ``kv8_cache.kv8_page_sources`` describes for the Triton kernels)."""
+    k_rows = cache.k_int8.view(-1, cache.head_dim)
+    vt_rows = cache.v_int8.view(-1, cache.page_size)
+    return (
+        _describe(k_rows, [block_n, cache.head_dim], gl.int8),
+        _describe(vt_rows, [cache.head_dim_v, block_n], gl.int8),
+    )
+
+
+def _quantized_q(q_extend: torch.Tensor, sm_scale: float, rotate: bool):
+    """INT8 Q, head-major ``[Hq, N, D]``, and its row scales ``[Hq, N]``."""
+    num_tokens, num_q_heads, head_dim = q_extend.shape
+    q_int8 = torch.empty(
+        (num_q_heads, num_tokens, head_dim), dtype=torch.int8, device=q_extend.device
+    )
+    q_scale = torch.empty((num_q_heads, num_tokens), dtype=torch.float32, device=q_extend.device)
+    quant_rows = 64
+    _quantize_q_kernel[(triton.cdiv(num_tokens, quant_rows), num_q_heads)](
+        q_extend,
+        q_int8,
+        q_scale,
+        qk_scale_log2=sm_scale * math.log2(math.e),
+        num_tokens=num_tokens,
+        stride_q_tok=q_extend.stride(0),
+        stride_q_head=q_extend.stride(1),
+        HEAD_DIM=head_dim,
+        BLOCK=quant_rows,
+        ROTATE=rotate,
+        num_warps=4,
+    )
+    return q_int8, q_scale
 
 
 def sage_attention_from_packed_hopper(
@@ -743,26 +935,7 @@ def sage_attention_from_packed_hopper(
     if config.overlap and packed.pv is PV.INT8:
         raise ValueError("sage_attn: INT8 P·V has no overlapped Hopper schedule")
     batch_size = qo_indptr.shape[0] - 1
-
-    q_int8 = torch.empty(
-        (num_q_heads, num_tokens, head_dim), dtype=torch.int8, device=q_extend.device
-    )
-    q_scale = torch.empty((num_q_heads, num_tokens), dtype=torch.float32, device=q_extend.device)
-    quant_rows = 64
-    _quantize_q_kernel[(triton.cdiv(num_tokens, quant_rows), num_q_heads)](
-        q_extend,
-        q_int8,
-        q_scale,
-        qk_scale_log2=sm_scale * math.log2(math.e),
-        num_tokens=num_tokens,
-        stride_q_tok=q_extend.stride(0),
-        stride_q_head=q_extend.stride(1),
-        HEAD_DIM=head_dim,
-        BLOCK=quant_rows,
-        ROTATE=packed.rotated,
-        num_warps=4,
-    )
-
+    q_int8, q_scale = _quantized_q(q_extend, sm_scale, packed.rotated)
     q_desc, k_desc, v_desc = _descriptors(q_int8, packed)
     grid = (triton.cdiv(max_len_extend, BLOCK_M), num_q_heads, batch_size)
     _sage_hopper_kernel[grid](
@@ -775,6 +948,7 @@ def sage_attention_from_packed_hopper(
         o_extend,
         qo_indptr,
         kv_indptr,
+        kv_indptr,  # kv_indices: unused by the packed layout
         stride_o_tok=o_extend.stride(0),
         stride_o_head=o_extend.stride(1),
         num_tokens=num_tokens,
@@ -792,5 +966,97 @@ def sage_attention_from_packed_hopper(
         PV_PROMOTE=config.pv_promote,
         CONSUMER_REGS=config.consumer_regs,
         PRODUCER_REGS=config.producer_regs,
+        PAGE_SIZE=1,
+        PAGED=False,
         num_warps=4,  # the default partition (consumer warpgroup 0)
+    )
+
+
+# The 8-bit cache's pages: keys per tile (a page's run: min(page size, 128)), and the
+# schedule. Not yet measured against anything (RESULTS.md round 12 has the first rows).
+KV8_MIN_PAGE = 64
+KV8_CONFIGS = {
+    64: HopperConfig(stages=4, overlap=False, pingpong=False),
+    128: HopperConfig(stages=2, overlap=False, pingpong=False),
+}
+
+
+def hopper_kv8_supports(cache: KV8Cache, device: torch.device) -> bool:
+    """Whether ``sage_extend_kv8_hopper`` can read this cache here: Gluon, an sm_90 GPU,
+    head dims 64/128 (K and V alike), pages of at least ``KV8_MIN_PAGE`` tokens, every
+    row within TMA's int32 coordinates (``kv8_cache.tma_can_read``)."""
+    return (
+        hopper_kernel_available()
+        and device.type == "cuda"
+        and torch.cuda.get_device_capability(device)[0] == 9
+        and hopper_kernel_supports(cache.head_dim, cache.head_dim_v)
+        and cache.page_size >= KV8_MIN_PAGE
+        and tma_can_read(cache, device)
+    )
+
+
+def sage_extend_kv8_hopper(
+    q_extend: torch.Tensor,
+    o_extend: torch.Tensor,
+    cache: KV8Cache,
+    qo_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    max_len_extend: int,
+    sm_scale: float,
+    causal: bool,
+    config: HopperConfig | None = None,
+) -> None:
+    """``extend_kv8.sage_extend_attention_kv8`` on Hopper, over the cache's pages as
+    stored: same arguments and semantics (``kv_indptr`` / ``kv_indices``: each
+    request's whole sequence, the chunk already written). INT8 Q·Kᵀ with the cache's
+    per-key K scales, INT8 P·V on the stored Vᵀ with its per-key scales folded into P
+    (``kv8_tiles.kv8_pv``'s INT8 arithmetic). Callers check ``hopper_kv8_supports``.
+    No host sync; graph-capturable."""
+    if not hopper_kernel_available():
+        raise RuntimeError(f"sage_attn: Gluon is unavailable ({_GLUON_IMPORT_ERROR})")
+    num_tokens, num_q_heads, head_dim = q_extend.shape
+    cache.check_queries(q_extend, o_extend)
+    if cache.page_size < KV8_MIN_PAGE:
+        raise ValueError(f"sage_attn: the Hopper kernel reads pages of >= {KV8_MIN_PAGE} tokens")
+    if num_tokens == 0 or max_len_extend == 0:
+        return
+    block_n = min(cache.page_size, KV_BLOCK)
+    config = config or KV8_CONFIGS[block_n]
+    if config.overlap:
+        raise ValueError("sage_attn: INT8 P·V has no overlapped Hopper schedule")
+    q_int8, q_scale = _quantized_q(q_extend, sm_scale, cache.rotated)
+    k_desc, v_desc = _kv8_descriptors(cache, block_n)
+    grid = (triton.cdiv(max_len_extend, BLOCK_M), num_q_heads, qo_indptr.shape[0] - 1)
+    _sage_hopper_kernel[grid](
+        _q_descriptor(q_int8),
+        k_desc,
+        v_desc,
+        q_scale,
+        cache.k_scale,
+        cache.v_scale,
+        o_extend,
+        qo_indptr,
+        kv_indptr,
+        kv_indices,
+        stride_o_tok=o_extend.stride(0),
+        stride_o_head=o_extend.stride(1),
+        num_tokens=num_tokens,
+        num_rows=0,
+        num_kv_heads=cache.num_kv_heads,
+        kv_group=num_q_heads // cache.num_kv_heads,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_V=cache.head_dim_v,
+        BLOCK_N=block_n,
+        CAUSAL=causal,
+        PV_MODE="int8_keys",
+        STAGES=config.stages,
+        OVERLAP=False,
+        PINGPONG=config.pingpong,
+        PV_PROMOTE=False,
+        CONSUMER_REGS=config.consumer_regs,
+        PRODUCER_REGS=config.producer_regs,
+        PAGE_SIZE=cache.page_size,
+        PAGED=True,
+        num_warps=4,
     )

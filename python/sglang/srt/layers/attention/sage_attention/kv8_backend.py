@@ -11,7 +11,7 @@ cache, so nothing is delegated:
   the crossover up, and below it FlashAttention over the request's rows unpacked to the
   model dtype (``kv8_flash.py``) where a FlashAttention kernel loads, but for chunks
   under ``kv8_flash.MIN_FLASH_CHUNK`` tokens (decode rows of mixed batches). On the H100 the
-  8-bit extend kernel never beat FA4, so there every chunk of at least 64 tokens takes
+  8-bit extend kernel never beat FA4, so there every chunk from that floor up takes
   FlashAttention; without FlashAttention (CPU, Ampere/Ada) every chunk takes the 8-bit
   kernel.
 
@@ -266,6 +266,7 @@ class SageKV8AttentionBackend(SageAttentionBackend):
                     kv_indices=plan.sage.kv_indices,
                     max_len_extend=plan.sage.max_extend_len,
                     sm_scale=layer.scaling,
+                    kernel=self.settings.kernel,
                 ),
             )
         for group in plan.kv8_flash:

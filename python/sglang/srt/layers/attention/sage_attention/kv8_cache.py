@@ -182,6 +182,15 @@ def kv8_v_start(row, HEAD_DIM_V: tl.constexpr, PAGE_SIZE: tl.constexpr):
 
 
 @triton.jit
+def kv8_vt_coords(row, HEAD_DIM_V: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """(row, column) of row ``row`` (``kv8_row``)'s channel 0 in the Vᵀ view
+    ``[pages * Hkv * Dv, P]`` that TMA reads (int32: ``tma_can_read`` checks the view
+    fits): its (page, head)'s first channel row, and its offset in the page."""
+    in_page = row % PAGE_SIZE
+    return ((row - in_page) // PAGE_SIZE * HEAD_DIM_V).to(tl.int32), in_page.to(tl.int32)
+
+
+@triton.jit
 def kv8_v_offsets(row, channel, HEAD_DIM_V: tl.constexpr, PAGE_SIZE: tl.constexpr):
     """Element offsets in ``v_int8`` of rows ``row [N]`` (``kv8_row``), channels
     ``channel [C]``: [N, C]."""
@@ -275,11 +284,9 @@ def load_kv8_page(
     row = kv8_row(first_slot, kv_head, num_kv_heads, PAGE_SIZE)
     tokens = tl.arange(0, BLOCK_N)
     if USE_TMA:
-        # The Vᵀ view is [pages * Hkv * Dv, P]: the (page, head)'s first row, the offset.
-        in_page = row % PAGE_SIZE
         key = k_src.load([row.to(tl.int32), 0])
-        value_t = v_src.load([((row - in_page) // PAGE_SIZE * HEAD_DIM_V).to(tl.int32),
-                              in_page.to(tl.int32)])  # fmt: skip
+        vt_row, vt_col = kv8_vt_coords(row, HEAD_DIM_V, PAGE_SIZE)
+        value_t = v_src.load([vt_row, vt_col])
     else:
         key = tl.load(
             k_src + (row + tokens)[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :],

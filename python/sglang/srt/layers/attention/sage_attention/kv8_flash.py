@@ -53,9 +53,11 @@ UNPACK_BLOCK = 64
 # 2 (D + Dv) again, ~5x the 8-bit kernel's D + Dv + 8. Counting those bytes at 3 TB/s
 # against each kernel's measured rate (H100, hd128: 8-bit 245 TOPS, FA4 over unpacked
 # rows 580), the two cost the same at ~90-token chunks over a long prefix; decode rows
-# of mixed batches (one token over the whole context) are the extreme. A prediction:
-# the shortest measured chunk is 256 tokens (the route 1.85x faster there).
-MIN_FLASH_CHUNK = 64
+# of mixed batches (one token over the whole context) are the extreme. Measured on the
+# H100 (RESULTS.md round 12): 64-token chunks over 4K run 2.3x faster on the 8-bit
+# kernel, 256-token chunks over 2K 1.8x faster on the route; 128 lies between, itself
+# not measured.
+MIN_FLASH_CHUNK = 128
 # The workspace holds at least this many tokens (so short-context servers still batch
 # many requests into one call).
 MIN_BUDGET_TOKENS = 32768

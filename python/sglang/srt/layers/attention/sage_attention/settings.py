@@ -29,9 +29,13 @@ SUPPORTED_KV_CACHES = ("auto", "int8")
 SUPPORTED_KV_SMOOTHING = ("calibrate", "none")
 SUPPORTED_QK_ROTATIONS = ("auto", "none", "hadamard")
 SUPPORTED_PV = tuple(mode.value for mode in PV)
-# "auto": the Gluon kernel on Hopper where it has a variant, else the Triton one;
-# "triton": the portable Triton kernel everywhere (an escape hatch and an A/B baseline).
-SUPPORTED_KERNELS = ("auto", "triton")
+# "auto": per path, the kernel measured faster there: on Hopper the Gluon kernel for the
+# bf16 cache's hd128, the Triton kernel for the 8-bit cache (RESULTS.md round 12: the
+# short chunks the server sends it run 1.8x faster on Triton at 64 tokens);
+# "gluon": the Gluon kernel wherever it has a variant (Hopper, hd 64/128, 8-bit pages
+# of >= 64 tokens), else Triton; "triton": the portable Triton kernel everywhere (an
+# escape hatch and an A/B baseline).
+SUPPORTED_KERNELS = ("auto", "triton", "gluon")
 # "auto" rotates Q/K at head dims up to this, where it was measured free on the
 # H200 (hd64 dense prefill 4K-32K: 0.6-4.6% *less* time than without) and closed
 # SmolLM2's (hd64) gap to bf16 (mean KL against fp32 1.33-1.45x bf16's, from
