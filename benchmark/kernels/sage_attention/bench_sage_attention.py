@@ -186,9 +186,10 @@ def kv8_cache_for(inputs, batch, page_size):
     return cache, chunk_slots, seq_slots.reshape(-1), inputs["kv_indptr"] + inputs["qo_indptr"]
 
 
-def sage_kv8(inputs, batch, causal, page_size, pv_int8=None):
+def sage_kv8(inputs, batch, causal, page_size, pv_int8=None, kernel="auto"):
     """The 8-bit KV cache's extend kernel: (write the chunk + extend over the cache,
-    extend only); ``pv_int8`` picks its P·V (None: the kernel's default)."""
+    extend only); ``pv_int8`` picks the Triton kernel's P·V (None: the kernel's
+    default), ``kernel`` as ``SGLANG_SAGE_ATTN_KERNEL`` ("gluon": the Hopper kernel)."""
     from sglang.srt.layers.attention.sage_attention.extend_kv8 import sage_extend_attention_kv8
     from sglang.srt.layers.attention.sage_attention.kv8_cache import write_kv8
 
@@ -198,7 +199,7 @@ def sage_kv8(inputs, batch, causal, page_size, pv_int8=None):
     def extend():
         sage_extend_attention_kv8(
             q, o, cache, inputs["qo_indptr"], kv_indptr, kv_indices, inputs["max_len_extend"],
-            sm_scale=q.shape[-1] ** -0.5, causal=causal, pv_int8=pv_int8,
+            sm_scale=q.shape[-1] ** -0.5, causal=causal, pv_int8=pv_int8, kernel=kernel,
         )  # fmt: skip
         return o
 
@@ -302,9 +303,13 @@ def prefill_impls(
     impls["sage_kv8"], impls["sage_kv8_kernel_only"] = sage_kv8(
         inputs, batch, causal, kv8_page_size
     )
-    # INT8 P·V (kv8_tiles.kv8_pv): the candidate default, timed beside FP16.
+    # The warp-specialised Gluon kernel over the same pages (on Hopper; elsewhere the
+    # call runs the Triton kernel).
+    impls["sage_kv8_gluon"], impls["sage_kv8_gluon_kernel_only"] = sage_kv8(
+        inputs, batch, causal, kv8_page_size, kernel="gluon"
+    )
     impls["sage_kv8_pvint8"], impls["sage_kv8_pvint8_kernel_only"] = sage_kv8(
-        inputs, batch, causal, kv8_page_size, pv_int8=True
+        inputs, batch, causal, kv8_page_size, pv_int8=True, kernel="triton"
     )
     kv8_flash = sage_kv8_flash(inputs, batch, causal, kv8_page_size) if q.is_cuda else None
     if kv8_flash is not None:
@@ -629,6 +634,10 @@ def bench_decode(args, batch, kv_len, head_dim=128) -> list[Row]:
         ("sglang_triton_decode_splits64", bf16, 64, bf16_bytes),
         ("sage_kv8_decode", kv8, 16, kv8_bytes),
         ("sage_kv8_decode_splits64", kv8, 64, kv8_bytes),
+        # Higher caps than the backend's default (SGLANG_SAGE_ATTN_DECODE_MAX_SPLITS=64):
+        # more programs for one long request on 132 SMs (issue 22's batch-1 lever).
+        ("sage_kv8_decode_splits128", kv8, 128, kv8_bytes),
+        ("sage_kv8_decode_splits256", kv8, 256, kv8_bytes),
         # INT8 P·V (kv8_tiles.kv8_pv): no V conversion on the load path.
         ("sage_kv8_decode_pvint8", functools.partial(kv8, pv_int8=True), 16, kv8_bytes),
     ]
