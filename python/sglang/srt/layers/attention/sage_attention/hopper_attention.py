@@ -41,6 +41,7 @@ import triton.language as tl
 from sglang.srt.layers.attention.sage_attention.kv8_cache import (
     KV8Cache,
     kv8_row,
+    kv8_tile_views,
     kv8_vt_coords,
     tma_can_read,
 )
@@ -657,14 +658,11 @@ if hopper_kernel_available():
         descriptors address the cache's pages (``kv8_cache.py``)."""
         q_head = gl.program_id(1)
         b = gl.program_id(2)
-        if PAGED:
-            kv_start = gl.load(kv_indptr + b).to(gl.int64)
-            seq_len = gl.load(kv_indptr + b + 1).to(gl.int64) - kv_start
-            extend_start = gl.load(qo_indptr + b).to(gl.int64)
-            extend_len = gl.load(qo_indptr + b + 1).to(gl.int64) - extend_start
-            prefix_len = seq_len - extend_len
+        kv_start, kv_listed, extend_start, extend_len = request_bounds(qo_indptr, kv_indptr, b)
+        if PAGED:  # kv_indptr lists the whole sequence, the chunk included
+            prefix_len = kv_listed - extend_len
         else:
-            _, prefix_len, extend_start, extend_len = request_bounds(qo_indptr, kv_indptr, b)
+            prefix_len = kv_listed
         # The grid (from max_len_extend) bounds the blocks computed, whatever the chunk.
         # Programs past this request's blocks leave before any barrier or partition exists.
         num_m_blocks = gl.minimum(gl.cdiv(extend_len, _BLOCK_M), gl.num_programs(0))
@@ -870,15 +868,8 @@ def _descriptors(q_int8: torch.Tensor, packed: PackedKV):
 
 
 def _kv8_descriptors(cache: KV8Cache, block_n: int):
-    """K and Vᵀ of the 8-bit cache's pages, one tile (``block_n`` keys of a page) per
-    box: K rows ``[pages * Hkv * P, D]``, Vᵀ rows ``[pages * Hkv * Dv, P]`` (the views
-    ``kv8_cache.kv8_page_sources`` describes for the Triton kernels)."""
-    k_rows = cache.k_int8.view(-1, cache.head_dim)
-    vt_rows = cache.v_int8.view(-1, cache.page_size)
-    return (
-        _describe(k_rows, [block_n, cache.head_dim], gl.int8),
-        _describe(vt_rows, [cache.head_dim_v, block_n], gl.int8),
-    )
+    """K and Vᵀ of the 8-bit cache's pages, one tile per box (``kv8_tile_views``)."""
+    return tuple(_describe(view, box, gl.int8) for view, box in kv8_tile_views(cache, block_n))
 
 
 def _quantized_q(q_extend: torch.Tensor, sm_scale: float, rotate: bool):
@@ -972,8 +963,9 @@ def sage_attention_from_packed_hopper(
     )
 
 
-# The 8-bit cache's pages: keys per tile (a page's run: min(page size, 128)), and the
-# schedule. Not yet measured against anything (RESULTS.md round 12 has the first rows).
+# The 8-bit cache's pages: keys per tile (a page's run: min(page size, 128)) -> the
+# schedule. On the H100 (RESULTS.md round 12) 2, 4 or 6 stages at tiles of 64 ran within
+# 1%, ping-pong 4-5% slower, and tiles of 128 (pages of 128) slower than tiles of 64.
 KV8_MIN_PAGE = 64
 KV8_CONFIGS = {
     64: HopperConfig(stages=4, overlap=False, pingpong=False),

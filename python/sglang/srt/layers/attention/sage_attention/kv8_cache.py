@@ -244,18 +244,24 @@ def tma_can_read(cache: KV8Cache, device: torch.device) -> bool:
     return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def kv8_tile_views(cache: KV8Cache, block_n: int) -> tuple:
+    """The 2-D views TMA reads the pages through, each with its box of ``block_n``
+    keys of one page: ((K rows ``[pages * Hkv * P, D]``, ``[block_n, D]``), (Vᵀ rows
+    ``[pages * Hkv * Dv, P]``, ``[Dv, block_n]``)). ``kv8_row`` / ``kv8_vt_coords``
+    give a tile's coordinates in them."""
+    return (
+        (cache.k_int8.view(-1, cache.head_dim), [block_n, cache.head_dim]),
+        (cache.v_int8.view(-1, cache.page_size), [cache.head_dim_v, block_n]),
+    )
+
+
 def kv8_page_sources(cache: KV8Cache, block_n: int, use_tma: bool) -> tuple:
-    """What ``load_kv8_page`` reads K and Vᵀ through: TMA descriptors of the K rows
-    ``[pages * Hkv * P, D]`` and the Vᵀ rows ``[pages * Hkv * Dv, P]`` (boxes
-    ``[block_n, D]`` and ``[Dv, block_n]``) with ``use_tma`` (``tma_can_read``), else
-    the buffers."""
+    """What ``load_kv8_page`` reads K and Vᵀ through: TMA descriptors on
+    ``kv8_tile_views`` with ``use_tma`` (``tma_can_read``), else the buffers."""
     if not use_tma:
         return cache.k_int8, cache.v_int8
-    k_rows = cache.k_int8.view(-1, cache.head_dim)
-    v_rows = cache.v_int8.view(-1, cache.page_size)
-    return (
-        TensorDescriptor.from_tensor(k_rows, [block_n, cache.head_dim]),
-        TensorDescriptor.from_tensor(v_rows, [cache.head_dim_v, block_n]),
+    return tuple(
+        TensorDescriptor.from_tensor(view, box) for view, box in kv8_tile_views(cache, block_n)
     )
 
 
