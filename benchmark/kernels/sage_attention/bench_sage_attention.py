@@ -36,6 +36,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
+from unittest import mock
 
 import torch
 import triton
@@ -189,7 +190,10 @@ def kv8_cache_for(inputs, batch, page_size):
 def sage_kv8(inputs, batch, causal, page_size, pv_int8=None, kernel="auto"):
     """The 8-bit KV cache's extend kernel: (write the chunk + extend over the cache,
     extend only); ``pv_int8`` picks the Triton kernel's P·V (None: the kernel's
-    default), ``kernel`` as ``SGLANG_SAGE_ATTN_KERNEL`` ("gluon": the Hopper kernel)."""
+    default), ``kernel`` as ``SGLANG_SAGE_ATTN_KERNEL`` ("gluon": the Hopper kernel).
+    With "gluon", (None, None) where the call did not reach the Gluon kernel (off
+    Hopper, pages under 64): a row named for it must have run it."""
+    from sglang.srt.layers.attention.sage_attention import extend_kv8
     from sglang.srt.layers.attention.sage_attention.extend_kv8 import sage_extend_attention_kv8
     from sglang.srt.layers.attention.sage_attention.kv8_cache import write_kv8
 
@@ -207,7 +211,13 @@ def sage_kv8(inputs, batch, causal, page_size, pv_int8=None, kernel="auto"):
         write_kv8(cache, chunk_slots, inputs["k_extend"], inputs["v_extend"])
         return extend()
 
-    write_and_extend()  # the chunk's slots hold it before "extend only" is timed
+    # The chunk's slots hold it before "extend only" is timed; the call also shows
+    # which kernel the dispatch took.
+    gluon_calls = mock.Mock(wraps=extend_kv8.sage_extend_kv8_hopper)
+    with mock.patch.object(extend_kv8, "sage_extend_kv8_hopper", gluon_calls):
+        write_and_extend()
+    if kernel == "gluon" and not gluon_calls.called:
+        return None, None
     return write_and_extend, extend
 
 
@@ -303,11 +313,10 @@ def prefill_impls(
     impls["sage_kv8"], impls["sage_kv8_kernel_only"] = sage_kv8(
         inputs, batch, causal, kv8_page_size
     )
-    # The warp-specialised Gluon kernel over the same pages (on Hopper; elsewhere the
-    # call runs the Triton kernel).
-    impls["sage_kv8_gluon"], impls["sage_kv8_gluon_kernel_only"] = sage_kv8(
-        inputs, batch, causal, kv8_page_size, kernel="gluon"
-    )
+    # The warp-specialised Gluon kernel over the same pages, where it runs (Hopper).
+    gluon, gluon_only = sage_kv8(inputs, batch, causal, kv8_page_size, kernel="gluon")
+    if gluon is not None:
+        impls["sage_kv8_gluon"], impls["sage_kv8_gluon_kernel_only"] = gluon, gluon_only
     impls["sage_kv8_pvint8"], impls["sage_kv8_pvint8_kernel_only"] = sage_kv8(
         inputs, batch, causal, kv8_page_size, pv_int8=True, kernel="triton"
     )
