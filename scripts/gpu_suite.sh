@@ -174,22 +174,26 @@ PY
     ;;
   profile_prefill)
     # Nsight Compute on one launch of the Gluon kernel over the 8-bit cache's pages
-    # (hopper_attention.sage_extend_kv8_hopper) per PREFILL_SHAPES entry (total length x
+    # (hopper_kv8.sage_extend_kv8_hopper) per PREFILL_SHAPES entry (total length x
     # cached fraction; hd128, 32/8 heads, causal, pages of 64): tensor-pipe use, stalls,
     # occupancy, the stage that bounds it.
     for shape in ${PREFILL_SHAPES:-8192x0.0}; do
       len=${shape%x*}; cached=${shape#*x}
-      timeout 300 ncu --clock-control none -k regex:_sage_hopper_kernel --launch-skip 5 \
+      timeout 300 ncu --clock-control none -k regex:_sage_hopper_kv8_kernel --launch-skip 5 \
         --launch-count 1 --section SpeedOfLight --section ComputeWorkloadAnalysis \
         --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
         --section SchedulerStats --section LaunchStats \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio" \
         python3 benchmark/kernels/sage_attention/bench_sage_attention.py --suites extend \
         --head-dims 128 --extend-lens "$len" --cached-fractions "$cached" --causal causal \
-        --impls sage_kv8_kernel_only --warmup-ms 20 --rep-ms 50 --out "$OUT/profile_bench" \
+        --impls sage_kv8_gluon_kernel_only --warmup-ms 20 --rep-ms 50 --out "$OUT/profile_bench" \
         > "$OUT/profile_prefill_$shape.txt" 2>&1
       echo "profile_prefill $shape rc=$?" | tee -a "$summary"
       grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|No Eligible|Issue Slots Busy" \
         "$OUT/profile_prefill_$shape.txt" | head -12 | tee -a "$summary"
+      # Stall reasons above 0.1 cycles per issued instruction.
+      grep "issue_stalled" "$OUT/profile_prefill_$shape.txt" | awk '$NF+0 > 0.1 {print $1, $NF}' \
+        | tee -a "$summary"
     done
     ;;
   layer)

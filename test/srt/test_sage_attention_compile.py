@@ -40,20 +40,30 @@ compiled_kernels = pytest.mark.skipif(
 )
 
 
-@pytest.mark.skipif(
+only_interpreted = pytest.mark.skipif(
     not INTERPRET,
     reason="without TRITON_INTERPRET=1 the compile tests run in this process directly",
 )
-def test_compile_suite_without_interpreter():
+
+
+def run_compile_tests_in_child(test_file: str, keyword: str | None = None) -> None:
+    """Run ``test_file``'s tests (those matching ``keyword``) in a child pytest without
+    TRITON_INTERPRET, so its kernels are the compiler's objects; fail with its output."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider"]
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
+        command + (["-k", keyword] if keyword else []),
         env=env,
         capture_output=True,
         text=True,
-        cwd=os.path.dirname(__file__),
+        cwd=os.path.dirname(test_file),
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+@only_interpreted
+def test_compile_suite_without_interpreter():
+    run_compile_tests_in_child(__file__)
 
 
 def captured_launches(launch) -> list[tuple[JITFunction, dict, dict]]:

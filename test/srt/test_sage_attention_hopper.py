@@ -15,8 +15,6 @@ Timing (GPU): ``python test/srt/test_sage_attention_hopper.py --bench``.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from unittest import mock
 
@@ -24,7 +22,13 @@ import pytest
 import test_sage_attention_compile as compile_helpers
 import torch
 from sage_attention_inputs import HAS_GPU, ExtendCase, make_extend_inputs, run_op
-from test_sage_attention_compile import captured_launches, compile_for
+from test_sage_attention_compile import (
+    captured_launches,
+    compile_for,
+    compiled_kernels,
+    only_interpreted,
+    run_compile_tests_in_child,
+)
 from test_sage_attention_extend import GPU_CASES, OUTLIER_CASES, SMALL_CASES, VS_EXACT, VS_TWIN
 
 from sglang.srt.layers.attention.sage_attention import hopper_attention
@@ -44,33 +48,16 @@ from sglang.srt.layers.attention.sage_attention.reference import (
     sage_extend_attention_ref,
 )
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 IS_HOPPER = HAS_GPU and torch.cuda.get_device_capability()[0] == 9
 needs_gluon = pytest.mark.skipif(not hopper_kernel_available(), reason="no Gluon in this triton")
-compiled_here = pytest.mark.skipif(
-    INTERPRET,
-    reason="ahead-of-time compile for sm_80/89/90: needs the compiler, which TRITON_INTERPRET=1 "
-    "replaces; test_compile_suite_without_interpreter runs it in a child process",
-)
 needs_hopper = pytest.mark.skipif(not IS_HOPPER, reason="needs an sm_90 GPU")
 # The plain kernel's Hopper configuration (TMA tiles), the one the dispatch falls back to.
 PLAIN_TMA = TileConfig(block_m=64, block_n=128, num_warps=4, num_stages=2, use_tma=True)
 
 
-@pytest.mark.skipif(
-    not INTERPRET,
-    reason="without TRITON_INTERPRET=1 the compile tests run in this process directly",
-)
+@only_interpreted
 def test_compile_suite_without_interpreter():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "compile"],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=os.path.dirname(__file__),
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    run_compile_tests_in_child(__file__, keyword="compile")
 
 
 def test_supported_head_dims():
@@ -119,7 +106,7 @@ COMPILE_CONFIGS = [
 ] + [(torch.bfloat16, head_dim, True, PV.FP16, True) for head_dim in (64, 128)]  # Q/K rotation
 
 
-@compiled_here
+@compiled_kernels
 @needs_gluon
 @pytest.mark.parametrize(
     "dtype,head_dim,causal,pv,rotate",
@@ -241,189 +228,6 @@ def test_unsupported_head_dims_raise():
     packed = mock.Mock(k_int8=torch.empty(4, 128, 128, dtype=torch.int8), pv=PV.FP16)
     with pytest.raises((ValueError, RuntimeError), match="sage_attn"):
         _attend(sage_attention_from_packed_hopper, inputs, packed, True)
-
-
-# ------------------------------------------------------------- the 8-bit cache's pages
-# sage_extend_kv8_hopper reads kv8_cache.py's pages as stored. Its arithmetic is the
-# Triton kernel's INT8 P·V, so the twin is sage_extend_attention_kv8_ref(pv_int8=True)
-# (only exp2, summation order and P's rounding mode differ: test_sage_attention_extend_kv8's
-# VS_TWIN), and the fp32 bars are that file's INT8 P·V bars.
-KV8_COMPILE_CONFIGS = [
-    (head_dim, page_size, causal, False)
-    for head_dim in (64, 128)
-    for page_size in (64, 128)
-    for causal in (True, False)
-] + [(128, 64, True, True)]  # rotated keys
-
-
-def _kv8_launch(cache, q, causal):
-    from sglang.srt.layers.attention.sage_attention.hopper_attention import (
-        sage_extend_kv8_hopper,
-    )
-
-    n = q.shape[0]
-    qo_indptr = torch.tensor([0, n], dtype=torch.int32)
-    kv_indptr = torch.tensor([0, n + 40], dtype=torch.int32)
-    kv_indices = torch.arange(n + 40, dtype=torch.int64)
-    return lambda: sage_extend_kv8_hopper(
-        q, torch.empty_like(q), cache, qo_indptr, kv_indptr, kv_indices, n, sm_scale=0.1,
-        causal=causal,
-    )  # fmt: skip
-
-
-@compiled_here
-@needs_gluon
-@pytest.mark.parametrize(
-    "head_dim,page_size,causal,rotated",
-    KV8_COMPILE_CONFIGS,
-    ids=[
-        f"compile-kv8-hd{h}-page{p}-{'causal' if c else 'full'}" + ("-rotated" if r else "")
-        for h, p, c, r in KV8_COMPILE_CONFIGS
-    ],
-)
-def test_every_kv8_launch_compiles(head_dim, page_size, causal, rotated):
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from sglang.srt.layers.attention.sage_attention.kv8_cache import allocate_kv8_cache
-
-    cache = allocate_kv8_cache(
-        1024, 2, head_dim, head_dim, "cpu", rotated=rotated, page_size=page_size
-    )
-    q = torch.randn(70, 8, head_dim, dtype=torch.bfloat16)
-    launches = captured_launches(_kv8_launch(cache, q, causal))
-    assert [fn.__name__ for fn, _, _ in launches] == ["_quantize_q_kernel", "_sage_hopper_kernel"]
-    fn, bound, options = launches[1]
-    with mock.patch.object(compile_helpers, "ASTSource", GluonASTSource):
-        kernel = compile_for(fn, bound, options)
-    ptx = kernel.asm["ptx"]
-    assert kernel.asm["cubin"]
-    # Both products are INT8 wgmmas; K and Vᵀ arrive by TMA; partitions trade registers.
-    assert "wgmma.mma_async.sync.aligned" in ptx and ".s8.s8" in ptx
-    assert ".e4m3.e4m3" not in ptx and ".f16.f16" not in ptx
-    assert "cp.async.bulk.tensor" in ptx and "setmaxnreg" in ptx
-    assert kernel.metadata.shared <= 227 * 1024
-
-
-def _kv8_cases():
-    import dataclasses
-
-    from test_sage_attention_extend_kv8 import CASES as KV8_CASES
-    from test_sage_attention_extend_kv8 import OUTLIER_CASES as KV8_OUTLIERS
-
-    paged = [c for c in KV8_CASES if c.page_size >= 64]
-    # The other shapes (ragged GQA, empty chunks, MQA 66, two query blocks) and every
-    # outlier kind, on pages of 64.
-    repaged = [
-        dataclasses.replace(c, name=f"{c.name}_p64", page_size=64)
-        for c in KV8_CASES + KV8_OUTLIERS
-        if c.page_size < 64 and c.head_dim in (64, 128) and not c.head_dim_v
-    ]
-    return paged + repaged
-
-
-KV8_GPU_CASES = _kv8_cases()
-
-
-@needs_hopper
-@needs_gluon
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("case", KV8_GPU_CASES, ids=[c.name for c in KV8_GPU_CASES])
-def test_kv8_pages_match_the_twin_and_fp32(case, causal):
-    from sage_attention_inputs import make_kv8_inputs
-    from test_sage_attention_extend_kv8 import (
-        VS_EXACT,
-        VS_EXACT_INT8_PV_OUTLIER,
-        VS_EXACT_QK_CHANNELS,
-    )
-    from test_sage_attention_extend_kv8 import VS_TWIN as KV8_VS_TWIN
-
-    from sglang.srt.layers.attention.sage_attention.hopper_attention import (
-        hopper_kv8_supports,
-        sage_extend_kv8_hopper,
-    )
-    from sglang.srt.layers.attention.sage_attention.kv8_cache import KV8Cache
-    from sglang.srt.layers.attention.sage_attention.kv8_reference import (
-        sage_extend_attention_kv8_ref,
-    )
-
-    batch = make_kv8_inputs(case)
-    cache: KV8Cache = batch["cache"]
-    assert hopper_kv8_supports(cache, batch["q_extend"].device)
-    args = [batch[k] for k in ("qo_indptr", "kv_indptr", "kv_indices", "max_len_extend")]
-    watched = [batch["q_extend"], *args[:3], cache.k_int8, cache.k_scale, cache.v_int8,
-               cache.v_scale]  # fmt: skip
-    before = [t.clone() for t in watched]
-
-    def attend():
-        out = batch["o_extend"].clone()
-        sage_extend_kv8_hopper(
-            batch["q_extend"], out, cache, *args, sm_scale=case.head_dim**-0.5, causal=causal
-        )
-        return out
-
-    out, again = attend(), attend()
-    twin = batch["o_extend"].clone()
-    sage_extend_attention_kv8_ref(
-        batch["q_extend"], twin, cache, *args, causal=causal, pv_int8=True
-    )
-    assert torch.isfinite(out).all(), "a row was left unwritten or is not finite"
-    assert torch.equal(out, again), "not bitwise deterministic"
-    for old, new in zip(before, watched, strict=True):  # NaN-poisoned slots included
-        torch.testing.assert_close(new, old, rtol=0, atol=0, equal_nan=True)
-    twin_cos, twin_l1 = attention_error(out, twin)
-    print(f"\nHOPPER_KV8 {case.name} causal={causal} twin {twin_cos:.7f} {twin_l1:.2e}")
-    assert twin_cos >= KV8_VS_TWIN[0] and twin_l1 <= KV8_VS_TWIN[1], (twin_cos, twin_l1)
-    if causal:  # make_kv8_inputs' fp32 reference is causal
-        cos, rel_l1 = attention_error(out, batch["exact"], request_rows=batch["qo_indptr"])
-        print(f"ACCURACY kv8_hopper_{case.name} cos={cos:.6f} rel_l1={rel_l1:.4f}")
-        min_cos, max_l1 = {
-            "randn": VS_EXACT, "qk_channels": VS_EXACT_QK_CHANNELS[False]
-        }.get(case.values, VS_EXACT_INT8_PV_OUTLIER)  # fmt: skip
-        assert cos >= min_cos and rel_l1 <= max_l1, f"vs fp32: {cos:.6f} / {rel_l1:.4f}"
-
-
-@needs_hopper
-@needs_gluon
-def test_kv8_dispatch_takes_the_gluon_kernel_on_hopper():
-    """extend_kv8 runs this kernel for "gluon" on sm_90 pages of 64; "auto" and
-    "triton" keep the Triton kernel (extend_kv8's docstring says why)."""
-    from sage_attention_inputs import make_kv8_inputs
-
-    from sglang.srt.layers.attention.sage_attention import extend_kv8
-
-    batch = make_kv8_inputs(next(c for c in KV8_GPU_CASES if c.page_size == 64))
-    args = [batch[k] for k in ("qo_indptr", "kv_indptr", "kv_indices", "max_len_extend")]
-    calls = mock.Mock(wraps=extend_kv8.sage_extend_kv8_hopper)
-    with mock.patch.object(extend_kv8, "sage_extend_kv8_hopper", calls):
-        for kernel in ("gluon", "auto", "triton"):
-            extend_kv8.sage_extend_attention_kv8(
-                batch["q_extend"], batch["o_extend"].clone(), batch["cache"], *args,
-                kernel=kernel,
-            )  # fmt: skip
-    assert calls.call_count == 1
-
-
-@needs_hopper
-@needs_gluon
-def test_kv8_cuda_graph_replay_gives_the_same_bits():
-    from sage_attention_inputs import make_kv8_inputs
-
-    from sglang.srt.layers.attention.sage_attention.hopper_attention import (
-        sage_extend_kv8_hopper,
-    )
-
-    batch = make_kv8_inputs(KV8_GPU_CASES[0])
-    args = [batch[k] for k in ("qo_indptr", "kv_indptr", "kv_indices", "max_len_extend")]
-    q = batch["q_extend"]
-    eager = batch["o_extend"].clone()
-    sage_extend_kv8_hopper(q, eager, batch["cache"], *args, sm_scale=0.1, causal=True)
-    out = batch["o_extend"].clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        sage_extend_kv8_hopper(q, out, batch["cache"], *args, sm_scale=0.1, causal=True)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager)
 
 
 # ----------------------------------------------------------------------------- timing

@@ -2,9 +2,8 @@
 
 Same inputs and the same quantized arithmetic as ``sage_attention_from_packed``
 (``extend_attention.py``): one CTA per (128-query-row block, query head, request)
-over the packed K/V of ``layout.py``, or (``PAGED``, ``sage_extend_kv8_hopper``) over
-the 8-bit cache's pages as stored (``kv8_cache.py``; per-key K and V scales, INT8 P·V:
-``extend_kv8.py``'s INT8 arithmetic). Inside a CTA:
+over the packed K/V of ``layout.py`` (``hopper_kv8.py`` reads the 8-bit cache's pages
+with the same design). Inside a CTA:
 
 - a 1-warp producer partition issues TMA loads of the CTA's two 64-row Q tiles
   (once) and of the request's K/V tiles into a ``STAGES``-deep shared-memory ring
@@ -38,13 +37,6 @@ import torch
 import triton
 import triton.language as tl
 
-from sglang.srt.layers.attention.sage_attention.kv8_cache import (
-    KV8Cache,
-    kv8_row,
-    kv8_tile_views,
-    kv8_vt_coords,
-    tma_can_read,
-)
 from sglang.srt.layers.attention.sage_attention.layout import (
     FP8_E4M3_MAX,
     INT8_MAX,
@@ -166,7 +158,6 @@ if hopper_kernel_available():
     # INT8 P·V: P scaled to 127 against its tile's own row max (the plain kernel's _attn_tiles).
     _LOG2_INT8_MAX = gl.constexpr(math.log2(INT8_MAX))
     _INV_INT8_MAX = gl.constexpr(1.0 / INT8_MAX)
-    _INT8_MAX_F = gl.constexpr(INT8_MAX)
     _ROUND_MAGIC = gl.constexpr(ROUND_MAGIC)
     _ROUND_MAGIC_BITS = gl.constexpr(ROUND_MAGIC_BITS)
     # Finite start for the running max (a fully masked tile gives p = 0, alpha = 1).
@@ -189,47 +180,28 @@ if hopper_kernel_available():
         v_row,
         v_col,
         n_tiles,
-        kv_slots,
-        kv_head,
-        num_kv_heads,
         BLOCK_N: gl.constexpr,
         STAGES: gl.constexpr,
         V_TOKEN_MAJOR: gl.constexpr,
-        HEAD_DIM_V: gl.constexpr,
-        PAGE_SIZE: gl.constexpr,
-        PAGED: gl.constexpr,
     ):
-        """TMA loads: the CTA's Q tiles once, then K/V tile j into ring slot j % STAGES.
-        PAGED: tile j is one page's run of BLOCK_N keys, found through the request's slot
-        ids ``kv_slots`` (kv8_cache.py's layout: K rows, Vᵀ rows); else the packed rows
-        from ``k_row`` / ``v_row``, ``v_col``."""
+        """TMA loads: the CTA's Q tiles once, then K/V tile j (the packed rows from
+        ``k_row`` / ``v_row``, ``v_col``) into ring slot j % STAGES."""
         mbarrier.expect(q_bar, _NUM_CONSUMERS * q_desc.block_type.nbytes)
         for w in gl.static_range(_NUM_CONSUMERS):
             tma.async_copy_global_to_shared(q_desc, [q_row + w * _WG_M, 0], q_bar, q_smem.index(w))
-        if PAGED:  # slot ids are loaded a tile ahead of their use (global-load latency)
-            next_slot = gl.load(kv_slots)
         for j in range(n_tiles):
             slot = j % STAGES
             phase = (j // STAGES) & 1
-            if PAGED:
-                page_slot = next_slot
-                next_slot = gl.load(kv_slots + gl.minimum(j + 1, n_tiles - 1) * BLOCK_N)
             # A fresh mbarrier reads as "phase 1 complete": the first pass over the ring
             # does not wait.
             mbarrier.wait(kv_empty.index(slot), phase ^ 1)
             mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
             mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-            if PAGED:
-                row = kv8_row(page_slot, kv_head, num_kv_heads, PAGE_SIZE)
-                k_coords = [row.to(gl.int32), 0]
-                vt_row, vt_col = kv8_vt_coords(row, HEAD_DIM_V, PAGE_SIZE)
-                v_coords = [vt_row, vt_col]
+            k_coords = [k_row + j * BLOCK_N, 0]
+            if V_TOKEN_MAJOR:  # [Hkv*Dv, T]: columns of this head's Dv rows
+                v_coords = [v_row, v_col + j * BLOCK_N]
             else:
-                k_coords = [k_row + j * BLOCK_N, 0]
-                if V_TOKEN_MAJOR:  # [Hkv*Dv, T]: columns of this head's Dv rows
-                    v_coords = [v_row, v_col + j * BLOCK_N]
-                else:
-                    v_coords = [k_row + j * BLOCK_N, 0]
+                v_coords = [k_row + j * BLOCK_N, 0]
             tma.async_copy_global_to_shared(
                 k_desc, k_coords, k_ready.index(slot), k_smem.index(slot)
             )
@@ -241,8 +213,6 @@ if hopper_kernel_available():
     def _softmax_tile(
         s_int,
         row_scale,
-        key_scale,
-        value_scale,
         m,
         l,
         masked,
@@ -259,20 +229,13 @@ if hopper_kernel_available():
 
         Returns (p, m, l, alpha, beta): INT8 P·V's p is the tile's int8 P (0..127)
         and beta the factor that takes its int32 P·V to the running max; beta is 1
-        for the other modes, whose p is already relative to the running max.
-
-        ``"int8_keys"`` (the 8-bit cache's pages): one scale per key for K
-        (``key_scale [N]``, into the scores) and for V (``value_scale [N]``, folded into
-        P against the tile's largest, then P per row to 127): kv8_tiles.kv8_pv's
-        INT8 arithmetic. The other modes ignore both."""
+        for the other modes, whose p is already relative to the running max."""
         if PV_MODE == "fp16":
             s = s_int.to(gl.float32)
         else:
             # Exact int32 -> fp32 through ROUND_MAGIC (|s| <= 128*127*127 < 2^22), no
             # cvt: +1-4% with 8-bit P·V, -5% with the fp16 schedule (H200, tuning log 9).
             s = (s_int + _ROUND_MAGIC_BITS).to(gl.float32, bitcast=True) - _ROUND_MAGIC
-        if PV_MODE == "int8_keys":
-            s = s * gl.expand_dims(key_scale, 0)
         if masked:  # tiles crossing kv end or the causal diagonal
             keys = key0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             visible = gl.expand_dims(keys < kv_len, 0)
@@ -293,16 +256,6 @@ if hopper_kernel_available():
             l = l * alpha + gl.sum(p, 1) * beta
             # Rounded through ROUND_MAGIC (layout.py): P is the low byte of p + 1.5*2^23.
             p = (p + _ROUND_MAGIC).to(gl.int32, bitcast=True).to(gl.int8)
-        elif PV_MODE == "int8_keys":
-            p = gl.exp2(s * gl.expand_dims(row_scale, 1) - gl.expand_dims(m_new, 1))
-            l = l * alpha + gl.sum(p, 1)
-            # Masked keys load scale 0, so the tile's largest is of visible keys.
-            tile_scale = gl.maximum(gl.max(value_scale, 0), 1.0e-30)
-            p = p * gl.expand_dims(value_scale * (1.0 / tile_scale), 0)
-            row_max = gl.maximum(gl.max(p, 1), 1.0e-30)
-            p = p * gl.expand_dims(_INT8_MAX_F / row_max, 1)
-            p = (p + _ROUND_MAGIC).to(gl.int32, bitcast=True).to(gl.int8)
-            beta = row_max * (tile_scale * _INV_INT8_MAX)
         else:
             if PV_MODE == "fp8":
                 bias = m_new - _LOG2_FP8_MAX
@@ -317,7 +270,7 @@ if hopper_kernel_available():
     def _pv_mma(p_op, v_tile, o, pv_zero, PV_MODE: gl.constexpr, PV_PROMOTE: gl.constexpr):
         """Async O += P·V (INT8: a fresh int32 P·V from ``pv_zero``). 8-bit V tiles are
         [Dv, BLOCK_N] (K-major), viewed as [BLOCK_N, Dv]."""
-        if PV_MODE == "int8" or PV_MODE == "int8_keys":
+        if PV_MODE == "int8":
             tok = warpgroup_mma(p_op, v_tile.permute((1, 0)), pv_zero, use_acc=False, is_async=True)
         elif PV_MODE == "fp8":
             if PV_PROMOTE:
@@ -345,29 +298,6 @@ if hopper_kernel_available():
         return o
 
     @gluon.jit
-    def _page_scales(
-        k_scale,
-        v_scale,
-        page_slot,
-        tile,
-        key_ids,
-        kv_len,
-        kv_head,
-        num_kv_heads,
-        BLOCK_N: gl.constexpr,
-        PAGE_SIZE: gl.constexpr,
-    ):
-        """Per-key K and V scales of tile ``tile`` (keys ``tile * BLOCK_N + key_ids``),
-        whose first key sits in slot ``page_slot``; 0 past ``kv_len`` (those slots may
-        hold anything)."""
-        row = kv8_row(page_slot, kv_head, num_kv_heads, PAGE_SIZE) + key_ids
-        visible = tile * BLOCK_N + key_ids < kv_len
-        return (
-            gl.load(k_scale + row, mask=visible, other=0.0),
-            gl.load(v_scale + row, mask=visible, other=0.0),
-        )
-
-    @gluon.jit
     def _consumer(
         q_smem,
         k_smem,
@@ -388,9 +318,6 @@ if hopper_kernel_available():
         kv_len,
         n_tiles,
         first_masked_tile,
-        kv_slots,
-        kv_head,
-        num_kv_heads,
         WG: gl.constexpr,
         HEAD_DIM_V: gl.constexpr,
         BLOCK_N: gl.constexpr,
@@ -400,14 +327,11 @@ if hopper_kernel_available():
         OVERLAP: gl.constexpr,
         PINGPONG: gl.constexpr,
         PV_PROMOTE: gl.constexpr,
-        PAGE_SIZE: gl.constexpr,
-        PAGED: gl.constexpr,
     ):
         """One warpgroup: 64 query rows (chunk rows ``block_row + WG*64 + [0, 64)``).
-        Packed: ``k_scale_tiles`` holds one K scale per tile, ``v_scale_channels`` V's
-        per-channel scales. PAGED: both are the cache's per-key scale arrays, read at
-        each tile's page row (slot ids from ``kv_slots``)."""
-        INT32_PV: gl.constexpr = PV_MODE == "int8" or PV_MODE == "int8_keys"
+        ``k_scale_tiles`` holds one K scale per tile, ``v_scale_channels`` V's
+        per-channel scales."""
+        INT32_PV: gl.constexpr = PV_MODE == "int8"
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
         )
@@ -431,7 +355,6 @@ if hopper_kernel_available():
                 operand_index=0, parent=o_layout, k_width=2
             )
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-        key_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
         o_row_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
 
         # Chunk-local query positions of this warpgroup's rows; rows past the chunk get
@@ -464,8 +387,6 @@ if hopper_kernel_available():
             p, m, l, alpha, beta = _softmax_tile(
                 s,
                 q_scale * gl.load(k_scale_tiles),
-                q_scale,
-                q_scale,
                 m,
                 l,
                 first_masked_tile <= 0,
@@ -499,8 +420,6 @@ if hopper_kernel_available():
                 p, m, l, alpha, beta = _softmax_tile(
                     s,
                     q_scale * k_tile_scale,
-                    q_scale,
-                    q_scale,
                     m,
                     l,
                     j >= first_masked_tile,
@@ -525,32 +444,10 @@ if hopper_kernel_available():
             o = _pv_wait(o_tok, p_op, PV_MODE)
             mbarrier.arrive(kv_empty.index(last), count=1)
         else:
-            if PAGED:
-                # Tile j's per-key scales are loaded during tile j - 1, from the slot id
-                # loaded during tile j - 2 (two global loads that would otherwise stall
-                # every tile).
-                key_ids = gl.arange(0, BLOCK_N, layout=key_layout)
-                next_ks, next_vs = _page_scales(
-                    k_scale_tiles, v_scale_channels, gl.load(kv_slots), 0, key_ids, kv_len,
-                    kv_head, num_kv_heads, BLOCK_N, PAGE_SIZE,
-                )  # fmt: skip
-                next_slot = gl.load(kv_slots + gl.minimum(1, n_tiles - 1) * BLOCK_N)
             for j in range(n_tiles):
                 slot = j % STAGES
                 phase = (j // STAGES) & 1
-                if PAGED:
-                    key_scale = next_ks
-                    value_scale = next_vs
-                    next_ks, next_vs = _page_scales(
-                        k_scale_tiles, v_scale_channels, next_slot, gl.minimum(j + 1, n_tiles - 1),
-                        key_ids, kv_len, kv_head, num_kv_heads, BLOCK_N, PAGE_SIZE,
-                    )  # fmt: skip
-                    next_slot = gl.load(kv_slots + gl.minimum(j + 2, n_tiles - 1) * BLOCK_N)
-                    row_scale = q_scale
-                else:
-                    row_scale = q_scale * gl.load(k_scale_tiles + j)
-                    key_scale = q_scale
-                    value_scale = q_scale
+                row_scale = q_scale * gl.load(k_scale_tiles + j)
                 mbarrier.wait(k_ready.index(slot), phase)
                 if PINGPONG:
                     mbarrier.wait(turn_bars.index(WG), (2 * j) & 1)
@@ -563,8 +460,6 @@ if hopper_kernel_available():
                 p, m, l, alpha, beta = _softmax_tile(
                     s,
                     row_scale,
-                    key_scale,
-                    value_scale,
                     m,
                     l,
                     j >= first_masked_tile,
@@ -602,11 +497,8 @@ if hopper_kernel_available():
         l_o = gl.convert_layout(l, o_row_layout)
         inv_l = 1.0 / gl.where(l_o == 0.0, 1.0, l_o)
         channels = gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(0, o_layout))
-        if PAGED:  # V's scales are per key, already in P
-            out = o * gl.expand_dims(inv_l, 1)
-        else:
-            channel_scale = gl.load(v_scale_channels + channels)
-            out = o * gl.expand_dims(inv_l, 1) * gl.expand_dims(channel_scale, 0)
+        channel_scale = gl.load(v_scale_channels + channels)
+        out = o * gl.expand_dims(inv_l, 1) * gl.expand_dims(channel_scale, 0)
         out_pos = block_row + WG * _WG_M + gl.arange(0, _WG_M, layout=o_row_layout)
         offsets = gl.expand_dims(out_pos.to(gl.int64) * stride_o_tok, 1) + gl.expand_dims(
             channels, 0
@@ -616,6 +508,33 @@ if hopper_kernel_available():
             out.to(o_rows.dtype.element_ty),
             mask=gl.expand_dims(out_pos < extend_len, 1),
         )
+
+    @gluon.jit
+    def query_block(extend_len, CAUSAL: gl.constexpr):
+        """(has_block, block_row): whether this program has a 128-row block of its
+        request's chunk (the grid, from max_len_extend, bounds the blocks computed,
+        whatever the chunk) and the block's first chunk row. Causal: the blocks nearest
+        the diagonal see the most keys, so they are launched first."""
+        num_m_blocks = gl.minimum(gl.cdiv(extend_len, _BLOCK_M), gl.num_programs(0))
+        if CAUSAL:
+            block_m = num_m_blocks - 1 - gl.program_id(0)
+        else:
+            block_m = gl.program_id(0)
+        return gl.program_id(0) < num_m_blocks, (block_m * _BLOCK_M).to(gl.int32)
+
+    @gluon.jit
+    def key_steps(prefix_len, kv_len, block_row, STEP: gl.constexpr, CAUSAL: gl.constexpr):
+        """(steps, first masked step) of a 128-row block over its keys in steps of
+        STEP: causal blocks stop at their last row's diagonal (bottom-right: chunk row i
+        sees keys <= prefix_len + i), and steps wholly left of the first row's diagonal
+        need no mask. At least one step: the chunk is not empty."""
+        if CAUSAL:
+            free_hi = (prefix_len + block_row + 1) // STEP * STEP
+            hi = gl.minimum(kv_len, prefix_len + block_row + _BLOCK_M)
+        else:
+            free_hi = kv_len // STEP * STEP
+            hi = kv_len
+        return gl.cdiv(hi, STEP).to(gl.int32), (free_hi // STEP).to(gl.int32)
 
     # Sizes are not specialised on (a value of 1 or divisibility by 16 would otherwise
     # compile a new variant per batch shape); they only enter scalar index math.
@@ -630,7 +549,6 @@ if hopper_kernel_available():
         o_extend,
         qo_indptr,
         kv_indptr,
-        kv_indices,
         stride_o_tok,
         stride_o_head,
         num_tokens,
@@ -648,65 +566,32 @@ if hopper_kernel_available():
         PV_PROMOTE: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
         PRODUCER_REGS: gl.constexpr,
-        PAGE_SIZE: gl.constexpr,
-        PAGED: gl.constexpr,
     ):
-        """One CTA per (128-row block, query head, request). Packed (the bf16 cache's
-        pre-pass output): ``kv_indptr`` is each request's cached prefix and the K/V
-        descriptors address ``layout.py``'s rows. PAGED (the 8-bit cache): ``kv_indptr``
-        and ``kv_indices`` list each request's whole sequence, chunk included, and the
-        descriptors address the cache's pages (``kv8_cache.py``)."""
+        """One CTA per (128-row block, query head, request) over the bf16 cache's
+        pre-pass output: ``kv_indptr`` is each request's cached prefix and the K/V
+        descriptors address ``layout.py``'s rows."""
         q_head = gl.program_id(1)
         b = gl.program_id(2)
-        kv_start, kv_listed, extend_start, extend_len = request_bounds(qo_indptr, kv_indptr, b)
-        if PAGED:  # kv_indptr lists the whole sequence, the chunk included
-            prefix_len = kv_listed - extend_len
-        else:
-            prefix_len = kv_listed
-        # The grid (from max_len_extend) bounds the blocks computed, whatever the chunk.
-        # Programs past this request's blocks leave before any barrier or partition exists.
-        num_m_blocks = gl.minimum(gl.cdiv(extend_len, _BLOCK_M), gl.num_programs(0))
-        if gl.program_id(0) >= num_m_blocks:
+        _, prefix_len, extend_start, extend_len = request_bounds(qo_indptr, kv_indptr, b)
+        has_block, block_row = query_block(extend_len, CAUSAL)
+        if not has_block:  # before any barrier or partition exists
             return
-        # Causal: the blocks nearest the diagonal see the most keys; launch them first.
-        if CAUSAL:
-            block_m = num_m_blocks - 1 - gl.program_id(0)
-        else:
-            block_m = gl.program_id(0)
-        block_row = (block_m * _BLOCK_M).to(gl.int32)
         kv_len = prefix_len + extend_len
         kv_head = q_head // kv_group
-        if CAUSAL:
-            # Tiles wholly left of the block's first row's diagonal need no mask.
-            free_hi = (prefix_len + block_row + 1) // BLOCK_N * BLOCK_N
-            hi = gl.minimum(kv_len, prefix_len + block_row + _BLOCK_M)
-        else:
-            free_hi = kv_len // BLOCK_N * BLOCK_N
-            hi = kv_len
-        n_tiles = gl.cdiv(hi, BLOCK_N).to(gl.int32)  # >= 1: the chunk is not empty
-        first_masked_tile = (free_hi // BLOCK_N).to(gl.int32)
+        n_tiles, first_masked_tile = key_steps(prefix_len, kv_len, block_row, BLOCK_N, CAUSAL)
 
         # Row coordinates of the 2-D views the TMA descriptors were built on.
         q_row = (q_head.to(gl.int64) * num_tokens + extend_start + block_row).to(gl.int32)
         q_scale_rows = q_scale + q_head.to(gl.int64) * num_tokens + extend_start
-        if PAGED:  # tiles are found per page (the producer, _page_scales)
-            kv_slots = kv_indices + kv_start
-            k_row = 0
-            v_row = 0
-            v_col = 0
-            k_scale_tiles = k_scale
-            v_scale_channels = v_scale
-        else:
-            kv_slots = kv_indices
-            seg_start = segment_start(qo_indptr, kv_indptr, b, BLOCK_N)
-            k_row = (kv_head.to(gl.int64) * num_rows + seg_start).to(gl.int32)
-            # FP8 V is [Hkv * Dv, T]: the head picks the rows, the segment the columns.
-            v_row = (kv_head * HEAD_DIM_V).to(gl.int32)
-            v_col = seg_start.to(gl.int32)
-            k_scale_tiles = (
-                k_scale + kv_head.to(gl.int64) * (num_rows // BLOCK_N) + seg_start // BLOCK_N
-            )
-            v_scale_channels = v_scale + (b * num_kv_heads + kv_head).to(gl.int64) * HEAD_DIM_V
+        seg_start = segment_start(qo_indptr, kv_indptr, b, BLOCK_N)
+        k_row = (kv_head.to(gl.int64) * num_rows + seg_start).to(gl.int32)
+        # FP8 V is [Hkv * Dv, T]: the head picks the rows, the segment the columns.
+        v_row = (kv_head * HEAD_DIM_V).to(gl.int32)
+        v_col = seg_start.to(gl.int32)
+        k_scale_tiles = (
+            k_scale + kv_head.to(gl.int64) * (num_rows // BLOCK_N) + seg_start // BLOCK_N
+        )
+        v_scale_channels = v_scale + (b * num_kv_heads + kv_head).to(gl.int64) * HEAD_DIM_V
         o_rows = o_extend + extend_start * stride_o_tok + q_head.to(gl.int64) * stride_o_head
 
         q_smem = gl.allocate_shared_memory(
@@ -757,9 +642,6 @@ if hopper_kernel_available():
                         kv_len.to(gl.int32),
                         n_tiles,
                         first_masked_tile,
-                        kv_slots,
-                        kv_head,
-                        num_kv_heads,
                         0,
                         HEAD_DIM_V,
                         BLOCK_N,
@@ -769,8 +651,6 @@ if hopper_kernel_available():
                         OVERLAP,
                         PINGPONG,
                         PV_PROMOTE,
-                        PAGE_SIZE,
-                        PAGED,
                     ),
                 ),
                 (
@@ -795,9 +675,6 @@ if hopper_kernel_available():
                         kv_len.to(gl.int32),
                         n_tiles,
                         first_masked_tile,
-                        kv_slots,
-                        kv_head,
-                        num_kv_heads,
                         1,
                         HEAD_DIM_V,
                         BLOCK_N,
@@ -807,8 +684,6 @@ if hopper_kernel_available():
                         OVERLAP,
                         PINGPONG,
                         PV_PROMOTE,
-                        PAGE_SIZE,
-                        PAGED,
                     ),
                 ),
                 (
@@ -829,15 +704,9 @@ if hopper_kernel_available():
                         v_row,
                         v_col,
                         n_tiles,
-                        kv_slots,
-                        kv_head,
-                        num_kv_heads,
                         BLOCK_N,
                         STAGES,
                         PV_MODE != "fp16",
-                        HEAD_DIM_V,
-                        PAGE_SIZE,
-                        PAGED,
                     ),
                 ),
             ],
@@ -846,33 +715,34 @@ if hopper_kernel_available():
         )
 
 
-def _describe(t: torch.Tensor, block: list[int], dtype):
-    layout = gl.NVMMASharedLayout.get_default_for(block, dtype)
+def shared_descriptor(t: torch.Tensor, block: list[int]):
+    """A TMA descriptor on ``t`` with boxes of ``block``, in wgmma's shared layout."""
+    gl_dtype = {
+        torch.int8: gl.int8, torch.float16: gl.float16, torch.float8_e4m3fn: gl.float8e4nv,
+        torch.float32: gl.float32,
+    }[t.dtype]  # fmt: skip
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl_dtype)
     return TensorDescriptor.from_tensor(t, block, layout)
 
 
-def _q_descriptor(q_int8: torch.Tensor):
+def q_descriptor(q_int8: torch.Tensor):
     """Q on its head-major ``[Hq * N, D]`` view, one warpgroup's rows per box."""
     num_q_heads, num_tokens, head_dim = q_int8.shape
-    return _describe(q_int8.view(num_q_heads * num_tokens, head_dim), [WG_M, head_dim], gl.int8)
+    return shared_descriptor(q_int8.view(num_q_heads * num_tokens, head_dim), [WG_M, head_dim])
 
 
 def _descriptors(q_int8: torch.Tensor, packed: PackedKV):
     """Host TMA descriptors: Q, and K and V on the packed layout's tile views
     (``PackedKV.tile_views``)."""
     (k_view, k_tile), (v_view, v_tile) = packed.tile_views(KV_BLOCK)
-    k_desc = _describe(k_view, k_tile, gl.int8)
-    v_gl_dtype = {PV.FP16: gl.float16, PV.FP8: gl.float8e4nv, PV.INT8: gl.int8}[packed.pv]
-    v_desc = _describe(v_view, v_tile, v_gl_dtype)
-    return _q_descriptor(q_int8), k_desc, v_desc
+    return (
+        q_descriptor(q_int8),
+        shared_descriptor(k_view, k_tile),
+        shared_descriptor(v_view, v_tile),
+    )
 
 
-def _kv8_descriptors(cache: KV8Cache, block_n: int):
-    """K and Vᵀ of the 8-bit cache's pages, one tile per box (``kv8_tile_views``)."""
-    return tuple(_describe(view, box, gl.int8) for view, box in kv8_tile_views(cache, block_n))
-
-
-def _quantized_q(q_extend: torch.Tensor, sm_scale: float, rotate: bool):
+def quantized_q(q_extend: torch.Tensor, sm_scale: float, rotate: bool):
     """INT8 Q, head-major ``[Hq, N, D]``, and its row scales ``[Hq, N]``."""
     num_tokens, num_q_heads, head_dim = q_extend.shape
     q_int8 = torch.empty(
@@ -926,7 +796,7 @@ def sage_attention_from_packed_hopper(
     if config.overlap and packed.pv is PV.INT8:
         raise ValueError("sage_attn: INT8 P·V has no overlapped Hopper schedule")
     batch_size = qo_indptr.shape[0] - 1
-    q_int8, q_scale = _quantized_q(q_extend, sm_scale, packed.rotated)
+    q_int8, q_scale = quantized_q(q_extend, sm_scale, packed.rotated)
     q_desc, k_desc, v_desc = _descriptors(q_int8, packed)
     grid = (triton.cdiv(max_len_extend, BLOCK_M), num_q_heads, batch_size)
     _sage_hopper_kernel[grid](
@@ -939,7 +809,6 @@ def sage_attention_from_packed_hopper(
         o_extend,
         qo_indptr,
         kv_indptr,
-        kv_indptr,  # kv_indices: unused by the packed layout
         stride_o_tok=o_extend.stride(0),
         stride_o_head=o_extend.stride(1),
         num_tokens=num_tokens,
@@ -957,98 +826,5 @@ def sage_attention_from_packed_hopper(
         PV_PROMOTE=config.pv_promote,
         CONSUMER_REGS=config.consumer_regs,
         PRODUCER_REGS=config.producer_regs,
-        PAGE_SIZE=1,
-        PAGED=False,
         num_warps=4,  # the default partition (consumer warpgroup 0)
-    )
-
-
-# The 8-bit cache's pages: keys per tile (a page's run: min(page size, 128)) -> the
-# schedule. On the H100 (RESULTS.md round 12) 2, 4 or 6 stages at tiles of 64 ran within
-# 1%, ping-pong 4-5% slower, and tiles of 128 (pages of 128) slower than tiles of 64.
-KV8_MIN_PAGE = 64
-KV8_CONFIGS = {
-    64: HopperConfig(stages=4, overlap=False, pingpong=False),
-    128: HopperConfig(stages=2, overlap=False, pingpong=False),
-}
-
-
-def hopper_kv8_supports(cache: KV8Cache, device: torch.device) -> bool:
-    """Whether ``sage_extend_kv8_hopper`` can read this cache here: Gluon, an sm_90 GPU,
-    head dims 64/128 (K and V alike), pages of at least ``KV8_MIN_PAGE`` tokens, every
-    row within TMA's int32 coordinates (``kv8_cache.tma_can_read``)."""
-    return (
-        hopper_kernel_available()
-        and device.type == "cuda"
-        and torch.cuda.get_device_capability(device)[0] == 9
-        and hopper_kernel_supports(cache.head_dim, cache.head_dim_v)
-        and cache.page_size >= KV8_MIN_PAGE
-        and tma_can_read(cache, device)
-    )
-
-
-def sage_extend_kv8_hopper(
-    q_extend: torch.Tensor,
-    o_extend: torch.Tensor,
-    cache: KV8Cache,
-    qo_indptr: torch.Tensor,
-    kv_indptr: torch.Tensor,
-    kv_indices: torch.Tensor,
-    max_len_extend: int,
-    sm_scale: float,
-    causal: bool,
-    config: HopperConfig | None = None,
-) -> None:
-    """``extend_kv8.sage_extend_attention_kv8`` on Hopper, over the cache's pages as
-    stored: same arguments and semantics (``kv_indptr`` / ``kv_indices``: each
-    request's whole sequence, the chunk already written). INT8 Q·Kᵀ with the cache's
-    per-key K scales, INT8 P·V on the stored Vᵀ with its per-key scales folded into P
-    (``kv8_tiles.kv8_pv``'s INT8 arithmetic). Callers check ``hopper_kv8_supports``.
-    No host sync; graph-capturable."""
-    if not hopper_kernel_available():
-        raise RuntimeError(f"sage_attn: Gluon is unavailable ({_GLUON_IMPORT_ERROR})")
-    num_tokens, num_q_heads, head_dim = q_extend.shape
-    cache.check_queries(q_extend, o_extend)
-    if cache.page_size < KV8_MIN_PAGE:
-        raise ValueError(f"sage_attn: the Hopper kernel reads pages of >= {KV8_MIN_PAGE} tokens")
-    if num_tokens == 0 or max_len_extend == 0:
-        return
-    block_n = min(cache.page_size, KV_BLOCK)
-    config = config or KV8_CONFIGS[block_n]
-    if config.overlap:
-        raise ValueError("sage_attn: INT8 P·V has no overlapped Hopper schedule")
-    q_int8, q_scale = _quantized_q(q_extend, sm_scale, cache.rotated)
-    k_desc, v_desc = _kv8_descriptors(cache, block_n)
-    grid = (triton.cdiv(max_len_extend, BLOCK_M), num_q_heads, qo_indptr.shape[0] - 1)
-    _sage_hopper_kernel[grid](
-        _q_descriptor(q_int8),
-        k_desc,
-        v_desc,
-        q_scale,
-        cache.k_scale,
-        cache.v_scale,
-        o_extend,
-        qo_indptr,
-        kv_indptr,
-        kv_indices,
-        stride_o_tok=o_extend.stride(0),
-        stride_o_head=o_extend.stride(1),
-        num_tokens=num_tokens,
-        num_rows=0,
-        num_kv_heads=cache.num_kv_heads,
-        kv_group=num_q_heads // cache.num_kv_heads,
-        HEAD_DIM=head_dim,
-        HEAD_DIM_V=cache.head_dim_v,
-        BLOCK_N=block_n,
-        CAUSAL=causal,
-        PV_MODE="int8_keys",
-        STAGES=config.stages,
-        OVERLAP=False,
-        PINGPONG=config.pingpong,
-        PV_PROMOTE=False,
-        CONSUMER_REGS=config.consumer_regs,
-        PRODUCER_REGS=config.producer_regs,
-        PAGE_SIZE=cache.page_size,
-        PAGED=True,
-        num_warps=4,
     )

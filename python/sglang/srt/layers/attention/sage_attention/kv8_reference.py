@@ -42,13 +42,17 @@ def sage_extend_attention_kv8_ref(
     sm_scale: float | None = None,
     causal: bool = True,
     pv_int8: bool = False,
+    block_n: int | None = None,
 ) -> None:
     """Twin: the kernel's INT8 Q (rotated when the cache is) and the dequantized cache,
     with an exact softmax in fp64 (the kernel adds only exp2/fp16-P rounding). With
     ``pv_int8``, P·V as the kernel's INT8 path does it, tile by tile
-    (``int8_pv_softmax_ref``), since its P rounding is not rounding error to a twin."""
+    (``int8_pv_softmax_ref``), since its P rounding is not rounding error to a twin:
+    tiles of ``block_n`` keys (default: the Triton kernel's, ``kv8_read_plan``; the
+    Gluon kernel's are ``hopper_kv8.STEP_N``)."""
     del max_len_extend
-    block_n = kv8_read_plan(cache, q_extend.device, extend_kv8.BLOCK_N, extend_kv8.USE_TMA)[2]
+    if block_n is None:
+        block_n = kv8_read_plan(cache, q_extend.device, extend_kv8.BLOCK_N, extend_kv8.USE_TMA)[2]
     qo, kv = qo_indptr.tolist(), kv_indptr.tolist()
     for b in range(len(qo) - 1):
         rows = slice(qo[b], qo[b + 1])
