@@ -22,6 +22,7 @@ from sage_attention_kit import BACKEND, KIT_DTYPE, KitTestCase, sage_calls_fixtu
 import sglang.srt.layers.attention.sage_attention_backend as backend_module
 from sglang.srt.layers.attention.sage_attention import base_extend
 from sglang.srt.layers.attention.sage_attention.base_backend import BaseChoice
+from sglang.srt.layers.attention.sage_attention.settings import BASE_BACKEND_ENV
 from sglang.srt.layers.attention.sage_attention_backend import (
     SageAttentionBackend,
     heads_per_rank,
@@ -215,7 +216,9 @@ def test_a_batch_of_short_chunks_is_planned_from_host_lengths_alone():
 @pytest.fixture
 def kernel_calls(monkeypatch, sage_calls):
     """Requests per launch of each kernel: the sage op and the Triton base's extend kernel
-    on a batch's short requests."""
+    on a batch's short requests (the base is pinned to Triton: where FA3/FA4 load, the
+    backend would pick them and these counts would miss their launches)."""
+    monkeypatch.setenv(BASE_BACKEND_ENV, "triton")
     calls = {"sage": [], "base": []}
     real_sage = backend_module.sage_extend_attention
 

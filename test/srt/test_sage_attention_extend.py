@@ -474,8 +474,12 @@ def _offsets_probe(out_k, out_v, kv_head, tok, num_rows, V_TOKEN_MAJOR: tl.const
         kv_head, tok, num_rows, 128, 128, 16, V_TOKEN_MAJOR
     )
     tl.store(out_k + tl.arange(0, 16)[:, None] * 128 + tl.arange(0, 128)[None, :], k_offsets)
-    shape = (128, 16) if V_TOKEN_MAJOR else (16, 128)
-    v_rows = tl.arange(0, shape[0])[:, None] * shape[1] + tl.arange(0, shape[1])[None, :]
+    # Branches, not a tuple picked by a conditional: triton 3.6 does not fold the latter
+    # into constexprs.
+    if V_TOKEN_MAJOR:
+        v_rows = tl.arange(0, 128)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    else:
+        v_rows = tl.arange(0, 16)[:, None] * 128 + tl.arange(0, 128)[None, :]
     tl.store(out_v + v_rows, v_offsets)
 
 
