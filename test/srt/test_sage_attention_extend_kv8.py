@@ -76,7 +76,7 @@ def _inputs(batch: dict) -> list[torch.Tensor]:
 
 def run(batch: dict, causal: bool = True, pv_int8: bool | None = None) -> torch.Tensor:
     """The Triton kernel ("gluon" would run the Hopper kernel, whose tests are
-    test_sage_attention_hopper.py's)."""
+    test_sage_attention_hopper_kv8.py's)."""
     out = batch["o_extend"].clone()
     sage_extend_attention_kv8(
         batch["q_extend"], out, batch["cache"], batch["qo_indptr"], batch["kv_indptr"],

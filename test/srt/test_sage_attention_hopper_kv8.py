@@ -16,12 +16,13 @@ bitwise deterministic and graph-replayable, inputs are untouched.
 from __future__ import annotations
 
 import dataclasses
+import re
 from unittest import mock
 
 import pytest
 import test_sage_attention_compile as compile_helpers
 import torch
-from sage_attention_inputs import make_kv8_inputs
+from sage_attention_inputs import ExtendCase, make_kv8_inputs
 from test_sage_attention_compile import (
     captured_launches,
     compile_for,
@@ -40,6 +41,7 @@ from test_sage_attention_extend_kv8 import (
 from test_sage_attention_hopper import needs_gluon, needs_hopper
 
 from sglang.srt.layers.attention.sage_attention import extend_kv8
+from sglang.srt.layers.attention.sage_attention.hopper_attention import hopper_kernel_available
 from sglang.srt.layers.attention.sage_attention.hopper_kv8 import (
     KV8_HOPPER_CONFIG,
     KV8_MIN_PAGE,
@@ -125,14 +127,35 @@ def test_every_launch_compiles(head_dim, page_size, causal, rotated, config):
     assert ".e4m3.e4m3" not in ptx and ".f16.f16" not in ptx
     assert "cp.async.bulk.tensor" in ptx and "setmaxnreg" in ptx
     assert kernel.metadata.shared <= 227 * 1024
+    # A stage is released by one thread's arrive: only safe after a barrier of both
+    # consumer warpgroups (256 threads), which Triton inserts and Gluon does not promise.
+    lines = ptx.splitlines()
+    releases = [i for i, line in enumerate(lines) if re.search(r"mbarrier\.arrive\.shared", line)]
+    assert releases, "no stage release"
+    for i in releases:
+        assert any("bar.sync" in line and "256" in line for line in lines[max(0, i - 8) : i]), (
+            "a stage is released without a barrier of both warpgroups"
+        )
 
 
-def test_small_pages_are_refused():
-    cache = allocate_kv8_cache(256, 2, 128, 128, "cpu", page_size=KV8_MIN_PAGE // 2)
-    assert not hopper_kv8_supports(cache, torch.device("cpu"))
+def test_small_pages_and_wide_caches_are_refused():
+    """What ``hopper_kv8_supports`` refuses, on an sm_90 device (mocked: the check reads
+    only its capability), and the wrapper's own refusal of small pages."""
+    hopper = torch.device("cuda")
+    with mock.patch.object(torch.cuda, "get_device_capability", return_value=(9, 0)):
+        for page_size, supported in ((KV8_MIN_PAGE // 2, False), (KV8_MIN_PAGE, True)):
+            cache = allocate_kv8_cache(256, 2, 128, 128, "cpu", page_size=page_size)
+            assert hopper_kv8_supports(cache, hopper) is (hopper_kernel_available() and supported)
+        # Rows past TMA's int32 coordinates.
+        cache = allocate_kv8_cache(256, 2, 128, 128, "cpu", page_size=KV8_MIN_PAGE)
+        with mock.patch(
+            "sglang.srt.layers.attention.sage_attention.hopper_kv8.tma_can_read", return_value=False
+        ):
+            assert not hopper_kv8_supports(cache, hopper)
+    small = allocate_kv8_cache(256, 2, 128, 128, "cpu", page_size=KV8_MIN_PAGE // 2)
     q = torch.randn(4, 8, 128, dtype=torch.bfloat16)
     with pytest.raises((ValueError, RuntimeError), match="sage_attn"):
-        _launch(cache, q, True)()
+        _launch(small, q, True)()
 
 
 def _gpu_cases():
@@ -144,10 +167,14 @@ def _gpu_cases():
         for c in KV8_CASES + KV8_OUTLIERS
         if c.page_size < KV8_MIN_PAGE and c.head_dim in (64, 128) and not c.head_dim_v
     ]
-    return paged + repaged
+    # Many steps (the ring wraps several times), pages of 256 (runs at offsets 64-192
+    # of a page), an odd run count (700 keys: 11 runs, the last step reads one twice).
+    ring = ExtendCase("ring_pages256", (550,), (150,), 8, 2, head_dim=128, page_size=256)
+    return paged + repaged + [ring]
 
 
 GPU_CASES = _gpu_cases()
+RING_CASE = GPU_CASES[-1]
 
 
 def _index_args(batch: dict) -> list:
@@ -199,9 +226,9 @@ def test_matches_the_twin_and_fp32(case, causal):
 @needs_gluon
 @pytest.mark.parametrize("config", OTHER_CONFIGS, ids=[_config_id(c) for c in OTHER_CONFIGS])
 def test_every_schedule_gives_the_same_bits(config):
-    """The schedules only reorder when work is issued, not the arithmetic."""
-    case = next(c for c in GPU_CASES if c.page_size == 64 and len(c.extend_lens) > 1)
-    batch = make_kv8_inputs(case)
+    """The schedules only reorder when work is issued, not the arithmetic (on a batch
+    whose ring wraps several times)."""
+    batch = make_kv8_inputs(RING_CASE)
     outs = []
     for cfg in (KV8_HOPPER_CONFIG, config):
         out = batch["o_extend"].clone()

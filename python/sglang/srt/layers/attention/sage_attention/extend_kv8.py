@@ -26,11 +26,11 @@ with V's row scales folded into P (``kv8_pv``). No host sync; the grid comes fro
 With ``kernel="gluon"`` on Hopper (pages of >= 64 tokens, hd 64/128) the call goes to
 the warp-specialised Gluon kernel instead (``hopper_kv8.sage_extend_kv8_hopper``:
 TMA page by page, wgmma, INT8 P·V; twin: the same function with ``pv_int8=True`` and
-``block_n=hopper_kv8.STEP_N``). It runs
-1.2-1.9x this kernel from 256-token chunks and 1.06x at 128 (H100, RESULTS.md round
-13; at 64 tokens round 12's version ran 0.57x, not re-measured), and the server sends
-this cache's kernel only chunks under 128 tokens where a FlashAttention kernel loads,
-so "auto" keeps this one.
+``block_n=hopper_kv8.STEP_N``). It runs 1.2-1.9x
+this kernel from 256-token chunks, 1.06x (hd128) and 1.46x (hd64) at 128 (H100,
+RESULTS.md round 13; at 64 tokens round 12's version ran 0.57x, not re-measured), and
+the server sends this cache's kernel only chunks under 128 tokens where a
+FlashAttention kernel loads, so "auto" keeps this one.
 """
 
 from __future__ import annotations

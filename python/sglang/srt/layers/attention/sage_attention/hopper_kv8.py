@@ -30,9 +30,9 @@ The partition releases a stage with one arrive after a barrier of its 256 thread
 so both warpgroups run in lockstep; that barrier is now the largest stall (1.5 of
 ~5 cycles per issued instruction) with the tensor pipe 23% busy.
 
-A step's second page is past the sequence when its page count is odd: the producer
-then reads a page of the sequence again and the consumer masks every key of it (V's
-scales read 0 in masked steps), so the twin's tiles of 128 keys are what the kernel
+A step's second 64-key run is past the sequence when its run count is odd: the
+producer then reads the sequence's last run again and the consumer masks every key of
+it (V's scales past kv_len read 0), so the twin's tiles of 128 keys are what the kernel
 computes.
 """
 
@@ -86,7 +86,8 @@ KV8_MIN_PAGE = SUB_N
 
 @dataclass(frozen=True)
 class KV8HopperConfig:
-    # Page pairs in flight in the shared-memory ring (3: 1-3% slower than 2, H100).
+    # Page pairs in flight in the shared-memory ring (3: 1-3% slower than 2, H100,
+    # measured before the overlap).
     stages: int = 2
     # Issue step j+1's Q·Kᵀ right after step j's P·V, so it runs under the release
     # and the output update (5% faster, H100; issued after the release instead: 1%).
@@ -418,7 +419,6 @@ if hopper_kernel_available():
         num_tokens,
         num_kv_heads,
         kv_group,
-        HEAD_DIM: gl.constexpr,
         HEAD_DIM_V: gl.constexpr,
         CAUSAL: gl.constexpr,
         STAGES: gl.constexpr,
@@ -555,6 +555,8 @@ def sage_extend_kv8_hopper(
         raise ValueError(f"sage_attn: the Hopper kernel reads pages of >= {KV8_MIN_PAGE} tokens")
     if not hopper_kernel_supports(head_dim, cache.head_dim_v):
         raise ValueError(f"sage_attn: Hopper kernel has no (qk={head_dim}, v={cache.head_dim_v})")
+    if not tma_can_read(cache, q_extend.device):
+        raise ValueError("sage_attn: the cache's rows pass TMA's int32 coordinates")
     if config.overlap and config.stages < 2:
         raise ValueError("sage_attn: the overlapped schedule waits for the next stage first")
     if num_tokens == 0 or max_len_extend == 0:
@@ -584,7 +586,6 @@ def sage_extend_kv8_hopper(
         num_tokens=num_tokens,
         num_kv_heads=cache.num_kv_heads,
         kv_group=num_q_heads // cache.num_kv_heads,
-        HEAD_DIM=head_dim,
         HEAD_DIM_V=cache.head_dim_v,
         CAUSAL=causal,
         STAGES=config.stages,
