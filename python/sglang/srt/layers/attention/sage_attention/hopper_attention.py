@@ -510,6 +510,27 @@ if hopper_kernel_available():
         )
 
     @gluon.jit
+    def ring_buffers(desc, depth: gl.constexpr):
+        """``depth`` shared-memory buffers of one of ``desc``'s TMA boxes each."""
+        return gl.allocate_shared_memory(desc.dtype, [depth] + desc.block_type.shape, desc.layout)
+
+    @gluon.jit
+    def stage_barriers(STAGES: gl.constexpr, RELEASES: gl.constexpr):
+        """The load ring's mbarriers, initialised (the caller fences): Q's, then per
+        stage K ready, V ready (one TMA arrival each) and empty (``RELEASES`` consumer
+        arrivals)."""
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=RELEASES)
+        return q_bar, k_ready, v_ready, kv_empty
+
+    @gluon.jit
     def query_block(extend_len, CAUSAL: gl.constexpr):
         """(has_block, block_row): whether this program has a 128-row block of its
         request's chunk (the grid, from max_len_extend, bounds the blocks computed,
@@ -597,22 +618,11 @@ if hopper_kernel_available():
         q_smem = gl.allocate_shared_memory(
             q_desc.dtype, [_NUM_CONSUMERS, _WG_M, HEAD_DIM], q_desc.layout
         )
-        k_smem = gl.allocate_shared_memory(
-            k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout
-        )
-        v_smem = gl.allocate_shared_memory(
-            v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout
-        )
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_smem = ring_buffers(k_desc, STAGES)
+        v_smem = ring_buffers(v_desc, STAGES)
+        # Both warpgroups release a stage.
+        q_bar, k_ready, v_ready, kv_empty = stage_barriers(STAGES, _NUM_CONSUMERS)
         turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(kv_empty.index(i), count=_NUM_CONSUMERS)  # both warpgroups release
         for i in gl.static_range(2):
             mbarrier.init(turn_bars.index(i), count=1)
         fence_async_shared()

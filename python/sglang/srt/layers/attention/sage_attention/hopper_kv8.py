@@ -76,7 +76,12 @@ if hopper_kernel_available():
         warpgroup_mma_wait,
     )
 
-    from sglang.srt.layers.attention.sage_attention.hopper_attention import key_steps, query_block
+    from sglang.srt.layers.attention.sage_attention.hopper_attention import (
+        key_steps,
+        query_block,
+        ring_buffers,
+        stage_barriers,
+    )
 
 # Keys per wgmma (one page of 64, or half of a larger page) and per softmax step.
 SUB_N = 64
@@ -98,17 +103,27 @@ class KV8HopperConfig:
 KV8_HOPPER_CONFIG = KV8HopperConfig()
 
 
+def _cache_refusal(cache: KV8Cache, device: torch.device) -> str | None:
+    """Why the kernel cannot read this cache (None when it can): head dims 64/128 (K
+    and V alike), pages of at least ``KV8_MIN_PAGE`` tokens, every row within TMA's
+    int32 coordinates (``kv8_cache.tma_can_read``)."""
+    if not hopper_kernel_supports(cache.head_dim, cache.head_dim_v):
+        return f"the Hopper kernel has no (qk={cache.head_dim}, v={cache.head_dim_v}) variant"
+    if cache.page_size < KV8_MIN_PAGE:
+        return f"the Hopper kernel reads pages of >= {KV8_MIN_PAGE} tokens"
+    if not tma_can_read(cache, device):
+        return "the cache's rows pass TMA's int32 coordinates"
+    return None
+
+
 def hopper_kv8_supports(cache: KV8Cache, device: torch.device) -> bool:
-    """Whether ``sage_extend_kv8_hopper`` can read this cache here: Gluon, an sm_90 GPU,
-    head dims 64/128 (K and V alike), pages of at least ``KV8_MIN_PAGE`` tokens, every
-    row within TMA's int32 coordinates (``kv8_cache.tma_can_read``)."""
+    """Whether ``sage_extend_kv8_hopper`` can read this cache here: Gluon, an sm_90 GPU
+    and a cache it reads (``_cache_refusal``)."""
     return (
         hopper_kernel_available()
         and device.type == "cuda"
         and torch.cuda.get_device_capability(device)[0] == 9
-        and hopper_kernel_supports(cache.head_dim, cache.head_dim_v)
-        and cache.page_size >= KV8_MIN_PAGE
-        and tma_can_read(cache, device)
+        and _cache_refusal(cache, device) is None
     )
 
 
@@ -443,28 +458,12 @@ if hopper_kernel_available():
         o_rows = o_extend + extend_start * stride_o_tok + q_head.to(gl.int64) * stride_o_head
 
         q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
-        runs: gl.constexpr = 2 * STAGES
-        k_smem = gl.allocate_shared_memory(
-            k_desc.dtype, [runs] + k_desc.block_type.shape, k_desc.layout
-        )
-        v_smem = gl.allocate_shared_memory(
-            v_desc.dtype, [runs] + v_desc.block_type.shape, v_desc.layout
-        )
-        ks_smem = gl.allocate_shared_memory(
-            ks_desc.dtype, [runs] + ks_desc.block_type.shape, ks_desc.layout
-        )
-        vs_smem = gl.allocate_shared_memory(
-            vs_desc.dtype, [runs] + vs_desc.block_type.shape, vs_desc.layout
-        )
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(kv_empty.index(i), count=1)
+        # Two 64-key runs per stage.
+        k_smem = ring_buffers(k_desc, 2 * STAGES)
+        v_smem = ring_buffers(v_desc, 2 * STAGES)
+        ks_smem = ring_buffers(ks_desc, 2 * STAGES)
+        vs_smem = ring_buffers(vs_desc, 2 * STAGES)
+        q_bar, k_ready, v_ready, kv_empty = stage_barriers(STAGES, 1)  # one consumer partition
         fence_async_shared()
 
         # Argument tuples inline (hopper_attention's docstring says why).
@@ -551,12 +550,9 @@ def sage_extend_kv8_hopper(
         raise RuntimeError(f"sage_attn: Gluon is unavailable ({gluon_import_error()})")
     num_tokens, num_q_heads, head_dim = q_extend.shape
     cache.check_queries(q_extend, o_extend)
-    if cache.page_size < KV8_MIN_PAGE:
-        raise ValueError(f"sage_attn: the Hopper kernel reads pages of >= {KV8_MIN_PAGE} tokens")
-    if not hopper_kernel_supports(head_dim, cache.head_dim_v):
-        raise ValueError(f"sage_attn: Hopper kernel has no (qk={head_dim}, v={cache.head_dim_v})")
-    if not tma_can_read(cache, q_extend.device):
-        raise ValueError("sage_attn: the cache's rows pass TMA's int32 coordinates")
+    refusal = _cache_refusal(cache, q_extend.device)
+    if refusal is not None:
+        raise ValueError(f"sage_attn: {refusal}")
     if config.overlap and config.stages < 2:
         raise ValueError("sage_attn: the overlapped schedule waits for the next stage first")
     if num_tokens == 0 or max_len_extend == 0:
