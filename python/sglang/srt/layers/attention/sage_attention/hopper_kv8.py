@@ -54,6 +54,7 @@ from sglang.srt.layers.attention.sage_attention.hopper_attention import (
 from sglang.srt.layers.attention.sage_attention.kv8_cache import (
     KV8Cache,
     kv8_row,
+    kv8_scale_views,
     kv8_tile_views,
     kv8_vt_coords,
     tma_can_read,
@@ -560,11 +561,7 @@ def sage_extend_kv8_hopper(
     q_int8, q_scale = quantized_q(q_extend, sm_scale, cache.rotated)
     q_desc = shared_descriptor(q_int8.view(-1, head_dim), [BLOCK_M, head_dim])
     k_desc, v_desc = (shared_descriptor(view, box) for view, box in kv8_tile_views(cache, SUB_N))
-    # A run's scales are one row of SUB_N in these views (runs start at multiples of 64).
-    ks_desc, vs_desc = (
-        shared_descriptor(scales.view(-1, SUB_N), [1, SUB_N])
-        for scales in (cache.k_scale, cache.v_scale)
-    )
+    ks_desc, vs_desc = (shared_descriptor(view, box) for view, box in kv8_scale_views(cache, SUB_N))
     grid = (triton.cdiv(max_len_extend, BLOCK_M), num_q_heads, qo_indptr.shape[0] - 1)
     _sage_hopper_kv8_kernel[grid](
         q_desc,

@@ -255,6 +255,14 @@ def kv8_tile_views(cache: KV8Cache, block_n: int) -> tuple:
     )
 
 
+def kv8_scale_views(cache: KV8Cache, run: int) -> tuple:
+    """The 2-D views TMA reads the per-key scales through, ``run`` keys per row (K's
+    and V's ``[pages * Hkv * P / run, run]``, each with its box ``[1, run]``): a run of
+    one page's keys starting at ``kv8_row`` ``r`` is row ``r // run``, for page sizes
+    that are multiples of ``run`` and runs that start at one."""
+    return tuple((scales.view(-1, run), [1, run]) for scales in (cache.k_scale, cache.v_scale))
+
+
 def kv8_page_sources(cache: KV8Cache, block_n: int, use_tma: bool) -> tuple:
     """What ``load_kv8_page`` reads K and Vᵀ through: TMA descriptors on
     ``kv8_tile_views`` with ``use_tma`` (``tma_can_read``), else the buffers."""
