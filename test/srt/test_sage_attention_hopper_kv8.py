@@ -181,14 +181,12 @@ def _index_args(batch: dict) -> list:
     return [batch[k] for k in ("qo_indptr", "kv_indptr", "kv_indices", "max_len_extend")]
 
 
-@needs_hopper
-@needs_gluon
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("case", GPU_CASES, ids=[c.name for c in GPU_CASES])
-def test_matches_the_twin_and_fp32(case, causal):
-    batch = make_kv8_inputs(case)
+def assert_matches_twin_and_fp32(kernel, case, batch, causal, tag):
+    """``kernel`` (``sage_extend_kv8_hopper``'s signature) on ``case``'s ``batch``: every row
+    finite, bitwise deterministic, inputs (NaN-poisoned slots included) untouched, the
+    twin's INT8 P·V over STEP_N-key tiles within VS_TWIN, the fp32 op within the INT8
+    P·V bars (causal: make_kv8_inputs' fp32 reference is causal)."""
     cache: KV8Cache = batch["cache"]
-    assert hopper_kv8_supports(cache, batch["q_extend"].device)
     args = _index_args(batch)
     watched = [batch["q_extend"], *args[:3], cache.k_int8, cache.k_scale, cache.v_int8,
                cache.v_scale]  # fmt: skip
@@ -196,9 +194,7 @@ def test_matches_the_twin_and_fp32(case, causal):
 
     def attend():
         out = batch["o_extend"].clone()
-        sage_extend_kv8_hopper(
-            batch["q_extend"], out, cache, *args, sm_scale=case.head_dim**-0.5, causal=causal
-        )
+        kernel(batch["q_extend"], out, cache, *args, sm_scale=case.head_dim**-0.5, causal=causal)
         return out
 
     out, again = attend(), attend()
@@ -208,18 +204,28 @@ def test_matches_the_twin_and_fp32(case, causal):
     )
     assert torch.isfinite(out).all(), "a row was left unwritten or is not finite"
     assert torch.equal(out, again), "not bitwise deterministic"
-    for old, new in zip(before, watched, strict=True):  # NaN-poisoned slots included
+    for old, new in zip(before, watched, strict=True):
         torch.testing.assert_close(new, old, rtol=0, atol=0, equal_nan=True)
     twin_cos, twin_l1 = attention_error(out, twin)
-    print(f"\nHOPPER_KV8 {case.name} causal={causal} twin {twin_cos:.7f} {twin_l1:.2e}")
+    print(f"\n{tag} {case.name} causal={causal} twin {twin_cos:.7f} {twin_l1:.2e}")
     assert twin_cos >= VS_TWIN[0] and twin_l1 <= VS_TWIN[1], (twin_cos, twin_l1)
-    if causal:  # make_kv8_inputs' fp32 reference is causal
+    if causal:
         cos, rel_l1 = attention_error(out, batch["exact"], request_rows=batch["qo_indptr"])
-        print(f"ACCURACY kv8_hopper_{case.name} cos={cos:.6f} rel_l1={rel_l1:.4f}")
+        print(f"ACCURACY {tag.lower()}_{case.name} cos={cos:.6f} rel_l1={rel_l1:.4f}")
         min_cos, max_l1 = {
             "randn": VS_EXACT, "qk_channels": VS_EXACT_QK_CHANNELS[False]
         }.get(case.values, VS_EXACT_INT8_PV_OUTLIER)  # fmt: skip
         assert cos >= min_cos and rel_l1 <= max_l1, f"vs fp32: {cos:.6f} / {rel_l1:.4f}"
+
+
+@needs_hopper
+@needs_gluon
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=[c.name for c in GPU_CASES])
+def test_matches_the_twin_and_fp32(case, causal):
+    batch = make_kv8_inputs(case)
+    assert hopper_kv8_supports(batch["cache"], batch["q_extend"].device)
+    assert_matches_twin_and_fp32(sage_extend_kv8_hopper, case, batch, causal, "HOPPER_KV8")
 
 
 @needs_hopper

@@ -221,6 +221,38 @@ def sage_kv8(inputs, batch, causal, page_size, pv_int8=None, kernel="auto"):
     return write_and_extend, extend
 
 
+CUTE_SCHEDULES = {"": {}, "_no_pingpong": dict(pingpong=False), "_overlap": dict(overlap=True)}
+
+
+def sage_kv8_cute(inputs, batch, causal, page_size, **schedule):
+    """The CuTe DSL version of the Gluon 8-bit kernel (``hopper_kv8_cute.py``, with its
+    ``schedule`` options), extend only over the written cache; None off Hopper or
+    without the CuTe DSL."""
+    from sglang.srt.layers.attention.sage_attention.hopper_kv8 import hopper_kv8_supports
+    from sglang.srt.layers.attention.sage_attention.kv8_cache import write_kv8
+
+    try:
+        from sglang.srt.layers.attention.sage_attention.hopper_kv8_cute import (
+            sage_extend_kv8_cute,
+        )
+    except ImportError:
+        return None
+    q, o = inputs["q_extend"], inputs["o_extend"]
+    cache, chunk_slots, kv_indices, kv_indptr = kv8_cache_for(inputs, batch, page_size)
+    if not hopper_kv8_supports(cache, q.device):
+        return None
+    write_kv8(cache, chunk_slots, inputs["k_extend"], inputs["v_extend"])
+
+    def extend():
+        sage_extend_kv8_cute(
+            q, o, cache, inputs["qo_indptr"], kv_indptr, kv_indices, inputs["max_len_extend"],
+            sm_scale=q.shape[-1] ** -0.5, causal=causal, **schedule,
+        )  # fmt: skip
+        return o
+
+    return extend
+
+
 def sage_kv8_flash(inputs, batch, causal, page_size):
     """What the 8-bit cache's server runs where FlashAttention loads (``kv8_flash.py``):
     write the chunk, unpack the requests' rows, FlashAttention over them. None where no
@@ -317,6 +349,11 @@ def prefill_impls(
     gluon, gluon_only = sage_kv8(inputs, batch, causal, kv8_page_size, kernel="gluon")
     if gluon is not None:
         impls["sage_kv8_gluon"], impls["sage_kv8_gluon_kernel_only"] = gluon, gluon_only
+    # The CuTe DSL kernel and its schedules (the language-route comparison).
+    for suffix, schedule in CUTE_SCHEDULES.items():
+        cute = sage_kv8_cute(inputs, batch, causal, kv8_page_size, **schedule)
+        if cute is not None:
+            impls[f"sage_kv8_cute{suffix}_kernel_only"] = cute
     impls["sage_kv8_pvint8"], impls["sage_kv8_pvint8_kernel_only"] = sage_kv8(
         inputs, batch, causal, kv8_page_size, pv_int8=True, kernel="triton"
     )
