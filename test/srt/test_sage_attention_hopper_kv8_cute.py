@@ -35,11 +35,7 @@ def test_matches_the_twin_and_fp32(case, causal):
     assert_matches_twin_and_fp32(cute_kernel.sage_extend_kv8_cute, case, batch, causal, "CUTE_KV8")
 
 
-SCHEDULES = {
-    "no_pingpong": dict(pingpong=False),
-    "overlap": dict(overlap=True),
-    "stages3": dict(stages=3),
-}
+SCHEDULES = {"no_pingpong": dict(pingpong=False), "stages3": dict(stages=3)}
 
 
 @needs_hopper

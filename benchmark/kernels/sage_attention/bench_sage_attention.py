@@ -221,7 +221,7 @@ def sage_kv8(inputs, batch, causal, page_size, pv_int8=None, kernel="auto"):
     return write_and_extend, extend
 
 
-CUTE_SCHEDULES = {"": {}, "_no_pingpong": dict(pingpong=False), "_overlap": dict(overlap=True)}
+CUTE_SCHEDULES = {"": {}, "_no_pingpong": dict(pingpong=False)}
 
 
 def sage_kv8_cute(inputs, batch, causal, page_size, **schedule):

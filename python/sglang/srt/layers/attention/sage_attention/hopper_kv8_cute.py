@@ -23,6 +23,8 @@ variant compiles for a few seconds.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import cutlass
 import cutlass.cute as cute
 import cutlass.pipeline as pipeline
@@ -88,9 +90,7 @@ def _quad_sum(x):
 
 
 class KV8CuteKernel:
-    def __init__(
-        self, head_dim, head_dim_v, page_size, causal, stages=2, pingpong=True, overlap=False
-    ):
+    def __init__(self, head_dim, head_dim_v, page_size, causal, stages=2, pingpong=True):
         self.head_dim = head_dim
         self.head_dim_v = head_dim_v
         self.page_size = page_size
@@ -100,9 +100,6 @@ class KV8CuteKernel:
         # named barrier per warpgroup; the turn passes right after an issue), so one's
         # softmax runs under the other's products.
         self.pingpong = pingpong
-        # FA3's intra-warpgroup overlap: step j's Q·Kᵀ issued with step j-1's P·V, and
-        # step j's softmax run while that P·V is in flight (P double-buffered).
-        self.overlap = overlap
 
     @cute.jit
     def __call__(
@@ -129,7 +126,7 @@ class KV8CuteKernel:
         sQ_layout = _smem_layout(Int8, (BLOCK_M, D))
         sK_layout = _smem_layout(Int8, (SUB_N, D), 2 * S)
         sVt_layout = _smem_layout(Int8, (DV, SUB_N), 2 * S)
-        sP_layout = _smem_layout(Int8, (BLOCK_M, SUB_N), 4 if self.overlap else 2)
+        sP_layout = _smem_layout(Int8, (BLOCK_M, SUB_N), 2)
         sScale_layout = cute.make_layout((SUB_N, 2 * S))
         g2s = cpasync.CopyBulkTensorTileG2SOp()
         tma_q, mQ_t = cpasync.make_tiled_tma_atom(g2s, mQ, sQ_layout, (BLOCK_M, D))
@@ -417,52 +414,35 @@ class KV8CuteKernel:
             if wg == 0:  # warpgroup 0 has the first turn
                 cute.arch.barrier_arrive(barrier_id=1, number_of_threads=256)
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, S)
-        ops = (
-            tiled_mma_qk, tiled_mma_pv, tSrQ, tSrK, tOrP, tOrV, tPsP, tScS, sKs, sVs, pipeline_k,
-            pipeline_v, acc_o, m, l, q_pos, q_scale, prefix_len, kv_len, wg,
-        )  # fmt: skip
+        ops = SimpleNamespace(
+            tiled_mma_qk=tiled_mma_qk,
+            tiled_mma_pv=tiled_mma_pv,
+            tSrQ=tSrQ,
+            tSrK=tSrK,
+            tOrP=tOrP,
+            tOrV=tOrV,
+            tPsP=tPsP,
+            tScS=tScS,
+            sKs=sKs,
+            sVs=sVs,
+            pipeline_k=pipeline_k,
+            pipeline_v=pipeline_v,
+            acc_o=acc_o,
+            m=m,
+            l=l,
+            q_pos=q_pos,
+            q_scale=q_scale,
+            prefix_len=prefix_len,
+            kv_len=kv_len,
+            wg=wg,
+        )
         # Steps left of the first row's diagonal and inside kv_len need no mask: their
         # own loop, so the mask's selects run only where they matter.
         first_free_end = cutlass.min(first_masked, n_steps)
-        if const_expr(not self.overlap):
-            for j in cutlass.range(first_free_end, unroll=1):
-                state = self.step(j, False, ops, state)
-            for j in cutlass.range(first_free_end, n_steps, unroll=1):
-                state = self.step(j, True, ops, state)
-        else:
-            alpha = cute.make_rmem_tensor((2,), Float32)
-            beta = cute.make_rmem_tensor((2,), Float32)
-            # Step 0: its scores and softmax alone.
-            acc_s = [cute.make_rmem_tensor(tScS.shape, Int32) for _ in range(2)]
-            pipeline_k.consumer_wait(state)
-            self.take_turn(wg)
-            self.issue_scores(tiled_mma_qk, tSrQ, tSrK, 2 * state.index, acc_s)
-            self.pass_turn(wg)
-            warpgroup.wait_group(0)
-            softmax_0 = (
-                acc_s, tScS, sKs, sVs, 2 * state.index, tPsP, 0, m, l, q_pos, q_scale,
-                prefix_len, kv_len, alpha, beta,
-            )  # fmt: skip
-            if first_masked > 0:
-                self.softmax(0, False, *softmax_0)
-            else:
-                self.softmax(0, True, *softmax_0)
-            pipeline_k.consumer_release(state)
-            for j in cutlass.range(1, first_free_end, unroll=1):
-                state = self.overlapped_step(j, False, ops, alpha, beta, state)
-            for j in cutlass.range(cutlass.max(first_free_end, 1), n_steps, unroll=1):
-                state = self.overlapped_step(j, True, ops, alpha, beta, state)
-            # The last step's P·V.
-            acc_pv = cute.make_rmem_tensor(acc_o.shape, Int32)
-            pipeline_v.consumer_wait(state)
-            self.take_turn(wg)
-            self.issue_pv(
-                tiled_mma_pv, tOrP, tOrV, 2 * ((n_steps - 1) % 2), 2 * state.index, acc_pv
-            )
-            self.pass_turn(wg)
-            warpgroup.wait_group(0)
-            pipeline_v.consumer_release(state)
-            self.update_output(acc_o, acc_pv, alpha, beta)
+        for j in cutlass.range(first_free_end, unroll=1):
+            state = self.step(j, False, ops, state)
+        for j in cutlass.range(first_free_end, n_steps, unroll=1):
+            state = self.step(j, True, ops, state)
 
         if const_expr(self.pingpong):
             if wg == 0:  # warpgroup 1's last pass: no barrier left half-arrived at exit
@@ -510,33 +490,31 @@ class KV8CuteKernel:
         warpgroup.commit_group()
 
     @cute.jit
-    def issue_pv(self, tiled_mma_pv, tOrP, tOrV, p_buf, buf, acc_pv):
-        """Start P·V (int32, async) over both runs: P from ``p_buf``, Vᵀ from ``buf``."""
+    def issue_pv(self, tiled_mma_pv, tOrP, tOrV, buf, acc_pv):
+        """Start P·V (int32, async) over both runs: P from shared memory, Vᵀ from
+        stage buffers ``buf``, ``buf + 1``."""
         mma = cute.make_mma_atom(tiled_mma_pv.op)
         warpgroup.fence()
         mma.set(warpgroup.Field.ACCUMULATE, False)
         for r in cutlass.range_constexpr(2):
             for k in cutlass.range_constexpr(cute.size(tOrP.shape[2])):
                 cute.gemm(
-                    mma, acc_pv, tOrP[None, None, k, p_buf + r], tOrV[None, None, k, buf + r],
+                    mma, acc_pv, tOrP[None, None, k, r], tOrV[None, None, k, buf + r],
                     acc_pv,
                 )  # fmt: skip
                 mma.set(warpgroup.Field.ACCUMULATE, True)
         warpgroup.commit_group()
 
     @cute.jit
-    def softmax(
-        self, j, masked: cutlass.Constexpr, acc_s, tScS, sKs, sVs, buf, tPsP, p_buf, m, l,
-        q_pos, q_scale, prefix_len, kv_len, alpha, beta,
-    ):  # fmt: skip
+    def softmax(self, j, masked: cutlass.Constexpr, acc_s, buf, ops: SimpleNamespace, alpha, beta):
         """Step ``j``'s online softmax over its finished scores ``acc_s``, kv8_pv's INT8
         arithmetic: the running max and sum move on, P (V's per-key scales folded in,
-        each row's largest 127) goes to ``tPsP[..., p_buf + r]``; ``alpha`` / ``beta``
+        each row's largest 127) goes to ``tPsP[..., r]``; ``alpha`` / ``beta``
         get the factors on the running output and on this step's int32 P·V. Scales are
-        read from shared memory where used (registers are short once P·V overlaps).
+        read from shared memory where used (registers are short).
         ``masked`` (constexpr): the step crosses kv_len or the diagonal; thread
         element i is key (i // 4) * 2 + i % 2 of the thread's 32 and row (i // 2) % 2."""
-        s_shape = tScS.shape
+        s_shape = ops.tScS.shape
         n_s = cute.size(s_shape)
         key0 = j * STEP_N
         # V's scales: the pair's largest (0 past kv_len: those slots may hold anything).
@@ -544,9 +522,9 @@ class KV8CuteKernel:
         for r in cutlass.range_constexpr(2):
             for i in cutlass.range_constexpr(0, n_s, 4):
                 for c in cutlass.range_constexpr(2):
-                    vs = sVs[tScS[i][1] + c, buf + r]
+                    vs = ops.sVs[ops.tScS[i][1] + c, buf + r]
                     if const_expr(masked):
-                        if key0 + r * SUB_N + tScS[i][1] + c >= kv_len:
+                        if key0 + r * SUB_N + ops.tScS[i][1] + c >= ops.kv_len:
                             vs = Float32(0.0)
                     tile_scale = cute.arch.fmax(tile_scale, vs)
         tile_scale = _quad_max(tile_scale)
@@ -557,15 +535,15 @@ class KV8CuteKernel:
         scores = cute.make_rmem_tensor((2, n_s), Float32)
         for r in cutlass.range_constexpr(2):
             for i in cutlass.range_constexpr(n_s):
-                ks = sKs[tScS[i][1], buf + r]
+                ks = ops.sKs[ops.tScS[i][1], buf + r]
                 scores[r, i] = _f32_bits(acc_s[r][i] + ROUND_MAGIC_BITS) * ks + ks * -ROUND_MAGIC
         if const_expr(masked):
             for r in cutlass.range_constexpr(2):
                 for i in cutlass.range_constexpr(n_s):
-                    key = key0 + r * SUB_N + tScS[i][1]
-                    hidden = key >= kv_len
+                    key = key0 + r * SUB_N + ops.tScS[i][1]
+                    hidden = key >= ops.kv_len
                     if const_expr(self.causal):  # bottom-right: row i sees keys <= prefix + i
-                        hidden = hidden | (key > prefix_len + q_pos[(i >> 1) & 1])
+                        hidden = hidden | (key > ops.prefix_len + ops.q_pos[(i >> 1) & 1])
                     if hidden:
                         scores[r, i] = -Float32.inf
         row_max = cute.make_rmem_tensor((2,), Float32)
@@ -576,19 +554,19 @@ class KV8CuteKernel:
                 row_max[(i >> 1) & 1] = cute.arch.fmax(row_max[(i >> 1) & 1], scores[r, i])
         p_max = cute.make_rmem_tensor((2,), Float32)
         for h in cutlass.range_constexpr(2):
-            m_new = cute.arch.fmax(m[h], _quad_max(row_max[h]) * q_scale[h])
-            alpha[h] = cute.arch.exp2(m[h] - m_new)
-            l[h] = l[h] * alpha[h]
-            m[h] = m_new
+            m_new = cute.arch.fmax(ops.m[h], _quad_max(row_max[h]) * ops.q_scale[h])
+            alpha[h] = cute.arch.exp2(ops.m[h] - m_new)
+            ops.l[h] = ops.l[h] * alpha[h]
+            ops.m[h] = m_new
             p_max[h] = Float32(1.0e-30)
         for r in cutlass.range_constexpr(2):
             for i in cutlass.range_constexpr(n_s):
                 h = (i >> 1) & 1
-                p = cute.arch.exp2(scores[r, i] * q_scale[h] - m[h])
-                l[h] = l[h] + p
-                vs = sVs[tScS[i][1], buf + r]
+                p = cute.arch.exp2(scores[r, i] * ops.q_scale[h] - ops.m[h])
+                ops.l[h] = ops.l[h] + p
+                vs = ops.sVs[ops.tScS[i][1], buf + r]
                 if const_expr(masked):
-                    if key0 + r * SUB_N + tScS[i][1] >= kv_len:
+                    if key0 + r * SUB_N + ops.tScS[i][1] >= ops.kv_len:
                         vs = Float32(0.0)
                 p = p * (vs * inv_tile)
                 scores[r, i] = p
@@ -603,7 +581,7 @@ class KV8CuteKernel:
             p_int8 = cute.make_rmem_tensor(s_shape, Int8)
             for i in cutlass.range_constexpr(n_s):
                 p_int8[i] = Int8(_i32_bits(scores[r, i] * to_int8[(i >> 1) & 1] + ROUND_MAGIC))
-            cute.autovec_copy(p_int8, tPsP[None, None, None, p_buf + r])
+            cute.autovec_copy(p_int8, ops.tPsP[None, None, None, r])
         cute.arch.fence_view_async_shared()
         cute.arch.sync_warp()
 
@@ -617,68 +595,31 @@ class KV8CuteKernel:
             )
 
     @cute.jit
-    def step(self, j, masked: cutlass.Constexpr, ops, state):
-        """One 128-key step, each product waited for (``overlap`` off)."""
-        (tiled_mma_qk, tiled_mma_pv, tSrQ, tSrK, tOrP, tOrV, tPsP, tScS, sKs, sVs, pipeline_k,
-         pipeline_v, acc_o, m, l, q_pos, q_scale, prefix_len, kv_len, wg) = ops  # fmt: skip
+    def step(self, j, masked: cutlass.Constexpr, ops: SimpleNamespace, state):
+        """One 128-key step: Q·Kᵀ, the softmax, P·V, the output update, each product
+        waited for. (FA3's overlap, step j's softmax under step j-1's P·V, was tried:
+        the int32 P·V accumulator beside the fp32 output and the scores passes 240
+        registers, and the spills made it 33% slower: RESULTS.md round 14.)"""
         buf = 2 * state.index
-        acc_s = [cute.make_rmem_tensor(tScS.shape, Int32) for _ in range(2)]
-        acc_pv = cute.make_rmem_tensor(acc_o.shape, Int32)
+        acc_s = [cute.make_rmem_tensor(ops.tScS.shape, Int32) for _ in range(2)]
+        acc_pv = cute.make_rmem_tensor(ops.acc_o.shape, Int32)
         alpha = cute.make_rmem_tensor((2,), Float32)
         beta = cute.make_rmem_tensor((2,), Float32)
-        pipeline_k.consumer_wait(state)
-        self.take_turn(wg)
-        self.issue_scores(tiled_mma_qk, tSrQ, tSrK, buf, acc_s)
-        self.pass_turn(wg)
+        ops.pipeline_k.consumer_wait(state)
+        self.take_turn(ops.wg)
+        self.issue_scores(ops.tiled_mma_qk, ops.tSrQ, ops.tSrK, buf, acc_s)
+        self.pass_turn(ops.wg)
         warpgroup.wait_group(0)
-        self.softmax(
-            j, masked, acc_s, tScS, sKs, sVs, buf, tPsP, 0, m, l, q_pos, q_scale, prefix_len,
-            kv_len, alpha, beta,
-        )  # fmt: skip
-        pipeline_k.consumer_release(state)
-        pipeline_v.consumer_wait(state)
-        self.take_turn(wg)
-        self.issue_pv(tiled_mma_pv, tOrP, tOrV, 0, buf, acc_pv)
-        self.pass_turn(wg)
+        self.softmax(j, masked, acc_s, buf, ops, alpha, beta)
+        ops.pipeline_k.consumer_release(state)
+        ops.pipeline_v.consumer_wait(state)
+        self.take_turn(ops.wg)
+        self.issue_pv(ops.tiled_mma_pv, ops.tOrP, ops.tOrV, buf, acc_pv)
+        self.pass_turn(ops.wg)
         warpgroup.wait_group(0)
-        pipeline_v.consumer_release(state)
-        self.update_output(acc_o, acc_pv, alpha, beta)
+        ops.pipeline_v.consumer_release(state)
+        self.update_output(ops.acc_o, acc_pv, alpha, beta)
         state.advance()
-        return state
-
-    @cute.jit
-    def overlapped_step(self, j, masked: cutlass.Constexpr, ops, alpha, beta, state):
-        """Step j's Q·Kᵀ issued with step j-1's P·V (one turn), step j's softmax under
-        that P·V, then step j-1's output update (``alpha`` / ``beta``: step j-1's
-        factors in, step j's out). ``state``: step j-1's stage in, step j's out; P
-        alternates between two shared-memory buffers."""
-        (tiled_mma_qk, tiled_mma_pv, tSrQ, tSrK, tOrP, tOrV, tPsP, tScS, sKs, sVs, pipeline_k,
-         pipeline_v, acc_o, m, l, q_pos, q_scale, prefix_len, kv_len, wg) = ops  # fmt: skip
-        state_v = state.clone()
-        state.advance()
-        buf = 2 * state.index
-        acc_s = [cute.make_rmem_tensor(tScS.shape, Int32) for _ in range(2)]
-        acc_pv = cute.make_rmem_tensor(acc_o.shape, Int32)
-        alpha_new = cute.make_rmem_tensor((2,), Float32)
-        beta_new = cute.make_rmem_tensor((2,), Float32)
-        pipeline_k.consumer_wait(state)
-        pipeline_v.consumer_wait(state_v)
-        self.take_turn(wg)
-        self.issue_scores(tiled_mma_qk, tSrQ, tSrK, buf, acc_s)
-        self.issue_pv(tiled_mma_pv, tOrP, tOrV, 2 * ((j - 1) % 2), 2 * state_v.index, acc_pv)
-        self.pass_turn(wg)
-        warpgroup.wait_group(1)  # the scores (P·V may still run)
-        self.softmax(
-            j, masked, acc_s, tScS, sKs, sVs, buf, tPsP, 2 * (j % 2), m, l, q_pos, q_scale,
-            prefix_len, kv_len, alpha_new, beta_new,
-        )  # fmt: skip
-        pipeline_k.consumer_release(state)
-        warpgroup.wait_group(0)
-        pipeline_v.consumer_release(state_v)
-        self.update_output(acc_o, acc_pv, alpha, beta)
-        for h in cutlass.range_constexpr(2):
-            alpha[h] = alpha_new[h]
-            beta[h] = beta_new[h]
         return state
 
 
@@ -707,7 +648,6 @@ def sage_extend_kv8_cute(
     causal: bool,
     stages: int = 2,
     pingpong: bool = True,
-    overlap: bool = False,
 ) -> None:
     """``hopper_kv8.sage_extend_kv8_hopper``'s contract and refusals, in CuTe DSL (the
     module docstring). No host sync; the first call per variant compiles."""
@@ -746,12 +686,12 @@ def sage_extend_kv8_cute(
         )
     ]
     stream = driver.CUstream(torch.cuda.current_stream(device).cuda_stream)
-    variant = (head_dim, cache.head_dim_v, cache.page_size, causal, stages, pingpong, overlap,
+    variant = (head_dim, cache.head_dim_v, cache.page_size, causal, stages, pingpong,
                o_extend.dtype, qo_indptr.dtype, kv_indptr.dtype, kv_indices.dtype)  # fmt: skip
     compiled = _COMPILED.get(variant)
     if compiled is None:
         kernel = KV8CuteKernel(
-            head_dim, cache.head_dim_v, cache.page_size, causal, stages, pingpong, overlap
+            head_dim, cache.head_dim_v, cache.page_size, causal, stages, pingpong
         )
         compiled = _COMPILED[variant] = cute.compile(kernel, *args, *sizes, stream)
     compiled(*args, *sizes, stream)
