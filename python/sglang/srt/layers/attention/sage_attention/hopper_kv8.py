@@ -28,7 +28,10 @@ it on one H100 (4 x 8K, hd128, causal):
 
 The partition releases a stage with one arrive after a barrier of its 256 threads,
 so both warpgroups run in lockstep; that barrier is now the largest stall (1.5 of
-~5 cycles per issued instruction) with the tensor pipe 23% busy.
+~5 cycles per issued instruction) with the tensor pipe 23% busy. Without it (the
+CuTe DSL version, ``hopper_kv8_cute.py``: a release per warp, then FA3's ping-pong)
+the kernel is 0.97-1.03x, then 1.04-1.10x this one from 8K keys: the bound is the
+issue rate of ~19 instructions per score (RESULTS.md, round 14).
 
 A step's second 64-key run is past the sequence when its run count is odd: the
 producer then reads the sequence's last run again and the consumer masks every key of

@@ -14,7 +14,7 @@ could not express:
   read it there (no shuffle from the accumulator's register layout to the operand's).
 
 Measured against the Gluon kernel and FA4 in one run (H100, GQA 32/8, causal; RESULTS.md
-round 14): hd128 1.04-1.09x the Gluon kernel from 8K keys (0.86-0.93x FA4), slower at
+round 14): hd128 1.04-1.10x the Gluon kernel from 8K keys (0.86-0.95x FA4), slower at
 1K-2K chunks and at hd64. It is not dispatched: the server's Hopper prefill over the
 8-bit cache stays the FlashAttention route (``kv8_flash``), which is faster than both.
 It needs the CuTe DSL (nvidia-cutlass-dsl, which FA4 brings); the first call of each
