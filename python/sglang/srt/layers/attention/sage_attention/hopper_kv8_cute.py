@@ -60,10 +60,12 @@ CONSUMER_REGS = 240
 
 
 def _f32_bits(x):
+    """The bits of int32 ``x`` read as fp32 (``ROUND_MAGIC``'s conversions)."""
     return Float32(bitcast(Int32(x).ir_value(), T.f32()))
 
 
 def _i32_bits(x):
+    """The bits of fp32 ``x`` read as int32."""
     return Int32(bitcast(Float32(x).ir_value(), T.i32()))
 
 
@@ -659,6 +661,8 @@ def sage_extend_kv8_cute(
     refusal = _cache_refusal(cache, device)
     if refusal is not None:
         raise ValueError(f"sage_attn: {refusal}")
+    if o_extend.numel() >= 2**31:  # the kernel indexes Q, its scales and O in int32
+        raise ValueError("sage_attn: the CuTe DSL 8-bit kernel takes < 2^31 output elements")
     if num_tokens == 0 or max_len_extend == 0:
         return
     q_int8, q_scale = quantized_q(q_extend, sm_scale, cache.rotated)
