@@ -224,33 +224,40 @@ def sage_kv8(inputs, batch, causal, page_size, pv_int8=None, kernel="auto"):
 CUTE_SCHEDULES = {"": {}, "_no_pingpong": dict(pingpong=False)}
 
 
-def sage_kv8_cute(inputs, batch, causal, page_size, **schedule):
-    """The CuTe DSL version of the Gluon 8-bit kernel (``hopper_kv8_cute.py``, with its
-    ``schedule`` options), extend only over the written cache; None off Hopper or
-    without the CuTe DSL."""
-    from sglang.srt.layers.attention.sage_attention.hopper_kv8 import hopper_kv8_supports
+def sage_kv8_cute(inputs, batch, causal, page_size):
+    """The CuTe DSL version of the Gluon 8-bit kernel (``hopper_kv8_cute.py``): a row
+    name -> extend-only run per ``CUTE_SCHEDULES`` entry, all over one written cache;
+    none off Hopper, for a cache it refuses, or without the CuTe DSL."""
     from sglang.srt.layers.attention.sage_attention.kv8_cache import write_kv8
 
     try:
         from sglang.srt.layers.attention.sage_attention.hopper_kv8_cute import (
+            hopper_kv8_cute_supports,
             sage_extend_kv8_cute,
         )
     except ImportError:
-        return None
+        return {}
     q, o = inputs["q_extend"], inputs["o_extend"]
     cache, chunk_slots, kv_indices, kv_indptr = kv8_cache_for(inputs, batch, page_size)
-    if not hopper_kv8_supports(cache, q.device):
-        return None
+    if not hopper_kv8_cute_supports(cache, q.device):
+        return {}
     write_kv8(cache, chunk_slots, inputs["k_extend"], inputs["v_extend"])
 
-    def extend():
-        sage_extend_kv8_cute(
-            q, o, cache, inputs["qo_indptr"], kv_indptr, kv_indices, inputs["max_len_extend"],
-            sm_scale=q.shape[-1] ** -0.5, causal=causal, **schedule,
-        )  # fmt: skip
-        return o
+    def extend_with(schedule):
+        def extend():
+            sage_extend_kv8_cute(
+                q, o, cache, inputs["qo_indptr"], kv_indptr, kv_indices,
+                inputs["max_len_extend"], sm_scale=q.shape[-1] ** -0.5, causal=causal,
+                **schedule,
+            )  # fmt: skip
+            return o
 
-    return extend
+        return extend
+
+    return {
+        f"sage_kv8_cute{suffix}_kernel_only": extend_with(schedule)
+        for suffix, schedule in CUTE_SCHEDULES.items()
+    }
 
 
 def sage_kv8_flash(inputs, batch, causal, page_size):
@@ -350,10 +357,7 @@ def prefill_impls(
     if gluon is not None:
         impls["sage_kv8_gluon"], impls["sage_kv8_gluon_kernel_only"] = gluon, gluon_only
     # The CuTe DSL kernel and its schedules (the language-route comparison).
-    for suffix, schedule in CUTE_SCHEDULES.items():
-        cute = sage_kv8_cute(inputs, batch, causal, kv8_page_size, **schedule)
-        if cute is not None:
-            impls[f"sage_kv8_cute{suffix}_kernel_only"] = cute
+    impls.update(sage_kv8_cute(inputs, batch, causal, kv8_page_size))
     impls["sage_kv8_pvint8"], impls["sage_kv8_pvint8_kernel_only"] = sage_kv8(
         inputs, batch, causal, kv8_page_size, pv_int8=True, kernel="triton"
     )

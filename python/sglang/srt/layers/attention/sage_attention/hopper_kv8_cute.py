@@ -638,6 +638,19 @@ def _cute(t: torch.Tensor, leading_dim: int):
     )
 
 
+def _refusal(cache: KV8Cache, device: torch.device) -> str | None:
+    """Why the kernel cannot run here over ``cache`` (None when it can): an sm_90 GPU,
+    and a cache ``hopper_kv8``'s kernel reads (the same pages and variants)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return "the CuTe DSL 8-bit kernel runs on sm_90 only"
+    return _cache_refusal(cache, device)
+
+
+def hopper_kv8_cute_supports(cache: KV8Cache, device: torch.device) -> bool:
+    """Whether ``sage_extend_kv8_cute`` runs here over ``cache``."""
+    return _refusal(cache, device) is None
+
+
 def sage_extend_kv8_cute(
     q_extend: torch.Tensor,
     o_extend: torch.Tensor,
@@ -654,13 +667,11 @@ def sage_extend_kv8_cute(
     """``hopper_kv8.sage_extend_kv8_hopper``'s contract and refusals, in CuTe DSL (the
     module docstring). No host sync; the first call per variant compiles."""
     device = q_extend.device
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
-        raise ValueError("sage_attn: the CuTe DSL 8-bit kernel runs on sm_90 only")
-    num_tokens, num_q_heads, head_dim = q_extend.shape
-    cache.check_queries(q_extend, o_extend)
-    refusal = _cache_refusal(cache, device)
+    refusal = _refusal(cache, device)
     if refusal is not None:
         raise ValueError(f"sage_attn: {refusal}")
+    num_tokens, num_q_heads, head_dim = q_extend.shape
+    cache.check_queries(q_extend, o_extend)
     if o_extend.numel() >= 2**31:  # the kernel indexes Q, its scales and O in int32
         raise ValueError("sage_attn: the CuTe DSL 8-bit kernel takes < 2^31 output elements")
     if num_tokens == 0 or max_len_extend == 0:
