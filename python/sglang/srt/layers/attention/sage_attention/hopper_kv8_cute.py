@@ -46,7 +46,7 @@ from sglang.srt.layers.attention.sage_attention.hopper_kv8 import (
     SUB_N,
     _cache_refusal,
 )
-from sglang.srt.layers.attention.sage_attention.kv8_cache import KV8Cache
+from sglang.srt.layers.attention.sage_attention.kv8_cache import KV8Cache, kv8_tile_views
 from sglang.srt.layers.attention.sage_attention.layout import (
     INT8_MAX,
     ROUND_MAGIC,
@@ -191,7 +191,7 @@ class KV8CuteKernel:
             tiled_mma_qk,
             tiled_mma_pv,
             Storage,
-        ).launch(  # fmt: skip
+        ).launch(
             grid=[grid_m, num_q_heads, batch],
             block=[3 * 128, 1, 1],
             smem=Storage.size_in_bytes(),
@@ -677,10 +677,13 @@ def sage_extend_kv8_cute(
     if num_tokens == 0 or max_len_extend == 0:
         return
     q_int8, q_scale = quantized_q(q_extend, sm_scale, cache.rotated)
+    # TMA's views of K rows and Vᵀ rows, as kv8_cache defines them (the boxes are the
+    # kernel's own); the scales are read flat, a 64-key run per box.
+    (k_rows, _), (vt_rows, _) = kv8_tile_views(cache, SUB_N)
     args = [
         _cute(q_int8.view(-1, head_dim), 1),
-        _cute(cache.k_int8.view(-1, cache.head_dim), 1),
-        _cute(cache.v_int8.view(-1, cache.page_size), 1),  # Vᵀ rows (kv8_tile_views)
+        _cute(k_rows, 1),
+        _cute(vt_rows, 1),
         _cute(cache.k_scale.view(-1), 0),
         _cute(cache.v_scale.view(-1), 0),
         _cute(q_scale.view(-1), 0),
